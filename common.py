@@ -55,6 +55,9 @@ def base_parser(description):
                    help="SAM weights for vit_b/l/h (default: checkpoints/<official name>); 'none' = random weights")
     g.add_argument("--img-size", type=int, default=None,
                    help="input size (default 1024, tiny: 128); ViT models take any multiple of 16")
+    g.add_argument("--zoom", type=int, default=0,
+                   help="train on crops of 1/Z of the image side and evaluate on overlapping tiles, so masks come "
+                        "back at Z times SAM's output resolution; 0 = auto (DRIVE at 1024: 2, small images: 1)")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the method's GPU budget, "
                                                               "or a small CPU budget when no GPU is present)")
@@ -387,21 +390,26 @@ def segmentation_loss(logits, masks, dice_weight=0.8):
     return (1 - dice_weight) * ce + dice_weight * (1 - soft_dice.mean())
 
 
-def augment(images, masks, generator):
-    """As SALT: horizontal flip, rotation by up to ±10°, brightness, each with probability 0.5.
-    One affine grid per batch on the device; images bilinear, masks nearest. images (B,3,S,S), masks (B,S,S)."""
+def augment(images, masks, generator, size=None):
+    """As SALT: horizontal flip, rotation by up to ±10°, brightness, each with probability 0.5; plus, when
+    the working images are larger than the model's input (zoom Z), a random crop of 1/Z of the side.
+    Crop, rotation, flip and resize are one affine grid and one grid_sample per batch, on the device.
+    images (B, 3, Z*S, Z*S), masks (B, Z*S, Z*S) -> (B, 3, S, S), (B, S, S); images bilinear, masks nearest."""
     B = images.shape[0]
     dev = images.device
-    u = torch.rand(B, 4, device=dev, generator=generator)
+    size = size or images.shape[-1]
+    u = torch.rand(B, 7, device=dev, generator=generator)
+    scale = size / images.shape[-1]  # 1/Z: the crop's side in units of the whole image
     angle = torch.where(u[:, 0] < 0.5, (u[:, 1] * 2 - 1) * math.radians(10), torch.zeros_like(u[:, 0]))
     flip = torch.where(u[:, 2] < 0.5, -1.0, 1.0)
-    cos, sin = angle.cos(), angle.sin()
-    theta = torch.stack([torch.stack([cos * flip, -sin, torch.zeros_like(cos)], 1),
-                         torch.stack([sin * flip, cos, torch.zeros_like(cos)], 1)], 1)  # (B, 2, 3)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    cos, sin = angle.cos() * scale, angle.sin() * scale
+    shift = (u[:, 4:6] * 2 - 1) * (1 - scale)  # crop centre, in normalised coordinates [-1, 1]
+    theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
+                         torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, [B, 3, size, size], align_corners=False)
     images = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     masks = F.grid_sample(masks[:, None].float(), grid, mode="nearest", align_corners=False)[:, 0].to(torch.uint8)
-    gain = torch.where(u[:, 3] < 0.5, 0.75 + 0.5 * torch.rand(B, device=dev, generator=generator), torch.ones_like(u[:, 3]))
+    gain = torch.where(u[:, 3] < 0.5, 0.75 + 0.5 * u[:, 6], torch.ones_like(u[:, 3]))
     return (images * gain.view(B, 1, 1, 1)).clamp(0, 1), masks
 
 
@@ -466,15 +474,32 @@ def autocast(device):
 
 @torch.no_grad()
 def predict(model, images, batch_size):
-    """(N, 3, S, S) -> float logits (N, C+1, S/4, S/4)."""
+    """(N, 3, W, W) -> float logits (N, C+1, W/4, W/4). W = S (the model's input): one pass per image.
+    W = Z*S: overlapping S x S tiles at stride S/2 ((2Z-1)^2 of them), whose logits are blended with a
+    tent window (tile centres weigh more than their borders, so no seams) into one map."""
     was_training = model.training
     model.eval()
+    S, W = model.img_size, images.shape[-1]
+    starts = list(range(0, W - S + 1, S // 2)) if W > S else [0]
+    tiles = [(r, c) for r in starts for c in starts]
+    crops = torch.stack([images[:, :, r:r + S, c:c + S] for r, c in tiles], 1).flatten(0, 1)  # (N*T, 3, S, S)
     out = []
-    for i in range(0, len(images), batch_size):
+    for i in range(0, len(crops), batch_size):
         with autocast(images.device):
-            out.append(model(images[i:i + batch_size]).float())
+            out.append(model(crops[i:i + batch_size]).float())
+    logits = torch.cat(out).unflatten(0, (len(images), len(tiles)))  # (N, T, C+1, S/4, S/4)
     model.train(was_training)
-    return torch.cat(out)
+    if len(tiles) == 1:
+        return logits[:, 0]
+    s = S // 4
+    tent = 1 - 0.9 * torch.linspace(-1, 1, s, device=images.device).abs()
+    weight = tent[:, None] * tent[None, :]  # (s, s)
+    canvas = logits.new_zeros(len(images), logits.shape[2], W // 4, W // 4)
+    total = logits.new_zeros(W // 4, W // 4)
+    for t, (r, c) in enumerate(tiles):
+        canvas[:, :, r // 4:r // 4 + s, c // 4:c // 4 + s] += logits[:, t] * weight
+        total[r // 4:r // 4 + s, c // 4:c // 4 + s] += weight
+    return canvas / total
 
 
 @torch.no_grad()
@@ -512,7 +537,8 @@ def labelled_batches(split, batch_size, generator):
     """Random augmented batches drawn on the device: no CPU work and no host-device copy per step."""
     def next_batch():
         idx = torch.randint(0, len(split), (batch_size,), device=split.images.device, generator=generator)
-        return augment(split.images[idx], split.masks[idx], generator)
+        return augment(split.images[idx], split.masks[idx], generator, size)
+    size = split.input_size or split.images.shape[-1]
     return next_batch
 
 
@@ -646,7 +672,8 @@ def run(model, train_set, test_set, args, device, loss_fn=default_loss, steps=No
     result, preds = evaluate(model, test_set, args.batch_size)
     print(f"test ({len(test_set)} images): Dice {result['dice']:.4f}  HD95 {result['hd95']:.2f}"
           + (f"   (untrained: Dice {untrained['dice']:.4f})" if untrained else ""))
-    metrics = dict(method=args.method, data=args.data, model=args.model, img_size=args.img_size, seed=args.seed,
+    metrics = dict(method=args.method, data=args.data, model=args.model, img_size=args.img_size, zoom=args.zoom,
+                   seed=args.seed,
                    dice=result["dice"], hd95=result["hd95"], per_image=result["per_image"],
                    untrained_dice=untrained["dice"] if untrained else None,
                    best_dice_during_training=history.get("best_dice"),

@@ -2,10 +2,10 @@
 
 Every loader returns a `Split` per part (train/test). A split keeps two views of its images:
 
-* `images`: (N, 3, S, S) float16 in [0, 1], already resized to the model's input size S and moved to
-  the device once. Small medical datasets fit in GPU memory many times over, so training never touches
-  the CPU or the disk again.
-* `masks`: (N, S, S) uint8 class ids at the input size (nearest resize), the training targets.
+* `images`: (N, 3, Z·S, Z·S) float16 in [0, 1], resized once to the working size Z·S (S the model's
+  input size, Z the zoom, see `choose_zoom`) and moved to the device once. Small medical datasets fit in
+  GPU memory many times over, so training never touches the CPU or the disk again.
+* `masks`: (N, Z·S, Z·S) uint8 class ids at the working size (nearest resize), the training targets.
 * `orig_masks`, `fovs`: lists of (H, W) tensors at each image's original resolution; evaluation is done
   there, inside the field of view, as the DRIVE protocol asks.
 
@@ -13,7 +13,7 @@ Bad input (missing folder, wrong layout, unreadable file, mask of another size, 
 class ids) raises `UserError` with one sentence saying what is wrong and what to do.
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +38,11 @@ DRIVE_SALT_TEST = [f"{i:02d}" for i in range(35, 41)]
 @dataclass
 class Split:
     names: list
-    images: torch.Tensor  # (N, 3, S, S) float16 in [0, 1], on the device
-    masks: torch.Tensor  # (N, S, S) uint8 class ids, on the device
+    images: torch.Tensor  # (N, 3, Z*S, Z*S) float16 in [0, 1], on the device
+    masks: torch.Tensor  # (N, Z*S, Z*S) uint8 class ids, on the device
     orig_masks: list  # N tensors (H, W) uint8 at original resolution, on the device
     fovs: list  # N tensors (H, W) bool, the field of view (all True where the dataset has none)
-    unlabeled: torch.Tensor = field(default=None)  # optional (M, 3, S, S) extra images without labels
+    input_size: int = 0  # S, the model's input size; images are Z*S wide (set by load_data)
 
     def __len__(self):
         return len(self.names)
@@ -50,7 +50,7 @@ class Split:
     def subset(self, idx):
         idx = list(idx)
         return Split([self.names[i] for i in idx], self.images[idx], self.masks[idx],
-                     [self.orig_masks[i] for i in idx], [self.fovs[i] for i in idx])
+                     [self.orig_masks[i] for i in idx], [self.fovs[i] for i in idx], self.input_size)
 
 
 def read_image(path):
@@ -86,15 +86,15 @@ def to_class_ids(mask, path, num_classes):
     return mask.astype(np.uint8)
 
 
-def make_split(names, images, masks, fovs, img_size, device):
-    """Resize once to the model's input size on the device; keep originals for evaluation."""
+def make_split(names, images, masks, fovs, size, device):
+    """Resize once to the working size (size x size) on the device; keep originals for evaluation."""
     resized_images, resized_masks = [], []
     for img, m in zip(images, masks):
-        x = torch.from_numpy(np.ascontiguousarray(img)).to(device).permute(2, 0, 1)[None].float() / 255
-        resized_images.append(F.interpolate(x, (img_size, img_size), mode="bilinear", antialias=True,
+        x = torch.from_numpy(np.array(img)).to(device).permute(2, 0, 1)[None].float() / 255
+        resized_images.append(F.interpolate(x, (size, size), mode="bilinear", antialias=True,
                                             align_corners=False).clamp(0, 1).half())
         t = torch.from_numpy(np.ascontiguousarray(m)).to(device)[None, None].float()
-        resized_masks.append(F.interpolate(t, (img_size, img_size), mode="nearest").to(torch.uint8))
+        resized_masks.append(F.interpolate(t, (size, size), mode="nearest").to(torch.uint8))
     return Split(list(names), torch.cat(resized_images), torch.cat(resized_masks)[:, 0],
                  [torch.from_numpy(np.ascontiguousarray(m)).to(device) for m in masks],
                  [torch.from_numpy(np.ascontiguousarray(f)).to(device).bool() for f in fovs])
@@ -135,30 +135,27 @@ def _drive_part(root, part, ids=None):
     return names, images, masks, fovs
 
 
-def load_drive(root, split, img_size, device):
+def load_drive(root, split):
+    """(names, images, masks, fovs) of the train and the test part, at original resolution."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"DRIVE folder {root} does not exist; download DRIVE and pass its folder "
                         f"(the one holding training/) with --data-root.")
     if split == "salt":
-        tr = _drive_part(root, "training", DRIVE_SALT_TRAIN)
-        te = _drive_part(root, "training", DRIVE_SALT_TEST)
+        return _drive_part(root, "training", DRIVE_SALT_TRAIN), _drive_part(root, "training", DRIVE_SALT_TEST)
     elif split == "official":
         if not (root / "test" / "1st_manual").is_dir():
             raise UserError(f"{root / 'test' / '1st_manual'} is missing, so --split official has no labelled test "
                             f"set; use --split salt (14 train / 6 test from the training images).")
-        tr = _drive_part(root, "training")
-        te = _drive_part(root, "test")
-    else:
-        raise UserError(f"unknown DRIVE split {split!r}; use --split salt or --split official.")
-    return make_split(*tr, img_size, device), make_split(*te, img_size, device)
+        return _drive_part(root, "training"), _drive_part(root, "test")
+    raise UserError(f"unknown DRIVE split {split!r}; use --split salt or --split official.")
 
 
 # ----------------------------------------------------------------------------------------------------
 # Any folder: images/<stem>.* and masks/<stem>.* holding class ids; optional split.txt
 # ----------------------------------------------------------------------------------------------------
 
-def load_folder(root, img_size, device, num_classes, test_fraction=0.3, seed=0):
+def load_folder(root, num_classes, test_fraction=0.3, seed=0):
     """`root/images` and `root/masks` with matching stems. If `root/test.txt` lists stems (one a line)
     those are the test set; otherwise a seeded `test_fraction` of the stems is held out."""
     root = Path(root)
@@ -202,7 +199,7 @@ def load_folder(root, img_size, device, num_classes, test_fraction=0.3, seed=0):
             fovs.append(np.ones(m.shape, bool))
         return names, images, ms, fovs
 
-    return make_split(*read(train), img_size, device), make_split(*read(test), img_size, device)
+    return read(train), read(test)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -265,14 +262,13 @@ def synthetic_retina(seed, size=256, num_classes=1):
     return (img.transpose(1, 2, 0) * 255).astype(np.uint8), mask * fov, fov
 
 
-def load_synthetic(img_size, device, num_classes=1, n_train=14, n_test=6, size=256, seed=0):
+def load_synthetic(num_classes=1, n_train=14, n_test=6, size=256, seed=0):
     """Generated in about a second; the same seed always gives the same images."""
     def make(seeds):
         items = [synthetic_retina(s, size, num_classes) for s in seeds]
         return [f"syn{s:04d}" for s in seeds], [i[0] for i in items], [i[1] for i in items], [i[2] for i in items]
     base = 1000 * seed
-    return (make_split(*make(range(base, base + n_train)), img_size, device),
-            make_split(*make(range(base + n_train, base + n_train + n_test)), img_size, device))
+    return make(range(base, base + n_train)), make(range(base + n_train, base + n_train + n_test))
 
 
 def load_unlabeled_folder(root, img_size, device):
@@ -290,17 +286,37 @@ def load_unlabeled_folder(root, img_size, device):
     return torch.cat(out)
 
 
+def choose_zoom(sizes, img_size):
+    """SAM predicts masks at a quarter of its input size (256x256 at 1024). A whole 584x565 DRIVE image
+    squeezed into one input comes back at 256x256, where a one-pixel vessel is half a pixel wide. With
+    zoom Z the model sees crops of 1/Z of the image side (training) and overlapping tiles (evaluation),
+    so masks come back at Z*S/4 over the whole image. Auto: the smallest Z whose output has at least
+    0.8x the largest side of the data (DRIVE at 1024: Z = 2; 256-pixel synthetic images: Z = 1), at most 4."""
+    largest = max(max(h, w) for h, w in sizes)
+    return next((z for z in (1, 2, 3, 4) if z * img_size / 4 >= 0.8 * largest), 4)
+
+
 def load_data(args, device):
-    """Dispatch on --data; returns (train Split, test Split)."""
+    """Dispatch on --data; returns (train Split, test Split) at the working size zoom * img_size.
+    Sets args.zoom when it is 0 (auto)."""
     if args.data == "synthetic":
-        return load_synthetic(args.img_size, device, args.num_classes, args.synthetic_train, args.synthetic_test,
-                              seed=args.data_seed)
-    if args.data_root is None:
+        train, test = load_synthetic(args.num_classes, args.synthetic_train, args.synthetic_test, seed=args.data_seed)
+    elif args.data_root is None:
         raise UserError(f"--data {args.data} needs --data-root DIR (the dataset folder).")
-    if args.data == "drive":
+    elif args.data == "drive":
         if args.num_classes != 1:
             raise UserError("DRIVE has one foreground class (vessel); drop --num-classes or set it to 1.")
-        return load_drive(args.data_root, args.split, args.img_size, device)
-    if args.data == "folder":
-        return load_folder(args.data_root, args.img_size, device, args.num_classes, seed=args.data_seed)
-    raise UserError(f"unknown --data {args.data!r}; use synthetic, drive or folder.")
+        train, test = load_drive(args.data_root, args.split)
+    elif args.data == "folder":
+        train, test = load_folder(args.data_root, args.num_classes, seed=args.data_seed)
+    else:
+        raise UserError(f"unknown --data {args.data!r}; use synthetic, drive or folder.")
+    if not args.zoom:
+        args.zoom = choose_zoom([m.shape for m in train[2] + test[2]], args.img_size)
+        if args.zoom > 1:
+            print(f"zoom {args.zoom}: training on crops of 1/{args.zoom} of the image side, evaluating on "
+                  f"overlapping tiles (--zoom 1 to feed whole images)")
+    splits = make_split(*train, args.zoom * args.img_size, device), make_split(*test, args.zoom * args.img_size, device)
+    for split in splits:
+        split.input_size = args.img_size
+    return splits
