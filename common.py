@@ -44,6 +44,9 @@ def base_parser(description):
                    help="DRIVE split: salt = 14 train / 6 test of the training images (SALT paper); "
                         "official = 20 training / 20 test images")
     g.add_argument("--num-classes", type=int, default=1, help="foreground classes (background is added as class 0)")
+    g.add_argument("--label-fraction", type=float, default=1.0,
+                   help="train on the labels of a seeded subset of this fraction of the training images "
+                        "(few-label experiments: 0.3 of DRIVE's 14 = 4 images; the same subset for every method)")
     g.add_argument("--synthetic-train", type=int, default=14, help="synthetic training images")
     g.add_argument("--synthetic-test", type=int, default=6, help="synthetic test images")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic images and of folder splits")
@@ -74,14 +77,25 @@ def base_parser(description):
     g.add_argument("--run-name", default=None, help="run folder name (default: method_data_model_sSEED)")
     g.add_argument("--resume", default=None, help="checkpoint to continue training from (or to evaluate)")
     g.add_argument("--eval-only", action="store_true", help="evaluate --resume (or the untrained model) and stop")
+    g = p.add_argument_group("using a trained model")
+    g.add_argument("--predict", default=None, metavar="DIR",
+                   help="with --resume: write a mask (class ids, original size) and an overlay for every image in DIR")
+    g.add_argument("--predict-out", default=None, help="where --predict writes (default: DIR_masks)")
+    g.add_argument("--export-merged", default=None, metavar="PATH",
+                   help="with --resume: fold the adapter into SAM's weights and write a plain segment_anything "
+                        "state dict (methods whose adapters fold: lora, salt)")
     return p
 
 
 def finish_args(args, method, gpu_steps):
     """Fill the defaults that depend on the device and the model; name the run."""
     args.method = method
+    if not 0 < args.label_fraction <= 1:
+        raise UserError(f"--label-fraction {args.label_fraction} must be in (0, 1], e.g. 0.3.")
     if args.img_size is None:
         args.img_size = 128 if args.model == "tiny" else 1024
+    if args.model == "tiny" and args.zoom == 0:
+        args.zoom = 1  # the tiny model is for tests and CPU demos: whole images, one pass each
     on_gpu = args.device_resolved == "cuda"
     if args.steps is None:
         if on_gpu:
@@ -225,9 +239,11 @@ def build_sam_parts(name, img_size, num_classes):
     grid = img_size // 16
     prompt_encoder = PromptEncoder(embed_dim=dim, image_embedding_size=(grid, grid),
                                    input_image_size=(img_size, img_size), mask_in_chans=16)
-    # num_multimask_outputs=num_classes gives num_classes + 1 mask tokens: background + each class, all
-    # used (SAMed's multi-class head), scored with a softmax over the classes.
-    decoder = MaskDecoder(num_multimask_outputs=num_classes, transformer_dim=dim,
+    # Mask tokens: background + one per class (SAMed's multi-class head, scored with a softmax). The decoder
+    # keeps at least SAM's own 4 tokens, all pretrained, so it stays the stock architecture (a merged export
+    # loads into stock SAM and predicts the same: the tokens attend to each other, so their number matters);
+    # tokens beyond num_classes + 1 take part in attention but produce no mask.
+    decoder = MaskDecoder(num_multimask_outputs=max(3, num_classes), transformer_dim=dim,
                           transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=2048 if dim == 256 else 64,
                                                         num_heads=8 if dim == 256 else 2),
                           iou_head_depth=3, iou_head_hidden_dim=256 if dim == 256 else 32)
@@ -259,7 +275,7 @@ class PromptFreeSam(nn.Module):
         # (expanding them to B would give B*B masks).
         sparse, dense = self.prompt_encoder(points=None, boxes=None, masks=None)
         logits, _iou = self.mask_decoder.predict_masks(embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense)
-        return logits  # (B, num_classes + 1, 4h, 4w): all mask tokens (stock forward() would slice them)
+        return logits[:, :self.num_classes + 1]  # (B, num_classes + 1, 4h, 4w): background + classes
 
     def forward(self, images):
         return self.decode(self.encode(images), images)
@@ -269,12 +285,15 @@ def load_sam(args, device):
     """The base model with pretrained weights (or random for tiny / --checkpoint none), everything frozen.
     Methods then wrap layers and unfreeze what they train."""
     name = args.model
+    state = None  # read the weights first: a missing or wrong file should fail before a large model is built
+    if name == "mobile_sam":
+        state = _mobile_sam_weights()
+    elif name != "tiny" and not (args.checkpoint and args.checkpoint.lower() == "none"):
+        state = _read_sam_checkpoint(name, args.checkpoint)
     image_encoder, prompt_encoder, decoder = build_sam_parts(name, args.img_size, args.num_classes)
     model = PromptFreeSam(image_encoder, prompt_encoder, decoder, name, args.img_size, args.num_classes)
-    if name == "mobile_sam":
-        _fit_pretrained(model, _mobile_sam_weights(), name)
-    elif name != "tiny" and str(args.checkpoint).lower() != "none":
-        _fit_pretrained(model, _read_sam_checkpoint(name, args.checkpoint), name)
+    if state is not None:
+        _fit_pretrained(model, state, name)
     model.base_keys = set(model.state_dict())
     model.requires_grad_(False)
     return model.to(device)
@@ -283,6 +302,8 @@ def load_sam(args, device):
 def train_decoder(model):
     """As SAMed: the mask decoder trains; of the prompt encoder only no_mask_embed is used without prompts."""
     model.mask_decoder.requires_grad_(True)
+    for mlp in model.mask_decoder.output_hypernetworks_mlps[model.num_classes + 1:]:
+        mlp.requires_grad_(False)  # hypernetworks of the spare tokens make no mask: nothing to train
     model.prompt_encoder.no_mask_embed.requires_grad_(True)
 
 
@@ -542,6 +563,13 @@ def labelled_batches(split, batch_size, generator):
     return next_batch
 
 
+def labelled_subset(n, fraction, seed):
+    """Indices of the training images whose labels are used: round(fraction * n), at least 1, seeded,
+    so that every method trained with the same --label-fraction and --seed sees the same images."""
+    k = max(1, round(fraction * n))
+    return sorted(np.random.default_rng(seed).permutation(n)[:k].tolist())
+
+
 def default_loss(model, images, masks):
     return segmentation_loss(model(images), masks)
 
@@ -565,16 +593,18 @@ def train_loop(model, next_batch, loss_fn, args, device, run_dir, steps, evaluat
         args.generator.set_state(resume["generator"].to(args.generator.get_state().device))
         print(f"resumed {tag or 'training'} at step {start} of {steps}")
 
-    def checkpoint(name, step):
+    def checkpoint(name, step, generator_state=None):
         save_checkpoint(run_dir / name, model, args, step=step, tag=tag, optimizer=optimizer.state_dict(),
-                        schedule=schedule.state_dict(), history=history, generator=args.generator.get_state())
+                        schedule=schedule.state_dict(), history=history,
+                        generator=args.generator.get_state() if generator_state is None else generator_state)
 
     model.train()
     running = torch.zeros((), device=device)
     t0, seen = time.time(), 0
-    step = start
+    done = step = start  # steps completed: what a resumed run skips
     try:
         for step in range(start, steps):
+            step_rng = args.generator.get_state()  # so an interrupted step can be redrawn identically
             batch = next_batch()
             with autocast(device):
                 loss = loss_fn(model, *batch)
@@ -582,6 +612,7 @@ def train_loop(model, next_batch, loss_fn, args, device, run_dir, steps, evaluat
             loss.backward()
             optimizer.step()
             schedule.step()
+            done = step + 1
             running += loss.detach()  # stays on the device: no sync per step
             seen += batch[0].shape[0]
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
@@ -604,8 +635,10 @@ def train_loop(model, next_batch, loss_fn, args, device, run_dir, steps, evaluat
                 checkpoint("last.pt", step + 1)
                 model.train()
     except KeyboardInterrupt:
-        checkpoint("last.pt", step)
-        print(f"\ninterrupted at step {step}; saved {run_dir / 'last.pt'}; continue with --resume {run_dir / 'last.pt'}")
+        # interrupted inside a step: its update never happened, so save the state from before it
+        checkpoint("last.pt", done, step_rng if done == step else None)
+        print(f"\ninterrupted after step {done}; saved {run_dir / 'last.pt'}; continue with "
+              f"--resume {run_dir / 'last.pt'}")
         sys.exit(130)
     except FloatingPointError as e:
         raise UserError(f"the loss became NaN or infinite by step {e.args[0]}; training stopped and "
@@ -651,6 +684,9 @@ def run(model, train_set, test_set, args, device, loss_fn=default_loss, steps=No
     run_dir = Path(args.out) / args.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     steps = steps or args.steps
+    if args.label_fraction < 1:
+        train_set = train_set.subset(labelled_subset(len(train_set), args.label_fraction, args.seed))
+        print(f"--label-fraction {args.label_fraction}: training on the labels of {', '.join(train_set.names)}")
     trainable, total = count_parameters(model)
     print(f"{args.method} on {args.model}: {trainable:,} trainable of {total:,} parameters "
           f"({100 * trainable / total:.2f}%)")
@@ -673,7 +709,7 @@ def run(model, train_set, test_set, args, device, loss_fn=default_loss, steps=No
     print(f"test ({len(test_set)} images): Dice {result['dice']:.4f}  HD95 {result['hd95']:.2f}"
           + (f"   (untrained: Dice {untrained['dice']:.4f})" if untrained else ""))
     metrics = dict(method=args.method, data=args.data, model=args.model, img_size=args.img_size, zoom=args.zoom,
-                   seed=args.seed,
+                   seed=args.seed, labelled=list(train_set.names),
                    dice=result["dice"], hd95=result["hd95"], per_image=result["per_image"],
                    untrained_dice=untrained["dice"] if untrained else None,
                    best_dice_during_training=history.get("best_dice"),
@@ -726,6 +762,70 @@ def save_pictures(run_dir, split, preds, history, n=3):
         fig.tight_layout()
         fig.savefig(run_dir / "curves.png", dpi=80)
         plt.close(fig)
+
+
+def predict_folder(model, args, device):
+    """--predict DIR: one PNG of class ids per image, at the image's size, and an overlay picture."""
+    from PIL import Image
+    from data import IMAGE_SUFFIXES, read_image
+    src = Path(args.predict)
+    paths = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if src.is_dir() else []
+    if not paths:
+        raise UserError(f"--predict {src} is not a folder of images ({', '.join(IMAGE_SUFFIXES)}); pass one.")
+    out = Path(args.predict_out or f"{str(src).rstrip('/')}_masks")
+    out.mkdir(parents=True, exist_ok=True)
+    work = (args.zoom or 1) * args.img_size
+    palette = torch.tensor([[0, 0, 0], [255, 60, 60], [60, 200, 60], [60, 120, 255], [255, 200, 0]], device=device)
+    for p in paths:
+        rgb = torch.from_numpy(read_image(p).copy()).to(device)  # (H, W, 3) uint8
+        x = F.interpolate(rgb.permute(2, 0, 1)[None].float() / 255, (work, work), mode="bilinear", antialias=True)
+        logits = predict(model, x.clamp(0, 1).half(), args.batch_size)
+        mask = F.interpolate(logits, rgb.shape[:2], mode="bilinear").argmax(1)[0].to(torch.uint8)  # (H, W)
+        Image.fromarray(mask.cpu().numpy()).save(out / f"{p.stem}.png")
+        color = palette[mask.long() % len(palette)]
+        blend = torch.where(mask[..., None] > 0, (rgb * 0.5 + color * 0.5), rgb.float()).to(torch.uint8)
+        Image.fromarray(blend.cpu().numpy()).save(out / f"{p.stem}_overlay.jpg")
+    print(f"wrote {len(paths)} masks (PNG, class ids) and overlays to {out}")
+
+
+def export_merged(model, args, merge_fn):
+    """--export-merged PATH: a state dict that stock segment_anything (or mobile_sam) loads with
+    sam_model_registry[...]() and load_state_dict(strict=True), with no code from this repository.
+    Prompt-free use: sam.mask_decoder.predict_masks(emb, pe, *sam.prompt_encoder(None, None, None)),
+    then masks[:, :num_classes + 1] are background + classes (softmax)."""
+    if merge_fn is None:
+        raise UserError(f"{args.method}'s adapter does not fold into SAM's weights (it adds modules that run at "
+                        f"inference), so --export-merged is not available; use --predict with --resume instead.")
+    if args.img_size != 1024 or args.model == "tiny":
+        raise UserError("--export-merged writes weights for stock SAM, which is built for 1024 input; train with "
+                        "--img-size 1024 on mobile_sam or vit_b/l/h to export.")
+    if args.num_classes + 1 > 4:
+        raise UserError(f"stock SAM's decoder has 4 mask tokens, so it cannot hold {args.num_classes} classes plus "
+                        f"background; use --predict with --resume instead.")
+    n = args.num_classes + 1
+    state = {k: v.detach().float().cpu() for k, v in merge_fn(model).items()}
+    path = Path(args.export_merged)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    print(f"wrote {path}: load it with segment_anything's (or mobile_sam's) sam_model_registry and "
+          f"load_state_dict; masks[:, :{n}] of predict_masks are background + classes")
+
+
+def predict_or_export(model, args, device, merge_fn=None):
+    """Handle --predict / --export-merged (both need --resume). Returns True when the run is done."""
+    if not (args.predict or args.export_merged):
+        return False
+    if not args.resume:
+        raise UserError("--predict and --export-merged need --resume CHECKPOINT (a best.pt or last.pt of this method).")
+    ckpt = load_checkpoint(args.resume, model, args)
+    args.zoom = args.zoom or ckpt["args"].get("zoom", 1)
+    if args.predict:
+        predict_folder(model, args, device)
+    if args.export_merged:
+        export_merged(model, args, merge_fn)
+    return True
 
 
 def main_guard(main):

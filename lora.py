@@ -56,12 +56,21 @@ class LoRAQKV(nn.Linear):
         out = F.linear(x, self.weight, self.bias)  # (..., 3*width)
         dq = self.lora_B_q(self.lora_A_q(x))  # (..., width)
         dv = self.lora_B_v(self.lora_A_v(x))
+        return out + self.place_qv(dq, dv)
+
+    def place_qv(self, dq, dv):
+        """Put q and v updates (..., width) where this layer's qkv output keeps q and v; zeros for k."""
         dk = torch.zeros_like(dq)
         if self.heads is None:
-            delta = torch.cat([dq, dk, dv], -1)
-        else:  # (..., heads, 3, head_dim) -> (..., heads*3*head_dim), TinyViT's per-head order
-            delta = torch.stack([t.unflatten(-1, (self.heads, -1)) for t in (dq, dk, dv)], -2).flatten(-3)
-        return out + delta
+            return torch.cat([dq, dk, dv], -1)
+        # (..., heads, 3, head_dim) -> (..., heads*3*head_dim), TinyViT's per-head order
+        return torch.stack([t.unflatten(-1, (self.heads, -1)) for t in (dq, dk, dv)], -2).flatten(-3)
+
+    def merged_weight(self):
+        """W + ΔW as one (3*width, d_in) matrix: the update folded into the frozen weight."""
+        dq = self.lora_B_q.weight @ self.lora_A_q.weight  # (width, d_in)
+        dv = self.lora_B_v.weight @ self.lora_A_v.weight
+        return self.weight + self.place_qv(dq.T, dv.T).T
 
 
 def inject(model, rank):
@@ -82,12 +91,23 @@ def lora_parameter_count(model, rank):
                for attn, _ in common.encoder_attentions(model.image_encoder))
 
 
+def merged_state_dict(model):
+    """SAM's own state dict with every LoRA update folded into its qkv weight (for --export-merged)."""
+    state = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRAQKV):
+            state[f"{name}.weight"] = module.merged_weight()
+    return state
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = common.setup(args, "lora", gpu_steps=1000)
     model = common.load_sam(args, device)
     inject(model, args.rank)
     model.to(device)
+    if common.predict_or_export(model, args, device, merged_state_dict):
+        return None
     train_set, test_set = load_data(args, device)
     return common.run(model, train_set, test_set, args, device)
 

@@ -1,0 +1,184 @@
+"""AtrousLoRA: LoRA whose low-rank bottleneck runs an atrous (dilated-convolution) attention module.
+
+Paper: Iltaf, Ahmed, Zhang, Li, Zhou, "VesselSAM: Leveraging SAM for Aortic Vessel Segmentation with LoRA
+and Atrous Attention", arXiv 2502.18185. The authors' repository (github.com/Adnan-CAS/AtrousLora) holds
+only a README: no code has been published, and the paper's method section was not available to us.
+
+What the paper's description fixes: a LoRA path beside each frozen projection of SAM's image encoder, and
+in its bottleneck an Atrous Attention Module (AAM): an ASPP (parallel convolutions with several dilation
+rates, plus an image-level pooling branch) whose fused map is refined by element-wise multiplication with
+attention weights. Relative to lora.py the only change is inside each low-rank path:
+    lora.py:        q = W_q x + B_q A_q x
+    this file:      q = W_q x + B_q AAM(A_q x)          (the same for v; k untouched)
+where A_q x, the (B', h, w, r) bottleneck tokens, is seen as an r-channel image of the token grid.
+B is zero-initialised, so at step 0 the model is exactly stock SAM.
+
+Everything else is reconstructed, and these choices are ours:
+* Where: q and v of every encoder attention's qkv, rank 4, as SAMed / lora.py (a secondary summary of the
+  paper mentions rank 4). The mask decoder trains too, as in lora.py.
+* The AAM (see `AtrousAttention`): branches {1x1 conv; 3x3 convs with dilations --rates; global average
+  pool -> 1x1 conv -> broadcast}, each followed by GELU, concatenated, fused by a 1x1 conv to F (r channels);
+  attention weights alpha = sigmoid(1x1 conv(F)), one per channel and position; output z + alpha * F.
+  - sigmoid, not a softmax over branches: the description multiplies the *fused* map by the weights, so
+    they gate F itself; independent gates also let a position keep several scales at once.
+  - the residual z makes the path at least a plain LoRA path, and the AAM a correction on top of it.
+  - no normalisation: BatchNorm over 4 channels of 14x14 windows is noisy, and GroupNorm would rescale
+    every window to unit variance, removing the input-dependent size of the update that LoRA relies on.
+* Rates 1,2,3 in every block, not DeepLab's 6,12,18: the qkv of a windowed ViT block sees a 14x14 window
+  and TinyViT's a 7x7 or 14x14 one, where rate 6+ taps read mostly padding. Rates 1-3 cover a 7x7
+  neighbourhood (a whole TinyViT window). Global ViT blocks (64x64 grid at 1024) keep the same rates: their
+  attention is already global, and the pooling branch gives the image-level context.
+* q and v have separate AAMs (the query decides where to look, the value what is carried; they need not
+  want the same context), run together as grouped convolutions (groups=2), so two AAMs cost the kernel
+  launches of one.
+* Grids: SAM's ViT hands qkv (B', h, w, C) tokens already; TinyViT hands flat windows (B*nW, ws*ws, C),
+  row-major, reshaped to (B*nW, ws, ws, C) with the block's window size.
+
+Run:  python atrous_lora.py --data drive --data-root ../shared/data/DRIVE --split salt
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from data import UserError, load_data
+
+
+def parse_args(argv=None):
+    p = common.base_parser("AtrousLoRA (VesselSAM): LoRA with an atrous attention module in its bottleneck, "
+                           "on SAM's image encoder, prompt-free.")
+    p.add_argument("--rank", type=int, default=4, help="rank r of the q and v low-rank paths (as SAMed: 4)")
+    p.add_argument("--rates", default="1,2,3",
+                   help="dilation rates of the 3x3 atrous branches, comma-separated; each must be smaller than "
+                        "the smallest token grid an attention sees (14x14 ViT windows, 7x7 TinyViT windows)")
+    return p.parse_args(argv)
+
+
+def parse_rates(text):
+    """'1,2,3' -> (1, 2, 3); anything else is a UserError."""
+    try:
+        rates = tuple(int(t) for t in str(text).split(","))
+    except ValueError:
+        raise UserError(f"--rates {text!r} is not a comma-separated list of integers; pass e.g. --rates 1,2,3.")
+    if not rates or min(rates) < 1 or len(set(rates)) != len(rates):
+        raise UserError(f"--rates {text!r} must be distinct positive integers; pass e.g. --rates 1,2,3.")
+    return rates
+
+
+class AtrousAttention(nn.Module):
+    """The Atrous Attention Module on the bottleneck tokens of `paths` low-rank paths at once.
+
+    Input and output: tokens (B', h, w, paths*r) or flat (B', side*side, paths*r). Channels [i*r:(i+1)*r]
+    belong to path i (q, v); every conv is grouped by path, so the paths share no weights but one call."""
+
+    def __init__(self, rank, rates, paths=2, side=None, device=None):
+        super().__init__()
+        c, g = paths * rank, paths
+        self.paths, self.side = paths, side  # side: grid of flat (TinyViT) tokens
+        self.point = nn.Conv2d(c, c, 1, groups=g, device=device)
+        # padding = dilation keeps h x w; taps outside the grid read zeros
+        self.atrous = nn.ModuleList(nn.Conv2d(c, c, 3, padding=d, dilation=d, groups=g, device=device)
+                                    for d in rates)
+        self.pool = nn.Conv2d(c, c, 1, groups=g, device=device)  # on the grid's mean: image-level context
+        self.fuse = nn.Conv2d((len(rates) + 2) * c, c, 1, groups=g, device=device)
+        self.gate = nn.Conv2d(c, c, 1, groups=g, device=device)  # attention weights alpha = sigmoid(gate(F))
+
+    def forward(self, tokens):
+        shape = tokens.shape
+        if tokens.dim() == 3:  # TinyViT: (B', ws*ws, c) row-major in each window -> (B', ws, ws, c)
+            tokens = tokens.unflatten(1, (self.side, self.side))
+        z = tokens.permute(0, 3, 1, 2)  # (B', c, h, w): one conv call over every window of the batch
+        h, w = z.shape[-2:]
+        pooled = self.pool(z.mean((2, 3), keepdim=True)).expand(-1, -1, h, w)
+        branches = torch.stack([self.point(z), *(conv(z) for conv in self.atrous), pooled], 1)  # (B', nb, c, h, w)
+        # the grouped fuse conv wants each path's channels together: (B', nb, paths, r) -> (B', paths, nb, r)
+        branches = branches.unflatten(2, (self.paths, -1)).transpose(1, 2).flatten(1, 3)
+        fused = self.fuse(F.gelu(branches))  # F: (B', c, h, w)
+        out = z + torch.sigmoid(self.gate(fused)) * fused  # plain LoRA's z, plus the gated multi-scale map
+        return out.permute(0, 2, 3, 1).reshape(shape)
+
+
+class AtrousLoRAQKV(nn.Linear):
+    """A frozen qkv projection plus trainable q and v paths B(AAM(A x)).
+
+    As LoRAQKV in lora.py: subclasses nn.Linear and keeps the frozen weight and bias under the same names
+    (checkpoint keys unchanged); `heads=None`: output [q | k | v] (SAM's ViT), `heads=h`: per head
+    [q_1 k_1 v_1 | q_2 k_2 v_2 | ...] (MobileSAM's TinyViT), whose flat window tokens have grid `side`."""
+
+    def __init__(self, qkv: nn.Linear, rank: int, rates, heads=None, side=None):
+        super().__init__(qkv.in_features, qkv.out_features, bias=qkv.bias is not None, device="meta")
+        self.weight, self.bias = qkv.weight, qkv.bias  # the frozen pretrained projection, shared not copied
+        self.heads, self.rank = heads, rank
+        d_in, width, dev = qkv.in_features, qkv.out_features // 3, qkv.weight.device
+        self.lora_A_q = nn.Linear(d_in, rank, bias=False, device=dev)
+        self.lora_A_v = nn.Linear(d_in, rank, bias=False, device=dev)
+        self.lora_aam = AtrousAttention(rank, rates, paths=2, side=side, device=dev)
+        self.lora_B_q = nn.Linear(rank, width, bias=False, device=dev)
+        self.lora_B_v = nn.Linear(rank, width, bias=False, device=dev)
+        for a, b in ((self.lora_A_q, self.lora_B_q), (self.lora_A_v, self.lora_B_v)):
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))  # as nn.Linear and SAMed
+            nn.init.zeros_(b.weight)  # B = 0: the update starts at zero, the model starts as stock SAM
+
+    def forward(self, x):
+        # x: (B, H, W, d) for ViT (windowed: (B*nW, 14, 14, d)); (B*nW, ws*ws, d) for TinyViT
+        out = F.linear(x, self.weight, self.bias)  # (..., 3*width)
+        z = self.lora_aam(torch.cat([self.lora_A_q(x), self.lora_A_v(x)], -1))  # (..., 2r): [q path | v path]
+        dq, dv = self.lora_B_q(z[..., :self.rank]), self.lora_B_v(z[..., self.rank:])  # (..., width)
+        dk = torch.zeros_like(dq)
+        if self.heads is None:
+            delta = torch.cat([dq, dk, dv], -1)
+        else:  # (..., heads, 3, head_dim) -> (..., heads*3*head_dim), TinyViT's per-head order
+            delta = torch.stack([t.unflatten(-1, (self.heads, -1)) for t in (dq, dk, dv)], -2).flatten(-3)
+        return out + delta
+
+
+def grid_sides(image_encoder):
+    """{attention module: side of the token grid its qkv sees}. ViT: the window (14), or the whole
+    S/16 map in global blocks (window_size 0). TinyViT: the window, padded to ws x ws at image borders."""
+    sides = {}
+    for blk in image_encoder.modules():
+        if hasattr(blk, "attn") and hasattr(blk, "window_size"):
+            sides[blk.attn] = blk.window_size or image_encoder.pos_embed.shape[1]
+    return sides
+
+
+def inject(model, rank, rates):
+    """Wrap every encoder attention's qkv; train the low-rank paths, their AAMs and the mask decoder."""
+    sides = grid_sides(model.image_encoder)
+    for attn, heads in common.encoder_attentions(model.image_encoder):
+        limit = min(attn.qkv.in_features, attn.qkv.out_features // 3)
+        if not 0 < rank <= limit:
+            raise UserError(f"--rank {rank} does not fit: it must be between 1 and {limit} for this model.")
+        if max(rates) >= sides[attn]:  # every off-centre tap would read padding: the branch is a 1x1 conv
+            raise UserError(f"--rates {','.join(map(str, rates))}: rate {max(rates)} does not fit the "
+                            f"{sides[attn]}x{sides[attn]} token grid of this model's attention; use rates "
+                            f"below {sides[attn]}.")
+        attn.qkv = AtrousLoRAQKV(attn.qkv, rank, rates, heads, side=sides[attn])
+    for name, p in model.named_parameters():
+        p.requires_grad = "lora_" in name
+    common.train_decoder(model)
+
+
+def adapter_parameter_count(model, rank, n_rates):
+    """Per attention, two paths of A (d*r) + B (r*width) + AAM. One path's AAM, r channels in and out:
+    1x1, pooling 1x1 and gate 1x1 (r*r + r each), n_rates 3x3 convs (9*r*r + r each), fuse ((n_rates+2)*r*r + r)."""
+    aam = 3 * (rank * rank + rank) + n_rates * (9 * rank * rank + rank) + (n_rates + 2) * rank * rank + rank
+    return sum(2 * (rank * (attn.qkv.in_features + attn.qkv.out_features // 3) + aam)
+               for attn, _ in common.encoder_attentions(model.image_encoder))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rates = parse_rates(args.rates)
+    device = common.setup(args, "atrous_lora", gpu_steps=1000)  # lora.py's budget: same steps, fair comparison
+    model = common.load_sam(args, device)
+    inject(model, args.rank, rates)
+    model.to(device)
+    train_set, test_set = load_data(args, device)
+    return common.run(model, train_set, test_set, args, device)
+
+
+if __name__ == "__main__":
+    common.main_guard(main)

@@ -1,0 +1,218 @@
+"""atrous_lora.py on the CPU: no-op at init, the AAM's shapes and path separation, q/v layout, trainable
+count, gradients through the AAM, checkpoints, bad arguments, smoke run."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import atrous_lora
+import common
+from data import UserError
+
+
+def tiny_model(extra=()):
+    args = atrous_lora.parse_args(["--model", "tiny", "--device", "cpu", *extra])
+    device = common.setup(args, "atrous_lora", gpu_steps=10)
+    return args, device, common.load_sam(args, device)
+
+
+def randomise_adapter(model, std=0.1, seed=1):
+    """As if trained: every adapter weight non-zero (B included), so every path of the AAM is live."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, std)
+
+
+def test_is_a_no_op_at_initialisation_and_not_after():
+    args, device, model = tiny_model()
+    x = torch.rand(2, 3, args.img_size, args.img_size)
+    with torch.no_grad():
+        before = model(x)
+        atrous_lora.inject(model, 4, (1, 2, 3))
+        after = model(x)
+        assert torch.equal(before, after)  # B = 0 exactly, so the outputs are bit-identical
+        randomise_adapter(model)
+        assert not torch.allclose(model(x), before, atol=1e-3)  # the zero B was what made it a no-op
+
+
+def aam_and_tokens(shape, side=None, seed=0):
+    torch.manual_seed(seed)
+    aam = atrous_lora.AtrousAttention(rank=4, rates=(1, 2, 3), paths=2, side=side)
+    return aam, torch.randn(*shape)
+
+
+@pytest.mark.parametrize("shape,side", [((6, 14, 14, 8), None),  # ViT windows (B*nW, 14, 14, 2r)
+                                        ((3, 8, 8, 8), None),  # a global block's whole map
+                                        ((5, 49, 8), 7)])  # TinyViT flat windows (B*nW, 7*7, 2r)
+def test_aam_keeps_the_token_shape_and_keeps_q_and_v_apart(shape, side):
+    aam, z = aam_and_tokens(shape, side)
+    with torch.no_grad():
+        out = aam(z)
+        assert out.shape == z.shape
+        z2 = z.clone()
+        z2[..., 4:] += torch.randn_like(z2[..., 4:])  # change only the v path's channels
+        out2 = aam(z2)
+    assert torch.equal(out2[..., :4], out[..., :4])  # q's AAM does not read v's channels (grouped convs)
+    assert not torch.allclose(out2[..., 4:], out[..., 4:])
+
+
+def test_aam_is_multi_scale_and_local_to_each_window():
+    """A single changed token reaches exactly the neighbourhood the rates allow (Chebyshev distance <= 3)
+    plus, weakly, everything through the pooling branch; it never crosses into another window."""
+    aam, z = aam_and_tokens((2, 14, 14, 8))
+    with torch.no_grad():
+        aam.pool.weight.zero_()  # switch the image-level branch off to see the atrous receptive field
+        out = aam(z)
+        z2 = z.clone()
+        z2[0, 7, 7, :4] += 1.0
+        moved = (aam(z2) - out).abs().amax(-1)  # (2, 14, 14)
+    assert moved[1].max() == 0  # the other window (batch entry) is untouched
+    rows, cols = torch.nonzero(moved[0] > 0, as_tuple=True)
+    assert (rows - 7).abs().max() == 3 and (cols - 7).abs().max() == 3  # rate 3 reaches 3 tokens away
+    assert moved[0, 7 + 3, 7 + 3] > 0 and moved[0, 7 + 2, 7 + 1] == 0  # dilated taps only, not a dense 7x7
+
+
+def test_aam_with_a_zero_fused_map_is_the_identity_so_the_path_is_plain_lora():
+    aam, z = aam_and_tokens((3, 14, 14, 8))
+    with torch.no_grad():
+        assert not torch.allclose(aam(z), z, atol=1e-4)
+        aam.fuse.weight.zero_()
+        aam.fuse.bias.zero_()
+        assert torch.equal(aam(z), z)  # z + alpha * 0: the residual carries A x to B unchanged
+
+
+def test_aam_flat_tokens_equal_the_same_tokens_as_a_grid():
+    aam, z = aam_and_tokens((4, 7, 7, 8), side=7)
+    with torch.no_grad():
+        assert torch.allclose(aam(z.flatten(1, 2)), aam(z).flatten(1, 2), atol=1e-6)  # row-major windows
+
+
+def test_vit_update_touches_only_q_and_v():
+    torch.manual_seed(0)
+    qkv = nn.Linear(16, 48)
+    wrapped = atrous_lora.AtrousLoRAQKV(qkv, rank=2, rates=(1, 2))
+    x = torch.randn(3, 5, 5, 16)  # (B, H, W, C) as in SAM's ViT blocks
+    with torch.no_grad():
+        assert torch.equal(wrapped(x), qkv(x))
+        nn.init.normal_(wrapped.lora_B_q.weight)
+        diff = wrapped(x) - qkv(x)
+    assert diff[..., :16].abs().max() > 0  # q moved
+    assert torch.equal(diff[..., 16:], torch.zeros_like(diff[..., 16:]))  # k and v did not (B_v is still 0)
+
+
+def test_tinyvit_attention_is_a_no_op_then_follows_the_per_head_layout():
+    from mobile_sam.modeling.tiny_vit_sam import Attention
+    torch.manual_seed(0)
+    attn = Attention(dim=32, key_dim=8, num_heads=4, attn_ratio=1, resolution=(7, 7))
+    attn.eval()
+    x = torch.randn(3, 49, 32)  # (B*nW, ws*ws, C) as in TinyViT's 7x7 windows
+    with torch.no_grad():
+        ref, qkv_ref = attn(x), attn.qkv(attn.norm(x))
+        stock_qkv = attn.qkv
+        attn.qkv = atrous_lora.AtrousLoRAQKV(stock_qkv, rank=2, rates=(1, 2, 3), heads=4, side=7)
+        assert torch.equal(attn(x), ref)  # the whole attention layer, B = 0
+        nn.init.normal_(attn.qkv.lora_B_v.weight)
+        diff = (attn.qkv(attn.norm(x)) - qkv_ref).unflatten(-1, (4, 3, 8))  # TinyViT splits per head [q, k, v]
+    assert torch.equal(diff[..., 0, :], torch.zeros_like(diff[..., 0, :]))  # q untouched (B_q = 0)
+    assert torch.equal(diff[..., 1, :], torch.zeros_like(diff[..., 1, :]))  # k never touched
+    assert (diff[..., 2, :].abs().amax(-1) > 0).all()  # v moved in every head
+
+
+def aam_formula(r, k):
+    """One path's AAM, counted by hand: conv weights out*in_per_group*kh*kw, plus a bias per output."""
+    point = r * r + r
+    atrous = k * (r * r * 9 + r)
+    pool = r * r + r
+    fuse = r * (k + 2) * r + r  # the concatenated k + 2 branches of the path, r channels each
+    gate = r * r + r
+    return point + atrous + pool + fuse + gate
+
+
+@pytest.mark.parametrize("rank,rates", [(4, (1, 2, 3)), (3, (1, 2))])
+def test_exactly_the_intended_parameters_train(rank, rates):
+    args, device, model = tiny_model()
+    decoder = sum(p.numel() for p in model.mask_decoder.parameters())
+    # the hypernetworks of SAM's spare mask tokens (2 and 3 with one class) make no mask and stay frozen
+    decoder -= sum(p.numel() for p in model.mask_decoder.output_hypernetworks_mlps[2:].parameters())
+    no_mask = model.prompt_encoder.no_mask_embed.weight.numel()
+    atrous_lora.inject(model, rank, rates)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all("lora_" in n or n.startswith("mask_decoder.") or n == "prompt_encoder.no_mask_embed.weight"
+               for n in names)
+    assert not any(n.startswith("image_encoder.") and "lora_" not in n for n in names)
+    assert any(".lora_aam.atrous." in n for n in names)
+    trainable, _ = common.count_parameters(model)
+    # tiny ViT: 2 blocks, d = 64 (qkv 64 -> 192): per block 2 paths of A (64 r) + B (r 64) + AAM
+    per_path = rank * 64 + rank * 64 + aam_formula(rank, len(rates))
+    assert atrous_lora.adapter_parameter_count(model, rank, len(rates)) == 2 * 2 * per_path
+    assert trainable == 2 * 2 * per_path + decoder + no_mask
+
+
+def test_gradients_reach_a_b_and_the_aam_after_the_first_step():
+    """With B = 0 only B gets a gradient at step 0 (as in LoRA); after one update every part learns."""
+    args, device, model = tiny_model()
+    atrous_lora.inject(model, 4, (1, 2, 3))
+    x = torch.rand(2, 3, args.img_size, args.img_size)
+    adapter = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    opt = torch.optim.AdamW(adapter.values(), lr=1e-2)
+    for step in range(2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        if step == 0:
+            assert all((p.grad is None or p.grad.abs().max() == 0) == ("lora_B" not in n) for n, p in adapter.items())
+        opt.step()
+    dead = [n for n, p in adapter.items() if p.grad is None or p.grad.abs().max() == 0]
+    assert not dead, dead
+
+
+def test_checkpoint_round_trip_gives_identical_predictions(tmp_path):
+    args, device, model = tiny_model()
+    atrous_lora.inject(model, 4, (1, 2, 3))
+    randomise_adapter(model)
+    common.save_checkpoint(tmp_path / "best.pt", model, args, step=0)
+    _, _, fresh = tiny_model()
+    atrous_lora.inject(fresh, 4, (1, 2, 3))
+    common.load_checkpoint(tmp_path / "best.pt", fresh, args)
+    x = torch.rand(2, 3, args.img_size, args.img_size)
+    with torch.no_grad():
+        assert torch.equal(model(x), fresh(x))
+    saved = torch.load(tmp_path / "best.pt", weights_only=True)["state"]
+    assert any(".lora_aam." in k for k in saved)
+    assert not any(k.startswith("image_encoder.") and "lora_" not in k for k in saved)  # frozen base not saved
+
+
+@pytest.mark.parametrize("text", ["a,b", "", "1,,2", "0,1", "-1", "2,2", "1.5"])
+def test_bad_rates_are_a_user_error(text):
+    with pytest.raises(UserError, match="--rates"):
+        atrous_lora.parse_rates(text)
+
+
+def test_rates_and_rank_that_do_not_fit_are_user_errors():
+    assert atrous_lora.parse_rates(" 1, 2,3") == (1, 2, 3)
+    args, device, model = tiny_model()
+    with pytest.raises(UserError, match="4x4"):  # the tiny model's windows are 4x4: rate 4 reads only padding
+        atrous_lora.inject(model, 4, (1, 4))
+    with pytest.raises(UserError, match="--rank 0"):
+        atrous_lora.inject(model, 0, (1, 2))
+    with pytest.raises(UserError, match="between 1 and 64"):
+        atrous_lora.inject(model, 65, (1, 2))
+    with pytest.raises(UserError, match="--rates"):
+        atrous_lora.main(["--model", "tiny", "--device", "cpu", "--rates", "x"])
+
+
+def test_smoke_run_writes_metrics(tmp_path):
+    metrics = atrous_lora.main(["--model", "tiny", "--device", "cpu", "--steps", "4", "--batch-size", "2",
+                                "--synthetic-train", "4", "--synthetic-test", "2", "--rates", "1,2",
+                                "--out", str(tmp_path), "--run-name", "smoke"])
+    run = tmp_path / "smoke"
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["method"] == "atrous_lora" and saved["args"]["rates"] == "1,2" and len(saved["per_image"]) == 2
+    assert 0 <= metrics["dice"] <= 1
+    assert metrics["untrained_dice"] is not None
+    for f in ("best.pt", "last.pt", "predictions.png", "curves.png"):
+        assert (run / f).is_file()
+    state = torch.load(run / "last.pt", weights_only=True)["state"]
+    assert any(k.endswith("lora_B_q.weight") and v.abs().max() > 0 for k, v in state.items())  # B trained

@@ -1,0 +1,173 @@
+"""lora.py and the shared machinery it uses: no-op at init, q/v layout, trainable set, checkpoints, smoke run."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import lora
+from data import load_data
+
+
+def tiny_model(extra=()):
+    args = lora.parse_args(["--model", "tiny", "--device", "cpu", *extra])
+    device = common.setup(args, "lora", gpu_steps=10)
+    return args, device, common.load_sam(args, device)
+
+
+def test_lora_is_a_no_op_at_initialisation():
+    args, device, model = tiny_model()
+    x = torch.rand(2, 3, args.img_size, args.img_size)
+    with torch.no_grad():
+        before = model(x)
+        lora.inject(model, rank=4)
+        after = model(x)
+    assert torch.equal(before, after)  # B = 0 exactly, so the outputs are bit-identical
+
+
+def test_vit_update_touches_only_q_and_v():
+    qkv = nn.Linear(16, 48)
+    wrapped = lora.LoRAQKV(qkv, rank=2)
+    nn.init.normal_(wrapped.lora_B_q.weight)
+    x = torch.randn(3, 5, 5, 16)  # (B, H, W, C) as in SAM's ViT blocks
+    diff = (wrapped(x) - qkv(x)).detach()
+    assert diff[..., :16].abs().max() > 0  # q moved
+    assert torch.equal(diff[..., 16:], torch.zeros_like(diff[..., 16:]))  # k and v did not (B_v is still 0)
+
+
+def test_tinyvit_update_follows_the_per_head_layout():
+    from mobile_sam.modeling.tiny_vit_sam import Attention
+    attn = Attention(dim=32, key_dim=8, num_heads=4, attn_ratio=1, resolution=(4, 4))
+    wrapped = lora.LoRAQKV(attn.qkv, rank=2, heads=4)
+    nn.init.normal_(wrapped.lora_B_v.weight)
+    x = torch.randn(2, 16, 32)  # (B*nW, ws*ws, C) as in TinyViT's windows
+    diff = (wrapped(x) - attn.qkv(x)).detach().unflatten(-1, (4, 3, 8))  # TinyViT splits per head [q, k, v]
+    assert torch.equal(diff[..., 0, :], torch.zeros_like(diff[..., 0, :]))  # q untouched (B_q = 0)
+    assert torch.equal(diff[..., 1, :], torch.zeros_like(diff[..., 1, :]))  # k never touched
+    assert (diff[..., 2, :].abs().amax(-1) > 0).all()  # v moved in every head
+
+
+def test_exactly_the_intended_parameters_train():
+    args, device, model = tiny_model()
+    decoder = sum(p.numel() for p in model.mask_decoder.parameters())
+    spare = model.mask_decoder.output_hypernetworks_mlps[2:]  # tokens 2, 3 make no mask with one class
+    decoder -= sum(p.numel() for p in spare.parameters())
+    no_mask = model.prompt_encoder.no_mask_embed.weight.numel()
+    lora.inject(model, rank=3)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all("lora_" in n or n.startswith("mask_decoder.") or n == "prompt_encoder.no_mask_embed.weight"
+               for n in names)
+    assert not any(n.startswith("image_encoder.") and "lora_" not in n for n in names)
+    trainable, _ = common.count_parameters(model)
+    # tiny ViT: 2 blocks, d = 64: per block 2 paths of r * (64 + 64)
+    assert lora.lora_parameter_count(model, 3) == 2 * 2 * 3 * (64 + 64)
+    assert trainable == 2 * 2 * 3 * (64 + 64) + decoder + no_mask
+
+
+def test_bad_rank_is_a_user_error():
+    args, device, model = tiny_model()
+    with pytest.raises(common.UserError, match="--rank 0"):
+        lora.inject(model, rank=0)
+    with pytest.raises(common.UserError, match="between 1 and 64"):
+        lora.inject(model, rank=65)
+
+
+def test_checkpoint_round_trip_gives_identical_predictions(tmp_path):
+    args, device, model = tiny_model()
+    lora.inject(model, rank=4)
+    torch.manual_seed(1)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)  # as if trained
+    common.save_checkpoint(tmp_path / "best.pt", model, args, step=0)
+    assert not (tmp_path / "best.pt.tmp").exists()
+    x = torch.rand(2, 3, args.img_size, args.img_size)
+    _, _, fresh = tiny_model()
+    lora.inject(fresh, rank=4)
+    common.load_checkpoint(tmp_path / "best.pt", fresh, args)
+    with torch.no_grad():
+        assert torch.equal(model(x), fresh(x))
+    saved = torch.load(tmp_path / "best.pt", weights_only=True)["state"]
+    assert not any(k.startswith("image_encoder.") and "lora_" not in k for k in saved)  # frozen base not saved
+
+
+def test_checkpoint_of_another_rank_is_refused(tmp_path):
+    args, device, model = tiny_model()
+    lora.inject(model, rank=4)
+    common.save_checkpoint(tmp_path / "best.pt", model, args, step=0)
+    _, _, other = tiny_model()
+    lora.inject(other, rank=2)
+    with pytest.raises(common.UserError, match="does not fit"):
+        common.load_checkpoint(tmp_path / "best.pt", other, args)
+
+
+def test_smoke_run_writes_metrics(tmp_path):
+    metrics = lora.main(["--model", "tiny", "--device", "cpu", "--steps", "6", "--batch-size", "2",
+                         "--out", str(tmp_path), "--run-name", "smoke"])
+    run = tmp_path / "smoke"
+    saved = json.loads((run / "metrics.json").read_text())
+    for key in ("method", "data", "model", "img_size", "seed", "dice", "hd95", "per_image", "trainable_params",
+                "total_params", "peak_mem_gib", "train_seconds", "imgs_per_s", "args", "versions"):
+        assert key in saved
+    assert saved["method"] == "lora" and len(saved["per_image"]) == 6
+    assert 0 <= metrics["dice"] <= 1
+    for f in ("best.pt", "last.pt", "predictions.png", "curves.png"):
+        assert (run / f).is_file()
+
+
+def test_training_lowers_the_loss(tmp_path):
+    """A frozen decoder, a detached loss or a broken augmentation would leave the loss where it started."""
+    metrics = lora.main(["--model", "tiny", "--device", "cpu", "--steps", "40", "--batch-size", "4", "--lr", "3e-3",
+                         "--warmup", "5", "--log-every", "5", "--out", str(tmp_path), "--run-name", "learn"])
+    losses = [loss for _, loss in metrics["loss_curve"]]
+    assert losses[-1] < 0.93 * losses[0]
+
+
+def test_tiled_prediction_equals_whole_image_for_a_local_model():
+    """Zoom 2: overlapping tiles blended back must give what a local operator gives on the whole image."""
+    class Local(nn.Module):
+        img_size = 32
+
+        def forward(self, x):  # (B, 3, 32, 32) -> (B, 2, 8, 8), like SAM's 4x smaller logits
+            return F.avg_pool2d(x[:, :2], 4)
+    images = torch.rand(3, 3, 64, 64)
+    tiled = common.predict(Local(), images, batch_size=4)
+    assert tiled.shape == (3, 2, 16, 16)
+    assert torch.allclose(tiled, F.avg_pool2d(images[:, :2], 4), atol=1e-6)
+
+
+def test_augment_crops_and_keeps_class_ids():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(4, 3, 64, 64)
+    masks = (torch.rand(4, 64, 64) < 0.3).to(torch.uint8) * 2
+    x, y = common.augment(images, masks, g, size=32)
+    assert x.shape == (4, 3, 32, 32) and y.shape == (4, 32, 32)
+    assert set(y.unique().tolist()) <= {0, 2}
+    assert 0 <= x.min() and x.max() <= 1
+
+
+def test_multiclass_synthetic_trains(tmp_path):
+    metrics = lora.main(["--model", "tiny", "--device", "cpu", "--num-classes", "2", "--steps", "4",
+                         "--batch-size", "2", "--out", str(tmp_path), "--run-name", "mc"])
+    assert metrics["args"]["num_classes"] == 2
+
+
+def test_drive_loader(drive_root):
+    args = lora.parse_args(["--data", "drive", "--data-root", str(drive_root), "--img-size", "256", "--zoom", "1"])
+    train, test = load_data(args, torch.device("cpu"))
+    assert len(train) == 14 and len(test) == 6
+    assert train.names[0] == "21" and test.names == ["35", "36", "37", "38", "39", "40"]
+    assert train.images.shape == (14, 3, 256, 256) and train.masks.shape == (14, 256, 256)
+    assert test.orig_masks[0].shape == (584, 565) and test.fovs[0].shape == (584, 565)
+    assert set(train.masks.unique().tolist()) == {0, 1}
+    assert 0.05 < test.orig_masks[0].float().mean() < 0.2  # vessels are about 12% of a DRIVE image
+    assert test.fovs[0].float().mean() > 0.6
+
+
+def test_drive_auto_zoom(drive_root):
+    args = lora.parse_args(["--data", "drive", "--data-root", str(drive_root), "--img-size", "256"])
+    train, _ = load_data(args, torch.device("cpu"))
+    assert args.zoom == 4  # 256/4 = 64-pixel masks need 4 tiles a side to reach 0.8 x 584
+    assert train.images.shape[-1] == 1024 and train.input_size == 256

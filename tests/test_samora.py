@@ -1,0 +1,197 @@
+"""samora.py on the tiny random SAM, on the CPU: no-op start, layouts, trainable sets, stage-1 objectives,
+experts saved and reloaded, and a smoke run of both stages."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import common
+import samora
+from data import UserError, load_data
+
+BASE = ["--model", "tiny", "--device", "cpu", "--zoom", "1", "--synthetic-train", "8", "--synthetic-test", "2"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster than two, and does not thrash when the machine is busy."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def stage1_images(expert, args, device):
+    """Synthetic retinas for patch and pixel; for contrast between views, images that differ from each other
+    as a whole (smooth random colour fields): the tiny random encoder's pooled features barely tell apart
+    retinas, which differ only in their thin vessels."""
+    if expert == "image":
+        coarse = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        return nn.functional.interpolate(coarse, (128, 128), mode="bicubic").clamp(0, 1).half()
+    return load_data(args, device)[0].images
+
+
+def tiny(*extra):
+    args = samora.parse_args(BASE + list(extra))
+    device = common.setup(args, "samora", gpu_steps=300)
+    return args, device, common.load_sam(args, device)
+
+
+def stock_decoder():
+    """What the SAMed recipe trains on stock SAM (mask decoder, no_mask_embed), by common.train_decoder."""
+    model = tiny()[2]
+    common.train_decoder(model)
+    return {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def decoder_names():
+    return set(stock_decoder())
+
+
+def decoder_count():
+    return sum(stock_decoder().values())
+
+
+def randomise(model, key, scale=0.5, seed=1):
+    """Fill every parameter whose name contains `key` with noise (so zero-initialised B's do something)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if key in name:
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+
+
+def test_hl_attn_is_a_noop_at_init():
+    args, device, model = tiny()
+    stock = copy.deepcopy(model)
+    samora.inject(model, args.rank, args.hl_width, args.hl_heads)
+    for e in samora.EXPERTS:  # experts as after stage 1: non-zero updates
+        randomise(model, f"samora_{e}_B", seed=len(e))
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = stock(x)
+        assert torch.allclose(model(x), ref, atol=1e-6, rtol=0)  # stage 2 starts at stock SAM
+        for e in samora.EXPERTS:  # ... although each expert alone changes the output
+            samora.set_stage(model, e)
+            assert (model(x) - ref).abs().max() > 1e-3
+        samora.set_stage(model, "fused")
+        randomise(model, "samora_hl.proj_out", scale=0.1)  # and HL-Attn is wired in
+        assert (model(x) - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("heads", [None, 2])
+def test_updates_reach_q_and_v_only_and_fusion_reads_the_expert_updates(heads):
+    torch.manual_seed(0)
+    W = 8  # q width: 2 heads of 4
+    qkv = samora.SAMoraQKV(nn.Linear(6, 3 * W), rank=2, heads=heads, hl_width=8, hl_heads=2)
+    randomise(qkv, "samora_", scale=0.5)
+    x = torch.randn(3, 5, 6)  # (windows, tokens, d)
+    base = nn.functional.linear(x, qkv.weight, qkv.bias)
+    with torch.no_grad():
+        for active in (*samora.EXPERTS, "fused"):
+            qkv.active = active
+            delta = qkv(x) - base
+            # [q | k | v] for ViT, per head [q_h k_h v_h] for TinyViT
+            parts = (delta.unflatten(-1, (3, W)) if heads is None  # (..., 3, W): q, k, v
+                     else delta.unflatten(-1, (heads, 3, -1)).transpose(-3, -2).flatten(-2))
+            assert parts[..., 1, :].abs().max() == 0
+            assert parts[..., 0, :].abs().max() > 1e-3 and parts[..., 2, :].abs().max() > 1e-3
+        # fused: HL-Attn of the shared projection P of each expert's explicit d-wide update [B_q A_q x | B_v A_v x]
+        hl = qkv.samora_hl
+        u = [torch.cat([x @ Aq.T @ Bq.T, x @ Av.T @ Bv.T], -1) @ hl.proj_in.weight.T
+             for Aq, Av, Bq, Bv in (qkv.expert(e) for e in samora.EXPERTS)]
+        dq, dv = hl(torch.cat(u, -1)).chunk(2, -1)
+        assert torch.allclose(parts[..., 0, :], dq, atol=1e-5) and torch.allclose(parts[..., 2, :], dv, atol=1e-5)
+
+
+def test_trainable_sets_of_both_stages():
+    args, device, model = tiny()
+    samora.inject(model, args.rank, args.hl_width, args.hl_heads)
+    names = [n for n, _ in model.named_parameters()]
+    attns = common.encoder_attentions(model.image_encoder)
+    r, w = args.rank, args.hl_width
+    per_expert = sum(2 * r * (a.qkv.in_features + a.qkv.out_features // 3) for a, _ in attns)
+    for e in samora.EXPERTS:
+        model.samora_head = samora.stage1_head(e, model.prompt_encoder.embed_dim)
+        samora.set_stage(model, e)
+        head = {"samora_head." + n for n, _ in model.samora_head.named_parameters()}
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable == {n for n in names if f".samora_{e}_" in n} | head
+        assert common.count_parameters(model)[0] == per_expert + sum(p.numel() for p in model.samora_head.parameters())
+        del model.samora_head
+    samora.set_stage(model, "fused")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in names if ".samora_hl." in n} | decoder_names()
+    # HL-Attn per attention, counted layer by layer: proj_in (2W -> w, no bias); two cross-attentions, each
+    # two LayerNorms (2w each) and q (w -> w), kv (w -> 2w), out (w -> w) with biases; LayerNorm; proj_out (w -> 2W)
+    hl = 0
+    for a, _ in attns:
+        W = a.qkv.out_features // 3
+        cross = 2 * (2 * w) + (w * w + w) + (w * 2 * w + 2 * w) + (w * w + w)
+        hl += 2 * W * w + 2 * cross + 2 * w + (w * 2 * W + 2 * W)
+    hl_params = sum(p.numel() for n, p in model.named_parameters() if ".samora_hl." in n)
+    assert hl_params == hl == samora.hl_parameter_count(model, w)
+    assert common.count_parameters(model)[0] == hl + decoder_count()
+
+
+@pytest.mark.parametrize("expert", samora.EXPERTS)
+def test_stage1_objective_falls(expert, tmp_path):
+    args, device, model = tiny("--stage1-steps", "30", "--log-every", "1", "--batch-size", "8", "--stage1-lr", "3e-3")
+    samora.inject(model, args.rank, args.hl_width, args.hl_heads)
+    before = samora.expert_state(model)
+    history = samora.pretrain_expert(model, stage1_images(expert, args, device), expert, args, device, tmp_path)
+    losses = [loss for _, loss in history["loss"]]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
+    after = samora.expert_state(model)
+    for k in before:  # only this expert moved (its B left zero), the others are untouched
+        assert torch.equal(before[k], after[k]) != (f"samora_{expert}_" in k), k
+    assert not hasattr(model, "samora_head")  # the stage-1 head is thrown away
+
+
+@pytest.mark.parametrize("expert", ["image", "patch"])
+def test_teacher_distillation_falls(expert, tmp_path):
+    teacher = torch.jit.script(nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.ReLU(), nn.Conv2d(8, 16, 4, stride=4)))
+    teacher.save(str(tmp_path / "teacher.pt"))  # (B, 3, 128, 128) -> (B, 16, 8, 8) features
+    args, device, model = tiny("--stage1-steps", "30", "--log-every", "1", "--batch-size", "8", "--stage1-lr", "3e-3")
+    samora.inject(model, args.rank, args.hl_width, args.hl_heads)
+    history = samora.pretrain_expert(model, stage1_images("image", args, device), expert, args, device, tmp_path,
+                                     samora.load_teacher(tmp_path / "teacher.pt", device))
+    losses = [loss for _, loss in history["loss"]]
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
+
+
+def test_experts_saved_and_reloaded_give_identical_outputs(tmp_path):
+    args, device, model = tiny()
+    samora.inject(model, args.rank, args.hl_width, args.hl_heads)
+    randomise(model, "samora_", scale=0.3)
+    samora.save_experts(tmp_path / "experts.pt", model, args, {"note": "test"})
+    saved = torch.load(tmp_path / "experts.pt", weights_only=True)["state"]
+    assert saved and all(any(f".samora_{e}_" in k for e in samora.EXPERTS) for k in saved)  # experts only
+    args2, _, fresh = tiny()
+    samora.inject(fresh, args2.rank, args2.hl_width, args2.hl_heads)
+    assert samora.load_experts(tmp_path / "experts.pt", fresh, args2) == {"note": "test"}
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for e in samora.EXPERTS:
+            samora.set_stage(model, e)
+            samora.set_stage(fresh, e)
+            assert torch.equal(model(x), fresh(x))
+    args3, _, other = tiny("--rank", "2")
+    samora.inject(other, args3.rank)
+    with pytest.raises(UserError):
+        samora.load_experts(tmp_path / "experts.pt", other, args3)
+
+
+def test_smoke_both_stages_then_stage_2_alone(tmp_path):
+    argv = BASE + ["--steps", "3", "--stage1-steps", "3", "--label-fraction", "0.5", "--out", str(tmp_path)]
+    metrics = samora.main(argv + ["--stage", "both", "--run-name", "both"])
+    experts = tmp_path / "both" / "experts.pt"
+    assert experts.is_file() and (tmp_path / "both" / "metrics.json").is_file()
+    assert len(metrics["labelled"]) == 4 and set(metrics["stage1"]["experts"]) == set(samora.EXPERTS)
+    assert metrics["trainable_params"] == metrics["hl_params"] + decoder_count()
+    metrics = samora.main(argv + ["--stage", "2", "--experts", str(experts), "--run-name", "two"])
+    assert 0 <= metrics["dice"] <= 1 and metrics["stage1"]["steps_per_expert"] == 3
+    with pytest.raises(UserError):
+        samora.main(argv + ["--stage", "2"])

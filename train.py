@@ -1,0 +1,146 @@
+"""Run methods x datasets x seeds and write the results table and plot.
+
+    python train.py --methods lora salt --data drive synthetic --seeds 0 1 2 --data-root ../shared/data/DRIVE
+
+Each combination is one run of the method's own script (`python lora.py --data drive --seed 0 ...`), so
+what the table shows is exactly what those commands produce. A run whose metrics.json already exists is
+not run again (delete its folder, or pass --force), so an interrupted sweep continues where it stopped.
+A method may carry its own arguments: --methods lora "salt --rank 256".
+Writes results.md (mean ± std over seeds per method and dataset, beside the paper's number where one
+exists) and results.png (Dice against trainable parameters).
+"""
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+METHODS = ("lora", "atrous_lora", "salt", "balr_sam", "samora")
+# Numbers the papers report on DRIVE (SALT, arXiv 2503.16055, Table 1: 14/6 split, SAM ViT-B, 512 input).
+PAPER_DRIVE = {"lora": (0.62, None), "salt --rank 4": (0.72, 16.04), "salt --rank 256": (0.75, 13.20)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="+", default=["lora"],
+                   help=f"method scripts ({', '.join(METHODS)}), each optionally with its arguments in quotes")
+    p.add_argument("--data", nargs="+", default=["synthetic"], choices=["synthetic", "drive", "folder"])
+    p.add_argument("--data-root", default=None, help="dataset folder for drive/folder")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--out", default="runs", help="folder of run folders")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="runs at once (small models leave most of a large GPU idle: 4 fit an H100 well)")
+    p.add_argument("--force", action="store_true", help="run again even where metrics.json exists")
+    p.add_argument("--report-only", action="store_true", help="only rebuild results.md/png from the run folders")
+    p.add_argument("--results", default="results", help="stem of the table and plot files")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: arguments passed to every run")
+    return p.parse_args(argv)
+
+
+def slug(spec):
+    """'salt --rank 256' -> 'salt_rank256': the run-name part of a method with its arguments."""
+    parts = shlex.split(spec)
+    return "_".join([parts[0]] + [a.lstrip("-").replace("-", "") for a in parts[1:]])
+
+
+def planned_runs(args):
+    extra = [a for a in args.extra if a != "--"]
+    for spec in args.methods:
+        script = shlex.split(spec)[0]
+        if script not in METHODS:
+            sys.exit(f"error: unknown method {script!r}; choose from {', '.join(METHODS)}.")
+        for data in args.data:
+            for seed in args.seeds:
+                name = f"{slug(spec)}_{data}_s{seed}"
+                cmd = [sys.executable, f"{script}.py", *shlex.split(spec)[1:], "--data", data, "--seed", str(seed),
+                       "--out", args.out, "--run-name", name, *extra]
+                if data != "synthetic" and args.data_root:
+                    cmd[cmd.index("--data") + 2:cmd.index("--data") + 2] = ["--data-root", args.data_root]
+                yield spec, data, seed, name, cmd
+
+
+def run_all(args):
+    todo = [r for r in planned_runs(args) if args.force or not (Path(args.out) / r[3] / "metrics.json").is_file()]
+    print(f"{len(todo)} runs to do")
+    started, running = [], []
+    for spec, data, seed, name, cmd in todo:
+        while len(running) >= args.parallel:  # wait for a free slot
+            running[0].wait()
+            running = [p for p in running if p.poll() is None]
+        log = Path(args.out) / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print("$", " ".join(shlex.quote(c) for c in cmd[1:]), f"  > {log}", flush=True)
+        proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        started.append((name, proc))
+        running.append(proc)
+    return [name for name, proc in started if proc.wait() != 0]
+
+
+def report(args):
+    rows = {}
+    for spec, data, seed, name, cmd in planned_runs(args):
+        f = Path(args.out) / name / "metrics.json"
+        if f.is_file():
+            rows.setdefault((spec, data), []).append((json.loads(f.read_text()), cmd))
+    if not rows:
+        print("no finished runs to report")
+        return
+    lines = ["| method | data | model | Dice (mean ± std) | HD95 px (mean ± std) | paper Dice / HD95 | trainable params "
+             "| peak GiB | train s | img/s | seeds |", "|" + "---|" * 11]
+    for (spec, data), runs in rows.items():
+        ms = [m for m, _ in runs]
+
+        def stat(key, fmt):
+            vals = [m[key] for m in ms]
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            return f"{statistics.mean(vals):{fmt}} ± {sd:{fmt}}"
+        paper = PAPER_DRIVE.get("salt --rank 4" if spec == "salt" else spec) if data == "drive" else None
+        paper_s = "–" if paper is None else f"{paper[0]:.2f} / {paper[1] if paper[1] else '–'}"
+        m0 = ms[0]
+        peak = f"{statistics.mean(m['peak_mem_gib'] for m in ms):.1f}" if m0["peak_mem_gib"] else "cpu"
+        lines.append(f"| `{spec}` | {data} | {m0['model']} | {stat('dice', '.4f')} | {stat('hd95', '.2f')} | {paper_s} | "
+                     f"{m0['trainable_params']:,} ({m0['trainable_percent']:.2f}%) | {peak} | "
+                     f"{statistics.mean(m['train_seconds'] for m in ms):.0f} | "
+                     f"{statistics.mean(m['imgs_per_s'] for m in ms):.0f} | {len(ms)} |")
+    commands = sorted({" ".join(shlex.quote(c) for c in cmd[1:]).replace("--seed 0", "--seed S")
+                       for runs in rows.values() for _, cmd in runs})
+    gpu = next((m["versions"].get("gpu") for runs in rows.values() for m, _ in runs if "gpu" in m["versions"]), "CPU")
+    text = "\n".join(lines) + f"\n\nMachine: {gpu}. Each row is mean ± std over the seeds listed, of:\n\n" + \
+        "\n".join(f"    {c}" for c in commands) + "\n"
+    Path(f"{args.results}.md").write_text(text)
+    print(text)
+    plot(rows, f"{args.results}.png")
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (spec, data), runs in rows.items():
+        ms = [m for m, _ in runs]
+        x = ms[0]["trainable_params"] / 1e6
+        y = statistics.mean(m["dice"] for m in ms)
+        err = statistics.stdev([m["dice"] for m in ms]) if len(ms) > 1 else 0
+        ax.errorbar([x], [y], yerr=[err], fmt="o", capsize=3, label=f"{spec} ({data})")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (millions)")
+    ax.set_ylabel("test Dice")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    failed = [] if args.report_only else run_all(args)
+    report(args)
+    if failed:
+        sys.exit(f"error: {len(failed)} runs failed ({', '.join(failed)}); see their .log files in {args.out}.")
+
+
+if __name__ == "__main__":
+    main()
