@@ -374,7 +374,7 @@ def main(argv=None):
     model.to(device)
     if common.predict_or_export(model, args, device):  # CDEN runs at inference: no merged export
         return None
-    if device.type == "cuda" and not args.no_compile:
+    if common.should_compile(args, device):
         model.cden.compile()  # common.compile_model compiles the encoder blocks and decoder transformer
     train_set, test_set = load_data(args, device)
     return common.run(model, train_set, test_set, args, device,

@@ -72,7 +72,13 @@ def base_parser(description):
     g.add_argument("--log-every", type=int, default=25, help="print the progress line every N steps")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, batches and augmentation")
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="where to run")
-    g.add_argument("--no-compile", action="store_true", help="do not torch.compile (compilation is used on CUDA)")
+    g.add_argument("--no-compile", action="store_true",
+                   help="do not torch.compile (on CUDA the ViT models compile by default; MobileSAM does not: "
+                        "its TinyViT stages of different shapes recompile so often that a 1000-step run is slower)")
+    g.add_argument("--stock-attention", action="store_true",
+                   help="use segment_anything's own attention instead of the exact fused-kernel path")
+    g.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute each encoder block's activations in the backward pass (for small GPUs)")
     g.add_argument("--out", default="runs", help="folder of run folders")
     g.add_argument("--run-name", default=None, help="run folder name (default: method_data_model_sSEED)")
     g.add_argument("--resume", default=None, help="checkpoint to continue training from (or to evaluate)")
@@ -280,6 +286,16 @@ class PromptFreeSam(nn.Module):
     def forward(self, images):
         return self.decode(self.encode(images), images)
 
+    def train(self, mode=True):
+        """As nn.Module.train, but frozen BatchNorm layers (MobileSAM's TinyViT has 27) stay in eval mode:
+        in training mode they would use batch statistics and overwrite their running statistics, changing
+        the "frozen" encoder, and those statistics are not in the adapter checkpoints."""
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+                m.eval()
+        return self
+
 
 def load_sam(args, device):
     """The base model with pretrained weights (or random for tiny / --checkpoint none), everything frozen.
@@ -296,6 +312,10 @@ def load_sam(args, device):
         _fit_pretrained(model, state, name)
     model.base_keys = set(model.state_dict())
     model.requires_grad_(False)
+    if not args.stock_attention:
+        use_fast_attention(model.image_encoder)
+    if args.grad_checkpoint:
+        use_grad_checkpointing(model.image_encoder)
     return model.to(device)
 
 
@@ -321,6 +341,140 @@ def count_parameters(model):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+# ----------------------------------------------------------------------------------------------------
+# The fast path: exact attention through fused kernels, activation checkpointing
+# ----------------------------------------------------------------------------------------------------
+
+def _rel_pos_table(rel_pos, size):
+    """SAM's get_rel_pos for equal query and key sizes: (2*size-1, C) -> (size, size, C), entry [a, b] the
+    embedding of offset a - b. The index is built on the table's device (stock builds it on the CPU, which
+    costs a host-to-device copy per call in eager mode)."""
+    if rel_pos.shape[0] != 2 * size - 1:  # a table for another grid: stock resizes it (linear) every call
+        rel_pos = F.interpolate(rel_pos.T[None], 2 * size - 1, mode="linear")[0].T
+    pos = torch.arange(size, device=rel_pos.device)
+    return rel_pos[pos[:, None] - pos[None, :] + size - 1]
+
+
+def _key_position_code(H, W, pad, device, dtype):
+    """(H*W, H + W + pad): key j = (row r, col c) -> [onehot(r) | onehot(c) | 0...]. The constant half of
+    the keys in the folded attention below."""
+    token = torch.arange(H * W, device=device)[:, None]
+    rows = token // W == torch.arange(H, device=device)  # (N, H) one-hot, built by comparison: no host sync
+    cols = token % W == torch.arange(W, device=device)  # (N, W)
+    return F.pad(torch.cat([rows, cols], 1).to(dtype), (0, pad))
+
+
+def fast_vit_attention(self, x):
+    """forward of FastAttention (SAM ViT's Attention with the same parameters): exact attention with the
+    decomposed relative-position term, through F.scaled_dot_product_attention, no N x N matrix in memory.
+
+    Stock SAM adds bias(i, j) = q_i . Rh[row i, row j] + q_i . Rw[col i, col j] (q unscaled) to the logits.
+    With rel_h[i, r] = q_i . Rh[row i, r] (N x H) and rel_w[i, c] = q_i . Rw[col i, c] (N x W),
+        bias(i, j) = rel_h[i, row j] + rel_w[i, col j] = [rel_h_i | rel_w_i] . [onehot(row j) | onehot(col j)],
+    so q' = [q * scale | rel_h | rel_w] and k' = [k | onehot(row) | onehot(col)] give
+        q'_i . k'_j = scale q_i . k_j + bias(i, j),
+    the stock logits, and SDPA runs with scale 1. Head widths: 64 + 14 + 14 = 92 in windowed ViT-B blocks,
+    64 + 64 + 64 = 192 in global blocks at 1024; padded with zeros to a multiple of 8, as the fused kernels
+    need. v is zero-padded to the same width when self.fast_pad_v (some SDPA kernels, flash among them,
+    take equal q/k/v widths only) and the output sliced back.
+    x: (B, H, W, C); windowed blocks pass (B*nW, 14, 14, C), global ones (B, S/16, S/16, C).
+
+    Windowed blocks at 1024 see a 64 x 64 grid padded to 70 x 70 (64 is not a multiple of 14): 25 windows,
+    4900 tokens of which 804 (16.4%) are padding; stock SAM spends the qkv, attention and proj work of
+    those tokens too, and the padding (zeros after norm1, so k = v = qkv bias) takes part in the border
+    windows' softmax as keys. We keep that, for exactness."""
+    B, H, W, _ = x.shape
+    N, heads = H * W, self.num_heads
+    # self.qkv, not its weight: adapters (LoRAQKV and the like) replace this module
+    q, k, v = self.qkv(x).reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, hd)
+    hd = q.shape[-1]
+    scale = self.scale
+    if self.use_rel_pos:
+        Rh = _rel_pos_table(self.rel_pos_h, H)  # (H, H, hd)
+        Rw = _rel_pos_table(self.rel_pos_w, W)  # (W, W, hd)
+        grid = q.reshape(B, heads, H, W, hd)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, Rh).reshape(B, heads, N, H).to(q.dtype)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, Rw).reshape(B, heads, N, W).to(q.dtype)
+        width = hd + H + W
+        pad = -width % 8
+        q = torch.cat([q * scale, rel_h, rel_w, q.new_zeros(()).expand(B, heads, N, pad)], -1)
+        code = _key_position_code(H, W, pad, q.device, q.dtype).expand(B, heads, N, H + W + pad)
+        k = torch.cat([k, code], -1)  # (B, heads, N, width + pad)
+        if self.fast_pad_v:
+            v = F.pad(v, (0, width + pad - hd))
+        scale = 1.0
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)[..., :hd]  # (B, heads, N, hd)
+    return self.proj(out.transpose(1, 2).reshape(B, H, W, heads * hd))  # channels head-major, as stock
+
+
+def fast_tinyvit_attention(self, x):
+    """forward of MobileSAM's TinyViT Attention through SDPA: its learned bias attention_biases[:, idxs]
+    (heads, N, N), N = ws*ws <= 196, goes in as attn_mask, which is exact. The bias matrix is small, so
+    this avoids no big tensor, but the softmax and both products run in one fused kernel.
+    Stock uses a cached copy of the bias (`ab`) in eval mode; it holds the same values.
+    x: (B*nW, ws*ws, C)."""
+    B, N, _ = x.shape
+    x = self.norm(x)
+    q, k, v = self.qkv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.d], dim=3)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, N, d)
+    bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)  # (heads, N, N)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+    return self.proj(out.transpose(1, 2).reshape(B, N, self.dh))
+
+
+_SUBCLASSES = {}
+
+
+def _swap_class(module, name, **members):
+    """Give `module` a subclass of its class that overrides `members` (one subclass per class, cached).
+    Parameters, buffers and state-dict keys stay as they were."""
+    cls = type(module)
+    if (cls, name) not in _SUBCLASSES:
+        _SUBCLASSES[cls, name] = type(name, (cls,), dict(members, __module__=__name__))
+    module.__class__ = _SUBCLASSES[cls, name]
+
+
+def use_fast_attention(image_encoder, pad_v=True):
+    """Route every attention of the image encoder through F.scaled_dot_product_attention (exact, see
+    fast_vit_attention / fast_tinyvit_attention). Works before or after an adapter replaced `attn.qkv`.
+    pad_v=False leaves v at its own width (fewer FLOPs where the kernel accepts it)."""
+    for attn, heads in encoder_attentions(image_encoder):
+        if getattr(attn, "is_fast", False):
+            continue
+        if heads is None:  # SAM's ViT
+            _swap_class(attn, "FastAttention", forward=fast_vit_attention, is_fast=True)
+            attn.fast_pad_v = pad_v
+        else:  # MobileSAM's TinyViT
+            _swap_class(attn, "FastTinyViTAttention", forward=fast_tinyvit_attention, is_fast=True)
+
+
+def use_grad_checkpointing(image_encoder):
+    """Activation checkpointing per encoder block (for small GPUs): in training, a block keeps only its
+    input and recomputes its activations during the backward pass. Non-reentrant checkpointing, which
+    torch.compile traces and which passes gradients to adapter parameters inside the block."""
+    from torch.utils.checkpoint import checkpoint
+    blocks = (list(image_encoder.blocks) if hasattr(image_encoder, "blocks")
+              else [blk for layer in image_encoder.layers for blk in layer.blocks])
+    for blk in blocks:
+        if getattr(blk, "is_checkpointed", False):
+            continue
+        stock_forward = type(blk).forward
+
+        def forward(self, x, stock_forward=stock_forward):
+            if self.training and torch.is_grad_enabled():
+                return checkpoint(stock_forward, self, x, use_reentrant=False)
+            return stock_forward(self, x)
+        _swap_class(blk, "Checkpointed" + type(blk).__name__, forward=forward, is_checkpointed=True)
+
+
+
+def should_compile(args, device):
+    """Compile on CUDA unless --no-compile, and not MobileSAM: its TinyViT stages come in several shapes
+    (and again for evaluation tiles), and the recompilations cost more than they save in a 1000-step run
+    (measured on the H100: 217 s for the whole default lora.py run compiled, eager steps at 88 img/s)."""
+    return device.type == "cuda" and not args.no_compile and args.model != "mobile_sam"
 
 
 def compile_model(model):
@@ -698,7 +852,7 @@ def run(model, train_set, test_set, args, device, loss_fn=default_loss, steps=No
         if resume is None:
             untrained, _ = evaluate(model, test_set, args.batch_size)
             print(f"before training: Dice {untrained['dice']:.4f}  HD95 {untrained['hd95']:.2f}")
-        if device.type == "cuda" and not args.no_compile:
+        if should_compile(args, device):
             compile_model(model)
         eval_fn = lambda: evaluate(model, test_set, args.batch_size)[0]
         history = train_loop(model, labelled_batches(train_set, args.batch_size, args.generator), loss_fn, args,

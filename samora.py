@@ -454,7 +454,7 @@ def main(argv=None):
             images = torch.cat([images, load_unlabeled_folder(args.unlabeled, args.zoom * args.img_size, device)])
         teachers = dict(image=args.image_teacher and load_teacher(args.image_teacher, device),
                         patch=args.patch_teacher and load_teacher(args.patch_teacher, device))
-        if device.type == "cuda" and not args.no_compile:
+        if common.should_compile(args, device):
             common.compile_model(model)
         stage1 = dict(images=len(images), steps_per_expert=args.stage1_steps,
                       experts={e: pretrain_expert(model, images, e, args, device, run_dir, teachers.get(e))

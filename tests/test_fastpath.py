@@ -1,0 +1,189 @@
+"""The fast path of common.py: attention through scaled_dot_product_attention with the decomposed rel-pos
+term folded into q and k must give stock SAM's attention (fp32, tolerances stated per test), with and
+without LoRA, forward and backward; activation checkpointing must give the same gradients."""
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import common
+import lora
+from common import use_fast_attention, use_grad_checkpointing
+
+TOL = 1e-5  # max |fast - stock| of one attention in fp32; measured ~1e-6 (exactly 0 where SDPA's math path runs)
+
+
+def tiny_model(extra=()):
+    args = lora.parse_args(["--model", "tiny", "--device", "cpu", *extra])
+    device = common.setup(args, "lora", gpu_steps=10)
+    return args, common.load_sam(args, device)
+
+
+def randomise(module, seed=0):
+    """Non-zero rel-pos tables (SAM initialises them at zero, which would hide a wrong rel-pos term) and
+    non-zero LoRA B (zero at init, which would hide a LoRA path that the fast forward skipped)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        if "rel_pos" in name or "lora_B" in name or "attention_biases" in name:
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def vit_attention(side, lora_rank=0):
+    """One SAM ViT attention at ViT-B's head width 64 (2 heads of 64), on a side x side token grid."""
+    from segment_anything.modeling.image_encoder import Attention
+    attn = Attention(128, num_heads=2, qkv_bias=True, use_rel_pos=True, input_size=(side, side))
+    if lora_rank:
+        attn.qkv = lora.LoRAQKV(attn.qkv, lora_rank)
+    randomise(attn)
+    return attn
+
+
+def fast_copy(module):
+    fast = copy.deepcopy(module)
+    use_fast_attention(SimpleNamespace(blocks=[SimpleNamespace(attn=fast)]))  # as a ViT's blocks[i].attn
+    assert type(fast).__name__ == "FastAttention" and isinstance(fast, type(module))
+    return fast
+
+
+@pytest.mark.parametrize("side", [14, 16])  # a ViT-B window (14 x 14), a global grid (16 x 16)
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_attention_forward_and_backward_match_stock(side, lora_rank):
+    stock = vit_attention(side, lora_rank)
+    fast = fast_copy(stock)
+    x = torch.randn(3, side, side, 128, requires_grad=True)
+    y_stock = stock(x)
+    y_fast = fast(x)
+    assert (y_fast - y_stock).abs().max() < TOL
+    g = torch.randn_like(y_stock)
+    gx_stock, *gp_stock = torch.autograd.grad(y_stock, [x, *stock.parameters()], g)
+    gx_fast, *gp_fast = torch.autograd.grad(y_fast, [x, *fast.parameters()], g)
+    assert (gx_fast - gx_stock).abs().max() < TOL * max(1.0, gx_stock.abs().max().item())
+    for a, b in zip(gp_fast, gp_stock):  # rel-pos tables and LoRA paths get the stock gradients
+        assert (a - b).abs().max() < 1e-4 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("pad_v", [True, False])
+def test_value_padding_does_not_change_the_result(pad_v):
+    stock = vit_attention(14)
+    fast = fast_copy(stock)
+    fast.fast_pad_v = pad_v
+    x = torch.randn(2, 14, 14, 128)
+    with torch.no_grad():
+        assert (fast(x) - stock(x)).abs().max() < TOL
+
+
+def test_rel_pos_table_of_another_size_is_resized_as_stock():
+    """A global block whose table was made for another grid: stock interpolates it on the fly."""
+    stock = vit_attention(16)
+    fast = fast_copy(stock)
+    x = torch.randn(1, 12, 12, 128)  # 12 x 12 tokens, table for 16 x 16 (31 rows, 23 wanted)
+    with torch.no_grad():
+        assert (fast(x) - stock(x)).abs().max() < TOL
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the element count of the largest tensor any aten op returns."""
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_n_by_n_matrix_is_materialised():
+    side, B, heads = 32, 2, 2  # N = 1024 tokens: N x N logits dwarf every (N, channels) tensor
+    stock = vit_attention(side)
+    fast = fast_copy(stock)
+    x = torch.randn(B, side, side, 128)
+    N = side * side
+    with torch.no_grad():
+        with LargestTensor() as seen_stock:
+            stock(x)
+        with LargestTensor() as seen_fast:
+            fast(x)
+    assert seen_stock.largest >= B * heads * N * N  # stock builds (B*heads, N, N) logits
+    assert seen_fast.largest < B * heads * N * N / 4  # fast: at most (B, N, 3C) or (B, heads, N, 128)
+
+
+@pytest.mark.parametrize("img_size", [128, 160])  # 160: a 10 x 10 grid, padded to 12 x 12 for 4 x 4 windows
+def test_tiny_sam_with_lora_matches_stock(img_size):
+    args, stock = tiny_model(["--img-size", str(img_size)])
+    lora.inject(stock, rank=4)
+    randomise(stock)
+    fast = copy.deepcopy(stock)
+    use_fast_attention(fast.image_encoder)
+    assert all(type(a).__name__ == "FastAttention" for a, _ in common.encoder_attentions(fast.image_encoder))
+    assert set(fast.state_dict()) == set(stock.state_dict())  # same keys: checkpoints load either way
+    x = torch.rand(2, 3, img_size, img_size)
+    masks = (torch.rand(2, img_size, img_size) < 0.2).to(torch.uint8)
+    out_stock, out_fast = stock(x), fast(x)
+    assert (out_fast - out_stock).abs().max() < 1e-4 * out_stock.abs().max()  # through 2 blocks + decoder
+    common.segmentation_loss(out_stock, masks).backward()
+    common.segmentation_loss(out_fast, masks).backward()
+    grads = {n: p.grad for n, p in stock.named_parameters() if "lora_" in n}
+    assert grads and all(g is not None and g.abs().max() > 0 for g in grads.values())
+    for n, p in fast.named_parameters():
+        if n in grads:
+            assert (p.grad - grads[n]).abs().max() < 1e-4 * grads[n].abs().max(), n
+
+
+def test_fast_attention_is_idempotent_and_survives_a_later_lora():
+    args, model = tiny_model()
+    use_fast_attention(model.image_encoder)
+    use_fast_attention(model.image_encoder)  # a second call changes nothing
+    classes = {type(a) for a, _ in common.encoder_attentions(model.image_encoder)}
+    assert len(classes) == 1 and next(iter(classes)).__bases__[0].__name__ == "Attention"
+    stock = copy.deepcopy(model)
+    for a, _ in common.encoder_attentions(stock.image_encoder):
+        a.__class__ = type(a).__bases__[0]
+    for m in (model, stock):  # LoRA after the swap: the fast forward must still call attn.qkv
+        torch.manual_seed(2)  # the same LoRA A in both
+        lora.inject(m, rank=2)
+        randomise(m, seed=3)
+    x = torch.rand(1, 3, args.img_size, args.img_size)
+    with torch.no_grad():
+        assert (model(x) - stock(x)).abs().max() < 1e-4 * stock(x).abs().max()
+
+
+@pytest.mark.parametrize("training", [True, False])  # stock TinyViT uses a cached bias in eval mode
+def test_tinyvit_attention_matches_stock(training):
+    from mobile_sam.modeling.tiny_vit_sam import Attention
+    stock = Attention(dim=64, key_dim=32, num_heads=2, attn_ratio=1, resolution=(7, 7))
+    stock.qkv = lora.LoRAQKV(stock.qkv, rank=2, heads=2)
+    randomise(stock)
+    stock.train(training)
+    fast = copy.deepcopy(stock)
+    # as TinyViT's layers[1:][j].blocks[i].attn (layers[0] is convolutional)
+    use_fast_attention(SimpleNamespace(layers=[None, SimpleNamespace(blocks=[SimpleNamespace(attn=fast)])]))
+    assert type(fast).__name__ == "FastTinyViTAttention"
+    x = torch.randn(4, 49, 64)  # (B*nW, 7*7, C)
+    with torch.no_grad():
+        assert (fast(x) - stock(x)).abs().max() < TOL
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    args, stock = tiny_model()
+    lora.inject(stock, rank=4)
+    randomise(stock)
+    ckpt = copy.deepcopy(stock)
+    use_fast_attention(stock.image_encoder)
+    use_fast_attention(ckpt.image_encoder)
+    use_grad_checkpointing(ckpt.image_encoder)
+    assert all(type(b).__name__ == "CheckpointedBlock" for b in ckpt.image_encoder.blocks)
+    x = torch.rand(2, 3, args.img_size, args.img_size)
+    masks = (torch.rand(2, args.img_size, args.img_size) < 0.2).to(torch.uint8)
+    for m in (stock, ckpt):
+        common.segmentation_loss(m(x), masks).backward()
+    for (n, a), (_, b) in zip(stock.named_parameters(), ckpt.named_parameters()):
+        if a.grad is not None or b.grad is not None:  # the decoder's IoU head gets none
+            assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), n
+    ckpt.eval()  # and in evaluation nothing is recomputed: the output is the plain forward's
+    with torch.no_grad():
+        assert torch.equal(ckpt(x), stock.eval()(x))

@@ -1,0 +1,233 @@
+"""SALT (salt.py) on the tiny model, CPU: exact no-op at initialisation, the layer against the paper's formula,
+the trainable set and its count against 2r + 2(R-r)*rank, the regulariser, the eval cache, checkpoints,
+and smoke runs of main()."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import salt
+
+
+def build(*argv):
+    args = salt.parse_args(["--model", "tiny", "--device", "cpu", *argv])
+    device = common.setup(args, "salt", gpu_steps=10)
+    return args, common.load_sam(args, device)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors run faster on one thread, and far faster on a shared, busy CPU (the SVDs of inject() took
+    0.3 s each with 2 threads under load, 5 ms with 1)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+
+
+def perturb(model, scale=0.3):
+    """Move every SALT parameter away from its initial value (seeded)."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "salt_" in name:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def target_names(stock):
+    """The layers SALT must adapt in the tiny ViT, listed from the stock model's own module names."""
+    names = [n for n, _ in stock.image_encoder.named_modules()
+             if n.endswith(("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2"))]
+    return names + ["neck.0", "neck.2"]
+
+
+@pytest.mark.parametrize("relu", ["sigma", "top"])
+def test_noop_at_initialisation(images, relu):
+    args, model = build("--relu", relu)
+    stock = copy.deepcopy(model)
+    salt.inject(model, args)
+    with torch.no_grad():
+        for mode in (True, False):  # training (W~ rebuilt each forward) and eval (W~ cached)
+            model.train(mode), stock.train(mode)
+            assert torch.equal(model(images), stock(images))  # bit-exact: the change of W is exactly 0
+
+
+def test_weight_is_w_when_a1_b0_xy0():
+    args, model = build("--rank", "2")
+    salt.inject(model, args)
+    for m in salt.salt_layers(model):
+        W = m.weight.reshape(m.weight.shape[0], -1)
+        # the SVD reconstructs the frozen weight
+        assert torch.allclose(m.salt_U @ torch.diag(m.salt_S) @ m.salt_Vt, W, atol=1e-5)
+        with torch.no_grad():
+            m.salt_scale.fill_(1), m.salt_shift.zero_()
+            m.salt_X.normal_(), m.salt_Y.zero_()  # X Y = 0 with X != 0
+        assert torch.equal(m.adapted_weight(), m.weight)
+        with torch.no_grad():
+            m.salt_X.zero_(), m.salt_Y.normal_()  # X Y = 0 with Y != 0
+        assert torch.equal(m.adapted_weight(), m.weight)
+
+
+@pytest.mark.parametrize("relu", ["sigma", "top"])
+def test_weight_matches_paper_formula(relu):
+    """W~ = U ReLU(Sigma') Vt built from the definition, with all parameters moved (large enough that the
+    ReLU cuts entries of X Y and that some scaled singular values go negative)."""
+    args, model = build("--relu", relu, "--rank", "3")
+    salt.inject(model, args)
+    perturb(model, scale=1.0)
+    with torch.no_grad():
+        for m in salt.salt_layers(model):
+            r, s = m.top, m.salt_S
+            R = s.numel()
+            sigma = torch.zeros(R, R)
+            sigma[:r, :r] = torch.diag(m.salt_scale * s[:r] + m.salt_shift)
+            sigma[r:, r:] = torch.diag(s[r:]) + m.salt_X @ m.salt_Y
+            if relu == "sigma":
+                sigma = F.relu(sigma)  # the paper: ReLU over the whole matrix
+            else:
+                sigma[:r, :r] = F.relu(sigma[:r, :r])  # ours: only the scaled and shifted top values
+            expected = (m.salt_U @ sigma @ m.salt_Vt).view_as(m.weight)
+            assert torch.allclose(m.adapted_weight(), expected, atol=1e-5)
+            assert not torch.allclose(m.adapted_weight(), m.weight, atol=1e-3)
+
+
+@pytest.mark.parametrize("flags", [["--rank", "4"], ["--rank", "256"], ["--s-sam"]])
+def test_trainable_set_and_count(flags):
+    args, model = build(*flags)
+    stock = copy.deepcopy(model)
+    salt.inject(model, args)
+    fractions = {"attn": 0.99, "mlp": 0.065, "neck": 0.977}  # the defaults, 760/768, 50/768, 250/256
+    expected_salt, expected_names = 0, set()
+    for name in target_names(stock):
+        w = stock.image_encoder.get_submodule(name).weight
+        R = min(w.shape[0], w[0].numel())
+        kind = "neck" if name.startswith("neck") else name.split(".")[-2]
+        if args.s_sam:
+            r, rank = R, 0
+        else:
+            r = round(fractions[kind] * R)
+            rank = min(args.rank, R - r)  # clamped where R - r is smaller
+        expected_salt += 2 * r + 2 * (R - r) * rank
+        params = ["salt_scale", "salt_shift"] + (["salt_X", "salt_Y"] if rank else [])
+        expected_names |= {f"image_encoder.{name}.{p}" for p in params}
+        m = model.image_encoder.get_submodule(name)
+        assert isinstance(m, salt.SALTMixin) and m.salt_scale.shape == (r,)
+        if rank:
+            assert m.salt_X.shape == (R - r, rank) and m.salt_Y.shape == (rank, R - r)
+    norms = {f"image_encoder.{n}" for n, _ in stock.image_encoder.named_parameters() if ".norm" in n}
+    ref = copy.deepcopy(stock)
+    common.train_decoder(ref)  # the decoder part is lora.py's, defined in common
+    decoder = {n for n, p in ref.named_parameters() if p.requires_grad}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == expected_names | norms | decoder
+    params = dict(stock.named_parameters())
+    extra = sum(params[n].numel() for n in norms | decoder)
+    assert salt.salt_parameter_count(model) == expected_salt
+    assert common.count_parameters(model)[0] == expected_salt + extra
+    # the frozen weights keep SAM's names, and the SVD factors stay out of the state dict
+    assert stock.state_dict().keys() <= model.state_dict().keys()
+    assert not any(k.endswith(("salt_U", "salt_S", "salt_Vt", "salt_cache")) for k in model.state_dict())
+
+
+def test_top_count_and_errors():
+    assert [salt.top_count(f, R) for f, R in ((0.99, 768), (0.065, 768), (0.977, 256))] == [760, 50, 250]
+    assert salt.top_count(760, 768) == 760 and salt.top_count(760, 128) == 128  # counts, clamped to R
+    with pytest.raises(salt.UserError):
+        salt.top_count(2.5, 768)
+    args, model = build("--rank", "0")
+    with pytest.raises(salt.UserError):
+        salt.inject(model, args)
+
+
+def test_regulariser_zero_at_init_and_grows():
+    args, model = build()
+    salt.inject(model, args)
+    reg = salt.salt_regulariser(model)
+    assert reg.item() == 0.0
+    reg.backward()  # the norm at 0 has a finite (zero) gradient: no NaN on the first step
+    assert all(torch.isfinite(p.grad).all() for n, p in model.named_parameters() if "salt_" in n)
+    m = salt.salt_layers(model)[0]
+    with torch.no_grad():
+        m.salt_scale[0] += 0.5  # ||a*s + b - s|| = 0.5 * s_0
+    assert torch.allclose(salt.salt_regulariser(model), 0.5 * m.salt_S[0])
+    values = []
+    for scale in (0.01, 0.1, 1.0):
+        _, fresh = build()
+        salt.inject(fresh, args)
+        perturb(fresh, scale)
+        values.append(salt.salt_regulariser(fresh).item())
+    assert 0 < values[0] < values[1] < values[2]
+
+
+def test_eval_cache_follows_parameters(images):
+    args, model = build()
+    salt.inject(model, args)
+    perturb(model)
+    with torch.no_grad():
+        model.train()
+        trained = model(images)
+        model.eval()
+        assert torch.allclose(model(images), trained, atol=1e-6)  # cache = the training-mode weight
+        # loading other adapter parameters while in eval mode refreshes the cache
+        state = {k: torch.zeros_like(v) if k.endswith("salt_Y") else v for k, v in model.state_dict().items()}
+        model.load_state_dict(state)
+        cached = model(images)
+        model.train()
+        assert torch.allclose(cached, model(images), atol=1e-6)
+        assert not torch.allclose(cached, trained, atol=1e-4)
+
+
+def test_training_lowers_loss_and_checkpoint_reloads(tmp_path, images):
+    args, model = build("--rank", "4", "--lr", "3e-3")
+    salt.inject(model, args)
+    masks = (images[:, 0] > 0.5).to(torch.uint8)  # a learnable target: the red channel thresholded
+    loss_fn = salt.make_loss(args.reg_weight)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    model.train()
+    losses = []
+    for _ in range(8):
+        loss = loss_fn(model, images, masks)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert salt.salt_regulariser(model).item() > 0  # the adapter moved
+    common.save_checkpoint(tmp_path / "c.pt", model, args)
+    args2, fresh = build("--rank", "4")
+    salt.inject(fresh, args2)
+    common.load_checkpoint(tmp_path / "c.pt", fresh, args2)
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.allclose(fresh(images), model(images), atol=1e-6)
+    state = torch.load(tmp_path / "c.pt", weights_only=True)["state"]
+    assert any("salt_X" in k for k in state) and not any(k.endswith("salt_U") for k in state)
+
+
+@pytest.mark.parametrize("flags", [[], ["--s-sam"]])
+def test_main_smoke(tmp_path, flags):
+    out = salt.main(["--model", "tiny", "--device", "cpu", "--steps", "4", "--log-every", "2", "--synthetic-train", "4",
+                     "--synthetic-test", "2", "--out", str(tmp_path), *flags])
+    name = "ssam_synthetic_tiny_s0" if flags else "salt_r4_synthetic_tiny_s0"
+    metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+    assert 0 <= out["dice"] <= 1 and metrics["salt_params"] == out["salt_params"] > 0
+    assert (tmp_path / name / "best.pt").is_file() and (tmp_path / name / "last.pt").is_file()
+
+
+def test_tinyvit_targets():
+    """MobileSAM's TinyViT (random weights, no SVD): 10 attention blocks x 4 layers + 2 neck convs."""
+    encoder, _, _ = common.build_sam_parts("mobile_sam", 1024, 1)
+    targets = salt.salt_targets(encoder)
+    assert len(targets) == 10 * 4 + 2
+    assert [getattr(p, n).__class__.__name__ for _, p, n in targets[:4]] == ["Linear"] * 4
+    assert [n for _, _, n in targets[:4]] == ["qkv", "proj", "fc1", "fc2"]
+    neck = [getattr(p, n) for k, p, n in targets if k == "neck"]
+    assert [c.kernel_size for c in neck] == [(1, 1), (3, 3)] and neck[0].in_channels == 320
