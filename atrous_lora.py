@@ -126,12 +126,7 @@ class AtrousLoRAQKV(nn.Linear):
         out = F.linear(x, self.weight, self.bias)  # (..., 3*width)
         z = self.lora_aam(torch.cat([self.lora_A_q(x), self.lora_A_v(x)], -1))  # (..., 2r): [q path | v path]
         dq, dv = self.lora_B_q(z[..., :self.rank]), self.lora_B_v(z[..., self.rank:])  # (..., width)
-        dk = torch.zeros_like(dq)
-        if self.heads is None:
-            delta = torch.cat([dq, dk, dv], -1)
-        else:  # (..., heads, 3, head_dim) -> (..., heads*3*head_dim), TinyViT's per-head order
-            delta = torch.stack([t.unflatten(-1, (self.heads, -1)) for t in (dq, dk, dv)], -2).flatten(-3)
-        return out + delta
+        return out + common.place_qv(dq, dv, self.heads)  # q and v where the layout keeps them
 
 
 def grid_sides(image_encoder):

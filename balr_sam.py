@@ -148,12 +148,7 @@ class LoRAQKV(nn.Linear):
         out = F.linear(x, self.weight, self.bias)
         dq = self.lora_B_q(self.lora_A_q(x))
         dv = self.lora_B_v(self.lora_A_v(x))
-        dk = torch.zeros_like(dq)
-        if self.heads is None:
-            delta = torch.cat([dq, dk, dv], -1)
-        else:
-            delta = torch.stack([t.unflatten(-1, (self.heads, -1)) for t in (dq, dk, dv)], -2).flatten(-3)
-        return out + delta
+        return out + common.place_qv(dq, dv, self.heads)  # q and v where the layout keeps them
 
 
 class LoRALinear(nn.Linear):

@@ -337,6 +337,16 @@ def encoder_attentions(image_encoder):
     return [(blk.attn, blk.attn.num_heads) for layer in image_encoder.layers[1:] for blk in layer.blocks]
 
 
+def place_qv(dq, dv, heads):
+    """Lay q and v updates (..., width) out as an attention's qkv output keeps them, with zeros for k:
+    [q | k | v] for SAM's ViT (heads=None); per head [q_h | k_h | v_h] for TinyViT (heads=h)."""
+    dk = torch.zeros_like(dq)
+    if heads is None:
+        return torch.cat([dq, dk, dv], -1)
+    # (..., heads, 3, head_dim) -> (..., heads*3*head_dim)
+    return torch.stack([t.unflatten(-1, (heads, -1)) for t in (dq, dk, dv)], -2).flatten(-3)
+
+
 def count_parameters(model):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

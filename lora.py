@@ -56,21 +56,13 @@ class LoRAQKV(nn.Linear):
         out = F.linear(x, self.weight, self.bias)  # (..., 3*width)
         dq = self.lora_B_q(self.lora_A_q(x))  # (..., width)
         dv = self.lora_B_v(self.lora_A_v(x))
-        return out + self.place_qv(dq, dv)
-
-    def place_qv(self, dq, dv):
-        """Put q and v updates (..., width) where this layer's qkv output keeps q and v; zeros for k."""
-        dk = torch.zeros_like(dq)
-        if self.heads is None:
-            return torch.cat([dq, dk, dv], -1)
-        # (..., heads, 3, head_dim) -> (..., heads*3*head_dim), TinyViT's per-head order
-        return torch.stack([t.unflatten(-1, (self.heads, -1)) for t in (dq, dk, dv)], -2).flatten(-3)
+        return out + common.place_qv(dq, dv, self.heads)  # zeros for k; TinyViT: per-head order
 
     def merged_weight(self):
         """W + ΔW as one (3*width, d_in) matrix: the update folded into the frozen weight."""
         dq = self.lora_B_q.weight @ self.lora_A_q.weight  # (width, d_in)
         dv = self.lora_B_v.weight @ self.lora_A_v.weight
-        return self.weight + self.place_qv(dq.T, dv.T).T
+        return self.weight + common.place_qv(dq.T, dv.T, self.heads).T
 
 
 def inject(model, rank):

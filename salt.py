@@ -275,6 +275,17 @@ def make_loss(reg_weight):
     return loss_fn
 
 
+def merged_state_dict(model):
+    """SAM's own state dict with W~ = W + U (ReLU(Sigma') - diag s) Vt in place of each adapted weight and
+    the trained norms and decoder as they are (for --export-merged); SVD factors and SALT parameters dropped."""
+    state = {k: v for k, v in model.state_dict().items() if ".salt_" not in k}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, SALTMixin):
+                state[f"{name}.weight"] = module.weight + module.salt_delta().view_as(module.weight)
+    return state
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.run_name is None:  # tell rank-4, rank-256 and S-SAM runs apart
@@ -284,9 +295,7 @@ def main(argv=None):
     model = common.load_sam(args, device)
     summary = inject(model, args)
     model.to(device)
-    if args.export_merged:
-        raise UserError("--export-merged is not implemented for salt yet; use --predict with --resume.")
-    if common.predict_or_export(model, args, device):
+    if common.predict_or_export(model, args, device, merged_state_dict):
         return None
     train_set, test_set = load_data(args, device)
     return common.run(model, train_set, test_set, args, device, loss_fn=make_loss(args.reg_weight),

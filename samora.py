@@ -184,12 +184,7 @@ class SAMoraQKV(nn.Linear):
         else:
             Aq, Av, Bq, Bv = self.expert(self.active)
             dq, dv = F.linear(F.linear(x, Aq), Bq), F.linear(F.linear(x, Av), Bv)
-        dk = torch.zeros_like(dq)
-        if self.heads is None:
-            delta = torch.cat([dq, dk, dv], -1)
-        else:  # (..., heads, 3, head_dim) -> (..., heads*3*head_dim), TinyViT's per-head order
-            delta = torch.stack([t.unflatten(-1, (self.heads, -1)) for t in (dq, dk, dv)], -2).flatten(-3)
-        return out + delta
+        return out + common.place_qv(dq, dv, self.heads)  # q and v where the layout keeps them
 
 
 def inject(model, rank=4, hl_width=32, hl_heads=4):

@@ -84,20 +84,26 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path):
                           tmp_path / "nan", 10)
 
 
-def test_exported_weights_load_into_stock_mobile_sam_and_predict_the_same(tmp_path):
+@pytest.mark.parametrize("method", ["lora", "salt"])
+def test_exported_weights_load_into_stock_mobile_sam_and_predict_the_same(tmp_path, method):
     """The merged state dict loads into mobile_sam's own registry model (strict) with no code from
     this repository and gives the adapter model's logits."""
     from mobile_sam import sam_model_registry
-    args = lora.parse_args(["--device", "cpu", "--steps", "1"])
-    device = common.setup(args, "lora", gpu_steps=1)
+    import salt
+    module = {"lora": lora, "salt": salt}[method]
+    args = module.parse_args(["--device", "cpu", "--steps", "1"])
+    device = common.setup(args, method, gpu_steps=1)
     model = common.load_sam(args, device)
-    lora.inject(model, 4)
+    if method == "lora":
+        lora.inject(model, 4)
+    else:
+        salt.inject(model, args)
     torch.manual_seed(0)
     for n, p in model.named_parameters():
-        if "lora_B" in n:
-            p.data.normal_(0, 0.02)  # a non-trivial update to fold
+        if p.requires_grad and ("lora_B" in n or "salt_" in n):
+            p.data.add_(torch.randn_like(p) * 0.02)  # a non-trivial update to fold
     common.save_checkpoint(tmp_path / "a.pt", model, args)
-    lora.main(["--device", "cpu", "--resume", str(tmp_path / "a.pt"), "--export-merged", str(tmp_path / "m.pth")])
+    module.main(["--device", "cpu", "--resume", str(tmp_path / "a.pt"), "--export-merged", str(tmp_path / "m.pth")])
     stock = sam_model_registry["vit_t"]()
     stock.load_state_dict(torch.load(tmp_path / "m.pth", weights_only=True), strict=True)
     model.eval(), stock.eval()
@@ -108,3 +114,15 @@ def test_exported_weights_load_into_stock_mobile_sam_and_predict_the_same(tmp_pa
         sparse, dense = stock.prompt_encoder(None, None, None)
         theirs, _ = stock.mask_decoder.predict_masks(emb, stock.prompt_encoder.get_dense_pe(), sparse, dense)
     assert torch.allclose(ours, theirs[:, :2], atol=1e-3, rtol=1e-3)
+
+
+def test_methods_that_do_not_fold_refuse_to_export(tmp_path):
+    import balr_sam
+    args = balr_sam.parse_args(["--model", "tiny", "--device", "cpu"])
+    device = common.setup(args, "balr_sam", gpu_steps=1)
+    model = common.load_sam(args, device)
+    balr_sam.inject(model, args)
+    common.save_checkpoint(tmp_path / "b.pt", model, args)
+    with pytest.raises(common.UserError, match="does not fold"):
+        balr_sam.main(["--model", "tiny", "--device", "cpu", "--resume", str(tmp_path / "b.pt"),
+                       "--export-merged", str(tmp_path / "m.pth")])
