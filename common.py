@@ -152,6 +152,27 @@ VIT_CONFIGS = {  # segment_anything/build_sam.py
 }
 
 
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash leaves the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # atomic on POSIX
+
+
+def read_torch_file(path, what, fix):
+    """torch.load (tensors and plain values only) with one clear error when the file is missing or unreadable:
+    "<what> <path> does not exist; <fix>." / "<path> is not a readable <what> (...); <fix>." """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist; {fix}.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable {what} ({e.__class__.__name__}); {fix}.")
+
+
 def _mobile_sam_weights():
     try:
         from importlib.resources import files
@@ -169,14 +190,8 @@ def _read_sam_checkpoint(name, checkpoint):
             raise UserError(f"--model {name} needs SAM's weights: download {OFFICIAL_CHECKPOINTS[name]} from "
                             f"https://dl.fbaipublicfiles.com/segment_anything/{OFFICIAL_CHECKPOINTS[name]} into "
                             f"checkpoints/ (or pass --checkpoint PATH, or --checkpoint none for random weights).")
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise UserError(f"SAM checkpoint {checkpoint} does not exist; pass the path of {OFFICIAL_CHECKPOINTS[name]}.")
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{checkpoint} is not a readable PyTorch checkpoint ({e.__class__.__name__}); "
-                        f"download {OFFICIAL_CHECKPOINTS[name]} again.")
+    state = read_torch_file(checkpoint, "SAM checkpoint", f"pass the path of {OFFICIAL_CHECKPOINTS[name]} "
+                            f"(download it again if it is damaged)")
     if not isinstance(state, dict) or not any(k.startswith("image_encoder.") for k in state):
         raise UserError(f"{checkpoint} is not a SAM checkpoint (no image_encoder weights in it); "
                         f"pass the official {OFFICIAL_CHECKPOINTS[name]}.")
@@ -614,24 +629,13 @@ def plain_args(args):
 
 
 def save_checkpoint(path, model, args, **extra):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = dict(format="peft-sam-1", method=args.method, model=args.model, img_size=args.img_size,
-                   num_classes=args.num_classes, args=plain_args(args), state=adapter_state(model), **extra)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # atomic on POSIX: a crash leaves the old file or the new one, never half of one
+    atomic_save(dict(format="peft-sam-1", method=args.method, model=args.model, img_size=args.img_size,
+                     num_classes=args.num_classes, args=plain_args(args), state=adapter_state(model), **extra), path)
 
 
 def load_checkpoint(path, model, args):
     """Load a checkpoint of this method into `model`; one clear error for every kind of mismatch."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; pass a best.pt or last.pt from a run folder.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({e.__class__.__name__}); pass a best.pt or last.pt.")
+    ckpt = read_torch_file(path, "checkpoint", "pass a best.pt or last.pt from a run folder")
     if not isinstance(ckpt, dict) or ckpt.get("format") != "peft-sam-1":
         raise UserError(f"{path} is not a checkpoint written by this repository; pass a best.pt or last.pt.")
     for key, flag in (("method", None), ("model", "--model"), ("num_classes", "--num-classes"),
@@ -969,10 +973,7 @@ def export_merged(model, args, merge_fn):
     n = args.num_classes + 1
     state = {k: v.detach().float().cpu() for k, v in merge_fn(model).items()}
     path = Path(args.export_merged)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_save(state, path)
     print(f"wrote {path}: load it with segment_anything's (or mobile_sam's) sam_model_registry and "
           f"load_state_dict; masks[:, :{n}] of predict_masks are background + classes")
 

@@ -58,7 +58,6 @@ Run:  python samora.py --data drive --data-root ../shared/data/DRIVE --split sal
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -400,18 +399,11 @@ def save_experts(path, model, args, stage1):
     """Only the experts' weights (HL-Attn and heads are not stage-1 results), written atomically."""
     payload = dict(format="samora-experts-1", model=args.model, rank=args.rank, state=expert_state(model),
                    stage1=json.loads(json.dumps(stage1)))  # plain lists, so weights_only loading works
-    tmp = Path(str(path) + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    common.atomic_save(payload, path)
 
 
 def load_experts(path, model, args):
-    if not Path(path).is_file():
-        raise UserError(f"experts file {path} does not exist; run --stage 1 first (it writes <run>/experts.pt).")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable experts file ({e.__class__.__name__}); run --stage 1 again.")
+    ckpt = common.read_torch_file(path, "experts file", "run --stage 1 first (it writes <run>/experts.pt)")
     if not isinstance(ckpt, dict) or ckpt.get("format") != "samora-experts-1":
         raise UserError(f"{path} is not an experts.pt written by samora.py --stage 1.")
     if ckpt["model"] != args.model or ckpt["rank"] != args.rank:
