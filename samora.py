@@ -49,8 +49,8 @@ Choices that are ours (the paper's teachers are not available, and the released 
   learnable gates and expert scales start at 1 and are frozen in stage 2. They are identities here.
 * Budget. Stage 1 runs --stage1-steps per expert (300 on a GPU; the released config uses 30 epochs,
   lr 1e-3, wd 0.1). The paper's stage 2 needs about a tenth of SAMed's epochs (20 vs 200). A strict
-  tenth of lora.py's 1000 steps would leave the re-initialised mask tokens under-trained, so stage 2
-  defaults to 300 steps.
+  tenth of lora.py's 1000 steps would leave the decoder's mask tokens (re-purposed as background and
+  classes) under-trained, so stage 2 defaults to 300 steps (measured on DRIVE: Dice 0.8155 at seed 0).
 
 Run:  python samora.py --data drive --data-root ../shared/data/DRIVE --split salt --stage both
       (--label-fraction 0.3: stage 2 sees 4 of the 14 labels; stage 1 still uses all 14 images)
