@@ -352,6 +352,13 @@ def encoder_attentions(image_encoder):
     return [(blk.attn, blk.attn.num_heads) for layer in image_encoder.layers[1:] for blk in layer.blocks]
 
 
+def encoder_blocks(image_encoder):
+    """The repeated blocks of the image encoder: SAM ViT's `blocks`, or every TinyViT layer's `blocks`."""
+    if hasattr(image_encoder, "blocks"):
+        return list(image_encoder.blocks)
+    return [blk for layer in image_encoder.layers for blk in layer.blocks]
+
+
 def place_qv(dq, dv, heads):
     """Lay q and v updates (..., width) out as an attention's qkv output keeps them, with zeros for k:
     [q | k | v] for SAM's ViT (heads=None); per head [q_h | k_h | v_h] for TinyViT (heads=h)."""
@@ -480,9 +487,7 @@ def use_grad_checkpointing(image_encoder):
     input and recomputes its activations during the backward pass. Non-reentrant checkpointing, which
     torch.compile traces and which passes gradients to adapter parameters inside the block."""
     from torch.utils.checkpoint import checkpoint
-    blocks = (list(image_encoder.blocks) if hasattr(image_encoder, "blocks")
-              else [blk for layer in image_encoder.layers for blk in layer.blocks])
-    for blk in blocks:
+    for blk in encoder_blocks(image_encoder):
         if getattr(blk, "is_checkpointed", False):
             continue
         stock_forward = type(blk).forward
@@ -492,7 +497,6 @@ def use_grad_checkpointing(image_encoder):
                 return checkpoint(stock_forward, self, x, use_reentrant=False)
             return stock_forward(self, x)
         _swap_class(blk, "Checkpointed" + type(blk).__name__, forward=forward, is_checkpointed=True)
-
 
 
 def should_compile(args, device):
@@ -507,11 +511,9 @@ def compile_model(model):
     model: identical blocks share one compiled graph, so compilation is paid once per block shape rather
     than once per block, and a method's own code paths (extra losses, other stages) still run through
     compiled blocks. (Its cost on ViT-B has not been measured yet.)"""
-    enc = model.image_encoder
-    blocks = list(enc.blocks) if hasattr(enc, "blocks") else [b for layer in enc.layers[1:] for b in layer.blocks]
     # One code object serves blocks of several shapes (TinyViT stages, train and eval): allow the recompiles.
     torch._dynamo.config.recompile_limit = 64
-    for blk in blocks:
+    for blk in encoder_blocks(model.image_encoder):
         blk.compile()
     model.mask_decoder.transformer.compile()
 
@@ -725,10 +727,11 @@ def make_schedule(optimizer, warmup, steps):
 
 def labelled_batches(split, batch_size, generator):
     """Random augmented batches drawn on the device: no CPU work and no host-device copy per step."""
+    size = split.input_size or split.images.shape[-1]
+
     def next_batch():
         idx = torch.randint(0, len(split), (batch_size,), device=split.images.device, generator=generator)
         return augment(split.images[idx], split.masks[idx], generator, size)
-    size = split.input_size or split.images.shape[-1]
     return next_batch
 
 
@@ -936,7 +939,7 @@ def save_pictures(run_dir, split, preds, history, n=3):
 def predict_folder(model, args, device):
     """--predict DIR: one PNG of class ids per image, at the image's size, and an overlay picture."""
     from PIL import Image
-    from data import IMAGE_SUFFIXES, read_image
+    from data import IMAGE_SUFFIXES, image_tensor, read_image
     src = Path(args.predict)
     paths = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if src.is_dir() else []
     if not paths:
@@ -946,9 +949,9 @@ def predict_folder(model, args, device):
     work = (args.zoom or 1) * args.img_size
     palette = torch.tensor([[0, 0, 0], [255, 60, 60], [60, 200, 60], [60, 120, 255], [255, 200, 0]], device=device)
     for p in paths:
-        rgb = torch.from_numpy(read_image(p).copy()).to(device)  # (H, W, 3) uint8
-        x = F.interpolate(rgb.permute(2, 0, 1)[None].float() / 255, (work, work), mode="bilinear", antialias=True)
-        logits = predict(model, x.clamp(0, 1).half(), args.batch_size)
+        image = read_image(p)
+        rgb = torch.from_numpy(image.copy()).to(device)  # (H, W, 3) uint8, for the overlay
+        logits = predict(model, image_tensor(image, work, device), args.batch_size)
         mask = F.interpolate(logits, rgb.shape[:2], mode="bilinear").argmax(1)[0].to(torch.uint8)  # (H, W)
         Image.fromarray(mask.cpu().numpy()).save(out / f"{p.stem}.png")
         color = palette[mask.long() % len(palette)]

@@ -86,13 +86,18 @@ def to_class_ids(mask, path, num_classes):
     return mask.astype(np.uint8)
 
 
+def image_tensor(img, size, device):
+    """RGB uint8 array (H, W, 3) -> (1, 3, size, size) float16 in [0, 1] on the device (antialiased
+    bilinear resize, done on the device): how every image enters the model, in training and prediction."""
+    x = torch.from_numpy(np.array(img)).to(device).permute(2, 0, 1)[None].float() / 255
+    return F.interpolate(x, (size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1).half()
+
+
 def make_split(names, images, masks, fovs, size, device):
     """Resize once to the working size (size x size) on the device; keep originals for evaluation."""
     resized_images, resized_masks = [], []
     for img, m in zip(images, masks):
-        x = torch.from_numpy(np.array(img)).to(device).permute(2, 0, 1)[None].float() / 255
-        resized_images.append(F.interpolate(x, (size, size), mode="bilinear", antialias=True,
-                                            align_corners=False).clamp(0, 1).half())
+        resized_images.append(image_tensor(img, size, device))
         t = torch.from_numpy(np.ascontiguousarray(m)).to(device)[None, None].float()
         resized_masks.append(F.interpolate(t, (size, size), mode="nearest").to(torch.uint8))
     return Split(list(names), torch.cat(resized_images), torch.cat(resized_masks)[:, 0],
@@ -279,11 +284,7 @@ def load_unlabeled_folder(root, img_size, device):
     paths = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise UserError(f"{root} holds no images (looked for {', '.join(IMAGE_SUFFIXES)}).")
-    out = []
-    for p in paths:
-        x = torch.from_numpy(read_image(p).copy()).to(device).permute(2, 0, 1)[None].float() / 255
-        out.append(F.interpolate(x, (img_size, img_size), mode="bilinear", antialias=True).clamp(0, 1).half())
-    return torch.cat(out)
+    return torch.cat([image_tensor(read_image(p), img_size, device) for p in paths])
 
 
 def choose_zoom(sizes, img_size):
