@@ -54,10 +54,9 @@ def planned_runs(args):
         for data in args.data:
             for seed in args.seeds:
                 name = f"{slug(spec)}_{data}_s{seed}"
-                cmd = [sys.executable, f"{script}.py", *shlex.split(spec)[1:], "--data", data, "--seed", str(seed),
-                       "--out", args.out, "--run-name", name, *extra]
-                if data != "synthetic" and args.data_root:
-                    cmd[cmd.index("--data") + 2:cmd.index("--data") + 2] = ["--data-root", args.data_root]
+                root = ["--data-root", args.data_root] if data != "synthetic" and args.data_root else []
+                cmd = [sys.executable, f"{script}.py", *shlex.split(spec)[1:], "--data", data, *root,
+                       "--seed", str(seed), "--out", args.out, "--run-name", name, *extra]
                 yield spec, data, seed, name, cmd
 
 
