@@ -71,12 +71,14 @@ class AtrousAttention(nn.Module):
     """The Atrous Attention Module on the bottleneck tokens of `paths` low-rank paths at once.
 
     Input and output: tokens (B', h, w, paths*r) or flat (B', side*side, paths*r). Channels [i*r:(i+1)*r]
-    belong to path i (q, v); every conv is grouped by path, so the paths share no weights but one call."""
+    belong to path i (q, v); every conv is grouped by path, so the paths share no weights but one call.
+    `reference()` computes the module branch by branch, as described above; `forward()` computes the same
+    thing in three convolution calls instead of eight (see there); a test checks that they agree."""
 
     def __init__(self, rank, rates, paths=2, side=None, device=None):
         super().__init__()
         c, g = paths * rank, paths
-        self.paths, self.side = paths, side  # side: grid of flat (TinyViT) tokens
+        self.paths, self.rank, self.rates, self.side = paths, rank, tuple(rates), side  # side: TinyViT grid
         self.point = nn.Conv2d(c, c, 1, groups=g, device=device)
         # padding = dilation keeps h x w; taps outside the grid read zeros
         self.atrous = nn.ModuleList(nn.Conv2d(c, c, 3, padding=d, dilation=d, groups=g, device=device)
@@ -85,11 +87,14 @@ class AtrousAttention(nn.Module):
         self.fuse = nn.Conv2d((len(rates) + 2) * c, c, 1, groups=g, device=device)
         self.gate = nn.Conv2d(c, c, 1, groups=g, device=device)  # attention weights alpha = sigmoid(gate(F))
 
-    def forward(self, tokens):
-        shape = tokens.shape
+    def _grid(self, tokens):
         if tokens.dim() == 3:  # TinyViT: (B', ws*ws, c) row-major in each window -> (B', ws, ws, c)
             tokens = tokens.unflatten(1, (self.side, self.side))
-        z = tokens.permute(0, 3, 1, 2)  # (B', c, h, w): one conv call over every window of the batch
+        return tokens.permute(0, 3, 1, 2)  # (B', c, h, w), channels-last in memory: no copy
+
+    def reference(self, tokens):
+        """The module branch by branch: eight convolutions, the pooled branch broadcast to the grid."""
+        z = self._grid(tokens)
         h, w = z.shape[-2:]
         pooled = self.pool(z.mean((2, 3), keepdim=True)).expand(-1, -1, h, w)
         branches = torch.stack([self.point(z), *(conv(z) for conv in self.atrous), pooled], 1)  # (B', nb, c, h, w)
@@ -97,7 +102,38 @@ class AtrousAttention(nn.Module):
         branches = branches.unflatten(2, (self.paths, -1)).transpose(1, 2).flatten(1, 3)
         fused = self.fuse(F.gelu(branches))  # F: (B', c, h, w)
         out = z + torch.sigmoid(self.gate(fused)) * fused  # plain LoRA's z, plus the gated multi-scale map
-        return out.permute(0, 2, 3, 1).reshape(shape)
+        return out.permute(0, 2, 3, 1).reshape(tokens.shape)
+
+    def spatial_kernel(self):
+        """The 1x1 and the dilated 3x3 branches as one K x K kernel, K = 2*max(rate)+1: a 3x3 conv with
+        dilation d is a K x K conv whose taps sit at the centre +- d and are zero elsewhere.
+        Returns weight (paths*ns*r, r, K, K) and bias (paths*ns*r,), output channels ordered (path, branch, r),
+        ns = 1 + len(rates): the order the grouped fuse conv reads its input in."""
+        g, r, reach = self.paths, self.rank, max(self.rates)
+        size, ns = 2 * reach + 1, 1 + len(self.rates)
+        weight = self.point.weight.new_zeros(g, ns, r, r, size, size)
+        weight[:, 0, :, :, reach, reach] = self.point.weight.view(g, r, r)
+        for i, (d, conv) in enumerate(zip(self.rates, self.atrous), start=1):
+            weight[:, i, :, :, reach - d:reach + d + 1:d, reach - d:reach + d + 1:d] = conv.weight.view(g, r, r, 3, 3)
+        bias = torch.stack([self.point.bias.view(g, r), *(conv.bias.view(g, r) for conv in self.atrous)], 1)
+        return weight.flatten(0, 2), bias.flatten()
+
+    def forward(self, tokens):
+        """As reference(), fast. The tensors here hold 2r = 8 channels, so each conv launch costs far more
+        than its arithmetic: the four spatial branches run as one conv (spatial_kernel), and the pooled
+        branch, constant over the grid, enters the fuse conv as a per-image bias instead of being broadcast
+        to (B', c, h, w) and concatenated."""
+        z = self._grid(tokens)  # (B', c, h, w)
+        g, r, ns = self.paths, self.rank, 1 + len(self.rates)
+        weight, bias = self.spatial_kernel()
+        spatial = F.conv2d(z, weight, bias, padding=max(self.rates), groups=g)  # (B', g*ns*r, h, w)
+        fuse_spatial = self.fuse.weight.view(g, r, ns + 1, r)[:, :, :ns].reshape(g * r, ns * r, 1, 1)
+        fuse_pooled = self.fuse.weight.view(g, r, ns + 1, r)[:, :, ns].reshape(g * r, r, 1, 1)
+        pooled = F.gelu(self.pool(z.mean((2, 3), keepdim=True)))  # (B', c, 1, 1)
+        pooled_bias = F.conv2d(pooled, fuse_pooled, self.fuse.bias, groups=g)  # (B', c, 1, 1)
+        fused = F.conv2d(F.gelu(spatial), fuse_spatial, groups=g) + pooled_bias  # F: (B', c, h, w)
+        out = z + torch.sigmoid(self.gate(fused)) * fused  # plain LoRA's z, plus the gated multi-scale map
+        return out.permute(0, 2, 3, 1).reshape(tokens.shape)
 
 
 class AtrousLoRAQKV(nn.Linear):

@@ -130,6 +130,10 @@ def pick_device(args):
             print("no CUDA GPU found: running on the CPU (slow; pass --device cpu to silence this notice)")
     else:
         args.device_resolved = args.device
+    if args.device_resolved == "cuda":
+        # shapes are fixed within a run: let cuDNN time its algorithms once per shape rather than guess
+        # (TinyViT's convolutions, the AAM's and CDEN's small grouped ones; scripts/aam_speed.py measures it)
+        torch.backends.cudnn.benchmark = True
     return torch.device(args.device_resolved)
 
 
@@ -895,8 +899,17 @@ def run(model, train_set, test_set, args, device, loss_fn=default_loss, steps=No
                    versions=versions(), **(extra_metrics or {}))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     save_pictures(run_dir, test_set, preds, history)
+    save_masks(run_dir / "test_masks", test_set.names, preds)
     print(f"wrote {run_dir}/metrics.json")
     return metrics
+
+
+def save_masks(folder, names, preds):
+    """One PNG of class ids per test image at its original size: what train.py's prediction panel reads."""
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, pred in zip(names, preds):
+        Image.fromarray(pred.cpu().numpy()).save(folder / f"{name}.png")
 
 
 def save_pictures(run_dir, split, preds, history, n=3):

@@ -59,6 +59,24 @@ def test_aam_keeps_the_token_shape_and_keeps_q_and_v_apart(shape, side):
     assert not torch.allclose(out2[..., 4:], out[..., 4:])
 
 
+@pytest.mark.parametrize("shape,side,rates", [((4, 14, 14, 8), None, (1, 2, 3)), ((5, 49, 8), 7, (1, 2, 3)),
+                                              ((3, 14, 14, 8), None, (2, 5))])
+def test_fast_aam_equals_the_branch_by_branch_module_in_values_and_gradients(shape, side, rates):
+    """forward() folds the 1x1 and dilated 3x3 branches into one KxK conv and the pooled branch into a bias;
+    reference() runs the branches one by one as the paper describes them. Random (non-zero) weights, fp32."""
+    torch.manual_seed(1)
+    aam = atrous_lora.AtrousAttention(rank=4, rates=rates, paths=2, side=side)
+    for p in aam.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    z = torch.randn(*shape, requires_grad=True)
+    fast, slow = aam(z), aam.reference(z)
+    assert torch.allclose(fast, slow, atol=1e-5, rtol=1e-5)
+    params = [z, *aam.parameters()]
+    for g_fast, g_slow in zip(torch.autograd.grad(fast.square().sum(), params),
+                              torch.autograd.grad(slow.square().sum(), params)):
+        assert torch.allclose(g_fast, g_slow, atol=1e-3, rtol=1e-4)
+
+
 def test_aam_is_multi_scale_and_local_to_each_window():
     """A single changed token reaches exactly the neighbourhood the rates allow (Chebyshev distance <= 3)
     plus, weakly, everything through the pooling branch; it never crosses into another window."""
