@@ -1,6 +1,6 @@
 """Time the Atrous Attention Module alone, forward + backward under bf16 autocast, on the bottleneck shapes
-MobileSAM's TinyViT hands it at 1024 and batch 8: reference() (branch by branch) against forward() (three
-convs), with cuDNN's algorithm search off and on. Writes a JSON; needs a CUDA GPU.
+MobileSAM's TinyViT hands it at 1024 and batch 8: reference() (branch by branch, eight cuDNN convs) against forward()
+(im2col and matrix products), with cuDNN's algorithm search off and on. Writes a JSON; needs a CUDA GPU.
 
     python scripts/aam_speed.py --out runs/aam_speed.json
 """
