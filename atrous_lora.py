@@ -73,7 +73,7 @@ class AtrousAttention(nn.Module):
     Input and output: tokens (B', h, w, paths*r) or flat (B', side*side, paths*r). Channels [i*r:(i+1)*r]
     belong to path i (q, v); every conv is grouped by path, so the paths share no weights but one call.
     `reference()` computes the module branch by branch, as described above; `forward()` computes the same
-    thing with matrix products instead of eight convolutions (see there); a test checks that they agree."""
+    thing in three convolution calls instead of eight (see there); a test checks that they agree."""
 
     def __init__(self, rank, rates, paths=2, side=None, device=None):
         super().__init__()
@@ -118,37 +118,22 @@ class AtrousAttention(nn.Module):
         bias = torch.stack([self.point.bias.view(g, r), *(conv.bias.view(g, r) for conv in self.atrous)], 1)
         return weight.flatten(0, 2), bias.flatten()
 
-    @staticmethod
-    def per_path(weight, g):
-        """A grouped 1x1 (or flattened K x K) conv weight (g*o, i, ...) as one dense (g*o, g*i) matrix,
-        block-diagonal so that no path reads another's channels."""
-        return torch.block_diag(*weight.flatten(1).unflatten(0, (g, -1)))
-
     def forward(self, tokens):
-        """As reference(), fast. The tensors here hold 2r = 8 channels, where cuDNN's grouped and dilated
-        kernels cost about 4 ms per block for fwd+bwd whatever the grid size (measured on the H100, see
-        scripts/aam_speed.py). So: the four spatial branches become one K x K kernel (spatial_kernel), its
-        convolution an im2col (F.unfold) and one matrix product; every 1x1 conv a matrix product; and the
-        pooled branch, constant over the grid, enters the fuse step as a per-image bias instead of being
-        broadcast to (B', c, h, w) and concatenated."""
-        z = self._grid(tokens).contiguous()  # (B', c, h, w)
-        h, w = z.shape[-2:]
+        """As reference(), fast. The tensors here hold 2r = 8 channels, so each conv launch costs far more
+        than its arithmetic: the four spatial branches run as one conv (spatial_kernel), and the pooled
+        branch, constant over the grid, enters the fuse conv as a per-image bias instead of being broadcast
+        to (B', c, h, w) and concatenated."""
+        z = self._grid(tokens)  # (B', c, h, w)
         g, r, ns = self.paths, self.rank, 1 + len(self.rates)
-        kernel, bias = self.spatial_kernel()  # (g*ns*r, r, K, K)
-        size = kernel.shape[-1]
-        cols = F.unfold(z, size, padding=size // 2)  # (B', c*K*K, h*w): every K x K neighbourhood, zero-padded
-        dt = cols.dtype  # bf16 under autocast: keep biases from promoting the (B', ., h*w) maps to fp32
-        spatial = torch.matmul(self.per_path(kernel, g).to(dt), cols) + bias.to(dt)[:, None]  # (B', g*ns*r, h*w)
-        fuse = self.fuse.weight.view(g * r, ns + 1, r)  # per output channel: (branch, r) of its own path
-        fuse_spatial = self.per_path(fuse[:, :ns].reshape(g * r, ns * r), g)  # (c, g*ns*r)
-        fuse_pooled = self.per_path(fuse[:, ns], g)  # (c, c)
-        pooled = F.gelu(F.linear(z.mean((2, 3)), self.per_path(self.pool.weight, g), self.pool.bias))  # (B', c)
-        pooled_bias = F.linear(pooled, fuse_pooled, self.fuse.bias)  # (B', c)
-        fused = torch.matmul(fuse_spatial.to(dt), F.gelu(spatial)) + pooled_bias.to(dt)[..., None]  # F: (B', c, h*w)
-        alpha = torch.sigmoid(torch.matmul(self.per_path(self.gate.weight, g).to(dt), fused)
-                              + self.gate.bias.to(dt)[:, None])  # (B', c, h*w)
-        out = z.flatten(2) + alpha * fused  # plain LoRA's z, plus the gated multi-scale map
-        return out.transpose(1, 2).reshape(tokens.shape)  # (B', h*w, c) -> the input's token shape
+        weight, bias = self.spatial_kernel()
+        spatial = F.conv2d(z, weight, bias, padding=max(self.rates), groups=g)  # (B', g*ns*r, h, w)
+        fuse_spatial = self.fuse.weight.view(g, r, ns + 1, r)[:, :, :ns].reshape(g * r, ns * r, 1, 1)
+        fuse_pooled = self.fuse.weight.view(g, r, ns + 1, r)[:, :, ns].reshape(g * r, r, 1, 1)
+        pooled = F.gelu(self.pool(z.mean((2, 3), keepdim=True)))  # (B', c, 1, 1)
+        pooled_bias = F.conv2d(pooled, fuse_pooled, self.fuse.bias, groups=g)  # (B', c, 1, 1)
+        fused = F.conv2d(F.gelu(spatial), fuse_spatial, groups=g) + pooled_bias  # F: (B', c, h, w)
+        out = z + torch.sigmoid(self.gate(fused)) * fused  # plain LoRA's z, plus the gated multi-scale map
+        return out.permute(0, 2, 3, 1).reshape(tokens.shape)
 
 
 class AtrousLoRAQKV(nn.Linear):

@@ -1,6 +1,7 @@
 """Time the Atrous Attention Module alone, forward + backward under bf16 autocast, on the bottleneck shapes
-MobileSAM's TinyViT hands it at 1024 and batch 8: reference() (branch by branch, eight cuDNN convs) against forward()
-(im2col and matrix products), with cuDNN's algorithm search off and on. Writes a JSON; needs a CUDA GPU.
+MobileSAM's TinyViT hands it at 1024 and batch 8, in several forms: reference() (branch by branch, eight
+convs), forward() (the spatial branches as one conv, the pooled branch as a bias), each also in fp32 and
+compiled; then a profile of reference() (where the time goes: CPU or GPU). Writes a JSON; needs a CUDA GPU.
 
     python scripts/aam_speed.py --out runs/aam_speed.json
 """
@@ -21,9 +22,7 @@ SHAPES = {"stage2": (8 * 19 * 19, 7), "stage3": (8 * 5 * 5, 14), "stage4": (8 * 
 LAYERS = {"stage2": 2, "stage3": 6, "stage4": 2}  # attention blocks per stage
 
 
-def time_ms(fn, reps=50):
-    for _ in range(5):
-        fn()
+def time_ms(fn, reps=30):
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(reps):
@@ -32,29 +31,53 @@ def time_ms(fn, reps=50):
     return (time.perf_counter() - start) / reps * 1e3
 
 
+def step_fn(aam, impl, tokens, bf16, compiled):
+    run = getattr(aam, impl)
+    if compiled:
+        run = torch.compile(run, dynamic=False)
+
+    def step():
+        with torch.autocast("cuda", torch.bfloat16, enabled=bf16):
+            out = run(tokens)
+        out.float().square().mean().backward()
+    return step
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/aam_speed.json")
     args = p.parse_args()
+    torch.backends.cudnn.benchmark = True
     rows = []
-    for cudnn_benchmark in (False, True):
-        torch.backends.cudnn.benchmark = cudnn_benchmark
-        for impl in ("reference", "forward"):
-            total = 0.0
-            for stage, (windows, side) in SHAPES.items():
-                aam = atrous_lora.AtrousAttention(4, (1, 2, 3), side=side, device="cuda")
-                tokens = torch.randn(windows, side * side, 8, device="cuda", requires_grad=True)
-                run = getattr(aam, impl)
-
-                def step():
-                    with torch.autocast("cuda", torch.bfloat16):
-                        out = run(tokens)
-                    out.float().square().mean().backward()
-                ms = time_ms(step)
-                total += ms * LAYERS[stage]
-                rows.append(dict(cudnn_benchmark=cudnn_benchmark, impl=impl, stage=stage, ms=ms))
-            rows.append(dict(cudnn_benchmark=cudnn_benchmark, impl=impl, stage="all 10 blocks", ms=total))
-            print(f"cudnn.benchmark={cudnn_benchmark!s:5} {impl:9}  {total:.2f} ms per batch of 8 (10 blocks, fwd+bwd)")
+    for impl in ("reference", "forward"):
+        for bf16 in (True, False):
+            for compiled in (False, True):
+                total, first = 0.0, 0.0
+                for stage, (windows, side) in SHAPES.items():
+                    aam = atrous_lora.AtrousAttention(4, (1, 2, 3), side=side, device="cuda")
+                    tokens = torch.randn(windows, side * side, 8, device="cuda", requires_grad=True)
+                    step = step_fn(aam, impl, tokens, bf16, compiled)
+                    start = time.perf_counter()
+                    step()  # compilation, cuDNN autotuning
+                    torch.cuda.synchronize()
+                    first += time.perf_counter() - start
+                    time_ms(step, 3)
+                    ms = time_ms(step)
+                    total += ms * LAYERS[stage]
+                    rows.append(dict(impl=impl, bf16=bf16, compiled=compiled, stage=stage, ms=ms))
+                rows.append(dict(impl=impl, bf16=bf16, compiled=compiled, stage="all", ms=total, first_s=first))
+                print(f"{impl:9} {'bf16' if bf16 else 'fp32'} {'compiled' if compiled else 'eager   '} "
+                      f"{total:6.2f} ms per batch of 8 (10 blocks, fwd+bwd); first calls {first:.1f} s", flush=True)
+    # where reference()'s time goes, on stage 3 (the six 14x14-window blocks)
+    windows, side = SHAPES["stage3"]
+    aam = atrous_lora.AtrousAttention(4, (1, 2, 3), side=side, device="cuda")
+    tokens = torch.randn(windows, side * side, 8, device="cuda", requires_grad=True)
+    step = step_fn(aam, "reference", tokens, True, False)
+    time_ms(step, 3)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        time_ms(step, 10)
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=60))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), rows=rows), indent=1))
 
