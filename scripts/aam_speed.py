@@ -1,7 +1,7 @@
 """Time the Atrous Attention Module alone, forward + backward under bf16 autocast, on the bottleneck shapes
 MobileSAM's TinyViT hands it at 1024 and batch 8, in several forms: reference() (branch by branch, eight
 convs), forward() (the spatial branches as one conv, the pooled branch as a bias), each also in fp32 and
-compiled; then a profile of reference() (where the time goes: CPU or GPU). Writes a JSON; needs a CUDA GPU.
+(in bf16) compiled; then a profile of reference() (where the time goes: CPU or GPU). Writes a JSON; needs a CUDA GPU.
 
     python scripts/aam_speed.py --out runs/aam_speed.json
 """
@@ -51,7 +51,7 @@ def main():
     rows = []
     for impl in ("reference", "forward"):
         for bf16 in (True, False):
-            for compiled in (False, True):
+            for compiled in ((False, True) if bf16 else (False,)):  # compiled: as training runs it, bf16
                 total, first = 0.0, 0.0
                 for stage, (windows, side) in SHAPES.items():
                     aam = atrous_lora.AtrousAttention(4, (1, 2, 3), side=side, device="cuda")
