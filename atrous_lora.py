@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--rates", default="1,2,3",
                    help="dilation rates of the 3x3 atrous branches, comma-separated; each must be smaller than "
                         "the smallest token grid an attention sees (14x14 ViT windows, 7x7 TinyViT windows)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run the atrous modules eagerly in training steps too (slower; see AtrousAttention.graphed_step)")
     return p.parse_args(argv)
 
 
@@ -72,8 +74,9 @@ class AtrousAttention(nn.Module):
 
     Input and output: tokens (B', h, w, paths*r) or flat (B', side*side, paths*r). Channels [i*r:(i+1)*r]
     belong to path i (q, v); every conv is grouped by path, so the paths share no weights but one call.
-    `reference()` computes the module branch by branch, as described above; `forward()` computes the same
-    thing in three convolution calls instead of eight (see there); a test checks that they agree."""
+    `reference()` computes the module branch by branch, as described above; `compute()` computes the same
+    thing in three convolution calls instead of eight (see there), and a test checks that they agree;
+    `forward()` runs compute(), in CUDA training steps from a captured CUDA graph (see graphed_step)."""
 
     def __init__(self, rank, rates, paths=2, side=None, device=None):
         super().__init__()
@@ -86,6 +89,8 @@ class AtrousAttention(nn.Module):
         self.pool = nn.Conv2d(c, c, 1, groups=g, device=device)  # on the grid's mean: image-level context
         self.fuse = nn.Conv2d((len(rates) + 2) * c, c, 1, groups=g, device=device)
         self.gate = nn.Conv2d(c, c, 1, groups=g, device=device)  # attention weights alpha = sigmoid(gate(F))
+        self.cuda_graphs = False  # see use_cuda_graphs()
+        self._graphs = {}  # (shape, dtype, requires_grad) -> graphed step; a plain dict, not in the state dict
 
     def _grid(self, tokens):
         if tokens.dim() == 3:  # TinyViT: (B', ws*ws, c) row-major in each window -> (B', ws, ws, c)
@@ -119,10 +124,34 @@ class AtrousAttention(nn.Module):
         return weight.flatten(0, 2), bias.flatten()
 
     def forward(self, tokens):
-        """As reference(), fast. The tensors here hold 2r = 8 channels, so each conv launch costs far more
-        than its arithmetic: the four spatial branches run as one conv (spatial_kernel), and the pooled
-        branch, constant over the grid, enters the fuse conv as a per-image bias instead of being broadcast
-        to (B', c, h, w) and concatenated."""
+        """compute(), or in CUDA training steps (once use_cuda_graphs() has switched it on) the same
+        computation replayed from a captured CUDA graph."""
+        if (self.cuda_graphs and self.training and tokens.is_cuda and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            return self.graphed_step(tokens)(tokens)
+        return self.compute(tokens)
+
+    def graphed_step(self, tokens):
+        """Forward and backward of compute() for this input shape, captured once as two CUDA graphs.
+        Why: the module launches ~25 tiny kernels forward and ~50 backward on 8-channel maps, and eager
+        PyTorch spends ~4 ms of CPU per block on them against ~0.7 ms of GPU work (profiled on the H100,
+        scripts/aam_speed.py), so an eager training step waits on Python. A replay is one launch.
+        Valid because a training step calls each AAM once, with one shape, before its backward; evaluation
+        (eval mode), compiled code and anything without grad take compute() instead."""
+        key = (tuple(tokens.shape), tokens.dtype, tokens.requires_grad)
+        if key not in self._graphs:
+            sample = tokens.detach().clone().requires_grad_(tokens.requires_grad)
+            # capture under the caller's autocast, whose cast cache must be off (cached casts of the
+            # weights would be baked into the graph and go stale after the optimiser step)
+            with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False):
+                self._graphs[key] = torch.cuda.make_graphed_callables(_ComputeStep(self), (sample,))
+        return self._graphs[key]
+
+    def compute(self, tokens):
+        """As reference(), in fewer operations on the (B', 2r, h, w) maps: the four spatial branches run as
+        one conv (spatial_kernel), and the pooled branch, constant over the grid, enters the fuse conv as a
+        per-image bias instead of being broadcast to (B', c, h, w) and concatenated."""
         z = self._grid(tokens)  # (B', c, h, w)
         g, r, ns = self.paths, self.rank, 1 + len(self.rates)
         weight, bias = self.spatial_kernel()
@@ -134,6 +163,26 @@ class AtrousAttention(nn.Module):
         fused = F.conv2d(F.gelu(spatial), fuse_spatial, groups=g) + pooled_bias  # F: (B', c, h, w)
         out = z + torch.sigmoid(self.gate(fused)) * fused  # plain LoRA's z, plus the gated multi-scale map
         return out.permute(0, 2, 3, 1).reshape(tokens.shape)
+
+
+class _ComputeStep(nn.Module):
+    """AtrousAttention.compute() as a module of its own, for torch.cuda.make_graphed_callables (which replaces
+    the forward of the module it is given, and returns gradients for that module's parameters)."""
+
+    def __init__(self, aam):
+        super().__init__()
+        self.aam = aam
+
+    def forward(self, tokens):
+        return self.aam.compute(tokens)
+
+
+def use_cuda_graphs(model, enabled=True):
+    """Let every AAM replay CUDA graphs in training steps. Off with activation checkpointing, which runs a
+    block's forward a second time inside the backward."""
+    for m in model.modules():
+        if isinstance(m, AtrousAttention):
+            m.cuda_graphs = enabled
 
 
 class AtrousLoRAQKV(nn.Linear):
@@ -207,6 +256,7 @@ def main(argv=None):
     model = common.load_sam(args, device)
     inject(model, args.rank, rates)
     model.to(device)
+    use_cuda_graphs(model, device.type == "cuda" and not args.grad_checkpoint and not args.no_cuda_graphs)
     train_set, test_set = load_data(args, device)
     return common.run(model, train_set, test_set, args, device)
 

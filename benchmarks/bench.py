@@ -57,7 +57,8 @@ TOKENS = {"fp32", "bf16", "compile", "ckpt", "nopadv"}
 ADAPTERS = {
     "lora": (lambda mod, model, a: mod.inject(model, a.rank), None),
     "salt": (lambda mod, model, a: mod.inject(model, a), lambda mod, a: mod.make_loss(a.reg_weight)),
-    "atrous_lora": (lambda mod, model, a: mod.inject(model, a.rank, mod.parse_rates(a.rates)), None),
+    "atrous_lora": (lambda mod, model, a: (mod.inject(model, a.rank, mod.parse_rates(a.rates)),
+                                           mod.use_cuda_graphs(model, not a.no_cuda_graphs)), None),
     "balr_sam": (lambda mod, model, a: mod.inject(model, a), None),
     "samora": (lambda mod, model, a: mod.inject(model, a.rank, a.hl_width, a.hl_heads), None),
 }
@@ -162,6 +163,8 @@ def build(base, method, mod, margs, cfg, device, quiet=True):
         stock_attention(model.image_encoder)
     if cfg["ckpt"]:
         common.use_grad_checkpointing(model.image_encoder)
+        if hasattr(mod, "use_cuda_graphs"):  # as the method's main(): no graphs under checkpointing
+            mod.use_cuda_graphs(model, False)
     if cfg["compile"]:
         common.compile_model(model)
         if hasattr(model, "cden"):  # balr_sam's detail CNN lies outside what compile_model compiles (as balr_sam.main)
