@@ -1,7 +1,8 @@
 """Export -> stock MobileSAM -> DRIVE Dice: the merged weights, loaded into mobile_sam's own registry model
-(its own classes, strict loading), must give the adapter model's Dice. usage: check_export.py CKPT DRIVE"""
+(its own classes, strict loading), must give the adapter model's Dice.
+usage: check_export.py LORA_CHECKPOINT DRIVE_ROOT [OUT.json]"""
+import json
 import sys
-import types
 
 import torch
 
@@ -39,3 +40,6 @@ wrapped.img_size, wrapped.num_classes = 1024, 1
 theirs = common.evaluate(wrapped, test, 8)[0]
 print(f"adapter model: Dice {ours['dice']:.4f} HD95 {ours['hd95']:.2f}   "
       f"stock MobileSAM with merged weights: Dice {theirs['dice']:.4f} HD95 {theirs['hd95']:.2f}")
+if len(sys.argv) > 3:
+    with open(sys.argv[3], "w") as f:
+        json.dump(dict(checkpoint=ckpt, adapter=ours, stock_merged=theirs, device=str(device)), f, indent=1)
