@@ -7,7 +7,8 @@ what the table shows is exactly what those commands produce. A run whose metrics
 not run again (delete its folder, or pass --force), so an interrupted sweep continues where it stopped.
 A method may carry its own arguments: --methods lora "salt --rank 256".
 Writes results.md (mean ± std over seeds per method and dataset, beside the paper's number where one
-exists) and results.png (Dice against trainable parameters).
+exists), results.png (Dice against trainable parameters) and, for DRIVE runs, results_panel.png (each
+method's prediction on the first test image).
 """
 import argparse
 import json
@@ -82,14 +83,14 @@ def report(args):
     for spec, data, seed, name, cmd in planned_runs(args):
         f = Path(args.out) / name / "metrics.json"
         if f.is_file():
-            rows.setdefault((spec, data), []).append((json.loads(f.read_text()), cmd))
+            rows.setdefault((spec, data), []).append((json.loads(f.read_text()), cmd, name))
     if not rows:
         print("no finished runs to report")
         return
     lines = ["| method | data | model | Dice (mean ± std) | HD95 px (mean ± std) | paper Dice / HD95 | trainable params "
              "| peak GiB | train s | img/s | seeds |", "|" + "---|" * 11]
     for (spec, data), runs in rows.items():
-        ms = [m for m, _ in runs]
+        ms = [m for m, *_ in runs]
 
         def stat(key, fmt):
             vals = [m[key] for m in ms]
@@ -104,13 +105,54 @@ def report(args):
                      f"{statistics.mean(m['train_seconds'] for m in ms):.0f} | "
                      f"{statistics.mean(m['imgs_per_s'] for m in ms):.0f} | {len(ms)} |")
     commands = sorted({" ".join(shlex.quote(c) for c in cmd[1:]).replace("--seed 0", "--seed S")
-                       for runs in rows.values() for _, cmd in runs})
-    gpu = next((m["versions"].get("gpu") for runs in rows.values() for m, _ in runs if "gpu" in m["versions"]), "CPU")
+                       for runs in rows.values() for _, cmd, _ in runs})
+    gpu = next((m["versions"].get("gpu") for runs in rows.values() for m, *_ in runs if "gpu" in m["versions"]), "CPU")
     text = "\n".join(lines) + f"\n\nMachine: {gpu}. Each row is mean ± std over the seeds listed, of:\n\n" + \
         "\n".join(f"    {c}" for c in commands) + "\n"
     Path(f"{args.results}.md").write_text(text)
     print(text)
     plot(rows, f"{args.results}.png")
+    panel(rows, args, f"{args.results}_panel.png")
+
+
+def panel(rows, args, path, columns=4):
+    """The first DRIVE test image, its ground truth, and each method's prediction from its first seed
+    (read from the run's test_masks/), coloured TP white, FP red, FN blue, with that image's Dice."""
+    drive = [(spec, runs[0]) for (spec, data), runs in rows.items() if data == "drive"]
+    folders = [Path(args.out) / name / "test_masks" for _, (_, _, name) in drive]
+    if not drive or not args.data_root or not all(f.is_dir() for f in folders):
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+    from data import load_drive
+    _, (names, images, masks, fovs) = load_drive(args.data_root, drive[0][1][0]["args"].get("split", "salt"))
+    gt, fov = masks[0] > 0, fovs[0]
+    n = 2 + len(drive)
+    fig, axes = plt.subplots((n + columns - 1) // columns, columns, figsize=(3.2 * columns, 3.4 * ((n + columns - 1) // columns)),
+                             squeeze=False)
+    axes = axes.ravel()
+    axes[0].imshow(images[0])
+    axes[0].set_title(f"DRIVE image {names[0]}", fontsize=9)
+    axes[1].imshow(gt & fov, cmap="gray")
+    axes[1].set_title("ground truth", fontsize=9)
+    for ax, (spec, (m, _, name)), folder in zip(axes[2:], drive, folders):
+        pred = (np.array(Image.open(folder / f"{names[0]}.png")) > 0) & fov
+        overlay = np.zeros(gt.shape + (3,))
+        overlay[pred & gt] = 1
+        overlay[pred & ~gt] = (1, 0.2, 0.2)
+        overlay[~pred & gt] = (0.2, 0.4, 1)
+        ax.imshow(overlay)
+        image_dice = next(r["dice"] for r in m["per_image"] if r["name"] == names[0])
+        ax.set_title(f"{spec} (seed {m['seed']}): Dice {image_dice:.3f}", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle("white: true positive, red: false positive, blue: missed vessel", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def plot(rows, path):
@@ -119,7 +161,7 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     for (spec, data), runs in rows.items():
-        ms = [m for m, _ in runs]
+        ms = [m for m, *_ in runs]
         x = ms[0]["trainable_params"] / 1e6
         y = statistics.mean(m["dice"] for m in ms)
         err = statistics.stdev([m["dice"] for m in ms]) if len(ms) > 1 else 0
