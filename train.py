@@ -104,8 +104,8 @@ def report(args):
                      f"{m0['trainable_params']:,} ({m0['trainable_percent']:.2f}%) | {peak} | "
                      f"{statistics.mean(m['train_seconds'] for m in ms):.0f} | "
                      f"{statistics.mean(m['imgs_per_s'] for m in ms):.0f} | {len(ms)} |")
-    commands = sorted({" ".join(shlex.quote(c) for c in cmd[1:]).replace("--seed 0", "--seed S")
-                       for runs in rows.values() for _, cmd, _ in runs})
+    commands = sorted({" ".join(shlex.quote(c) for c in cmd[1:]).replace(f"--seed {m['seed']}", "--seed S")
+                       .replace(f"_s{m['seed']}", "_sS") for runs in rows.values() for m, cmd, _ in runs})
     gpu = next((m["versions"].get("gpu") for runs in rows.values() for m, *_ in runs if "gpu" in m["versions"]), "CPU")
     text = "\n".join(lines) + f"\n\nMachine: {gpu}. Each row is mean ± std over the seeds listed, of:\n\n" + \
         "\n".join(f"    {c}" for c in commands) + "\n"
@@ -166,7 +166,9 @@ def plot(rows, path):
         y = statistics.mean(m["dice"] for m in ms)
         err = statistics.stdev([m["dice"] for m in ms]) if len(ms) > 1 else 0
         ax.errorbar([x], [y], yerr=[err], fmt="o", capsize=3, label=f"{spec} ({data})")
-    ax.set_xscale("log")
+    xs = [runs[0][0]["trainable_params"] for runs in rows.values()]
+    if max(xs) > 10 * min(xs):  # a log axis only where the counts span orders of magnitude
+        ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (millions)")
     ax.set_ylabel("test Dice")
     ax.legend(fontsize=7)

@@ -1,0 +1,62 @@
+"""train.py: runs methods x data x seeds as subprocesses, skips finished runs, writes the table, the plot
+and (for DRIVE) the prediction panel."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import train
+
+TINY = ["--", "--model", "tiny", "--device", "cpu", "--steps", "2", "--batch-size", "2"]
+
+
+def test_runs_every_seed_reports_mean_and_std_and_skips_finished_runs(tmp_path, capsys):
+    argv = ["--methods", "lora", "--data", "synthetic", "--seeds", "0", "1", "--out", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "results"), *TINY]
+    train.main(argv)
+    for seed in (0, 1):
+        assert (tmp_path / "runs" / f"lora_synthetic_s{seed}" / "metrics.json").is_file()
+    table = (tmp_path / "results.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| `lora`"))
+    assert " ± " in row and row.rstrip().endswith("| 2 |")  # mean ± std over the 2 seeds
+    assert "lora.py --data synthetic --seed S" in table  # the command behind the row, seed left open
+    assert (tmp_path / "results.png").is_file()
+    capsys.readouterr()
+    train.main(argv)  # everything is there: nothing runs again
+    assert "0 runs to do" in capsys.readouterr().out
+
+
+def test_a_failed_run_is_named_and_the_exit_is_non_zero(tmp_path):
+    with pytest.raises(SystemExit, match="1 runs failed.*salt_rank_0_synthetic_s0"):
+        train.main(["--methods", "salt --rank 0", "--data", "synthetic", "--seeds", "0", "--out", str(tmp_path),
+                    "--results", str(tmp_path / "r"), *TINY])
+
+
+def test_unknown_method_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="unknown method 'sam2'"):
+        train.main(["--methods", "sam2", "--out", str(tmp_path)])
+
+
+def test_panel_shows_each_method_on_the_first_drive_test_image(tmp_path, drive_root):
+    """Report-only from two finished DRIVE runs (metrics.json and test_masks/ as common.run writes them)."""
+    shape = np.array(Image.open(drive_root / "training" / "1st_manual" / "35_manual1.gif")).shape
+    for name, spec_args in (("lora_drive_s0", {}), ("salt_rank_4_drive_s0", {"rank": 4})):
+        run = tmp_path / "runs" / name
+        (run / "test_masks").mkdir(parents=True)
+        Image.fromarray((np.random.default_rng(0).random(shape) > 0.9).astype(np.uint8)).save(run / "test_masks" / "35.png")
+        metrics = dict(method=name.split("_")[0], data="drive", model="mobile_sam", seed=0, dice=0.5, hd95=3.0,
+                       per_image=[dict(name="35", dice=0.5, hd95=3.0)], trainable_params=10, trainable_percent=1.0,
+                       peak_mem_gib=1.0, train_seconds=1.0, imgs_per_s=1.0, versions={}, args=dict(split="salt", **spec_args))
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    train.main(["--report-only", "--methods", "lora", "salt --rank 4", "--data", "drive", "--data-root", str(drive_root),
+                "--seeds", "0", "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "drive")])
+    assert "`salt --rank 4` | drive" in (tmp_path / "drive.md").read_text()
+    panel = Image.open(tmp_path / "drive_panel.png")
+    assert panel.size[0] > panel.size[1]  # a grid of image, ground truth and the two methods
+    shutil.rmtree(tmp_path / "runs" / "lora_drive_s0" / "test_masks")  # a run without masks: no panel, no error
+    (tmp_path / "drive_panel.png").unlink()
+    train.main(["--report-only", "--methods", "lora", "--data", "drive", "--data-root", str(drive_root),
+                "--seeds", "0", "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "drive")])
+    assert not (tmp_path / "drive_panel.png").exists()
