@@ -75,8 +75,8 @@ class AtrousAttention(nn.Module):
     Input and output: tokens (B', h, w, paths*r) or flat (B', side*side, paths*r). Channels [i*r:(i+1)*r]
     belong to path i (q, v); every conv is grouped by path, so the paths share no weights but one call.
     `reference()` computes the module branch by branch, as described above; `compute()` computes the same
-    thing in three convolution calls instead of eight (see there), and a test checks that they agree;
-    `forward()` runs compute(), in CUDA training steps from a captured CUDA graph (see graphed_step)."""
+    thing in five convolution calls instead of eight, with no broadcast map (see there), and a test checks
+    that they agree; `forward()` runs compute(), in CUDA training steps from a captured CUDA graph (see graphed_step)."""
 
     def __init__(self, rank, rates, paths=2, side=None, device=None):
         super().__init__()
