@@ -76,7 +76,8 @@ class AtrousAttention(nn.Module):
     belong to path i (q, v); every conv is grouped by path, so the paths share no weights but one call.
     `reference()` computes the module branch by branch, as described above; `compute()` computes the same
     thing in five convolution calls instead of eight, with no broadcast map (see there), and a test checks
-    that they agree; `forward()` runs compute(), in CUDA training steps from a captured CUDA graph (see graphed_step)."""
+    that they agree; `forward()` runs compute(), in CUDA training steps from a captured CUDA graph
+    (see graphed_step)."""
 
     def __init__(self, rank, rates, paths=2, side=None, device=None):
         super().__init__()

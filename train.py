@@ -131,8 +131,8 @@ def panel(rows, args, path, columns=4):
     _, (names, images, masks, fovs) = load_drive(args.data_root, drive[0][1][0]["args"].get("split", "salt"))
     gt, fov = masks[0] > 0, fovs[0]
     n = 2 + len(drive)
-    fig, axes = plt.subplots((n + columns - 1) // columns, columns, figsize=(3.2 * columns, 3.4 * ((n + columns - 1) // columns)),
-                             squeeze=False)
+    nrows = (n + columns - 1) // columns
+    fig, axes = plt.subplots(nrows, columns, figsize=(3.2 * columns, 3.4 * nrows), squeeze=False)
     axes = axes.ravel()
     axes[0].imshow(images[0])
     axes[0].set_title(f"DRIVE image {names[0]}", fontsize=9)
