@@ -147,7 +147,7 @@ class AtrousAttention(nn.Module):
             # weights would be baked into the graph and go stale after the optimiser step)
             with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
                                 enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False):
-                self._graphs[key] = torch.cuda.make_graphed_callables(_ComputeStep(self), (sample,))
+                self._graphs[key] = torch.cuda.make_graphed_callables(AAMStep(self), (sample,))
         return self._graphs[key]
 
     def compute(self, tokens):
@@ -167,16 +167,17 @@ class AtrousAttention(nn.Module):
         return out.permute(0, 2, 3, 1).reshape(tokens.shape)
 
 
-class _ComputeStep(nn.Module):
-    """AtrousAttention.compute() as a module of its own, for torch.cuda.make_graphed_callables (which replaces
-    the forward of the module it is given, and returns gradients for that module's parameters)."""
+class AAMStep(nn.Module):
+    """One of AtrousAttention's computations (compute or reference) as a module of its own, for
+    torch.cuda.make_graphed_callables (which replaces the forward of the module it is given, and returns
+    gradients for that module's parameters)."""
 
-    def __init__(self, aam):
+    def __init__(self, aam, impl="compute"):
         super().__init__()
-        self.aam = aam
+        self.aam, self.impl = aam, impl
 
     def forward(self, tokens):
-        return self.aam.compute(tokens)
+        return getattr(self.aam, self.impl)(tokens)
 
 
 def use_cuda_graphs(model, enabled=True):

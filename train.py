@@ -186,4 +186,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from common import main_guard
+    main_guard(main)  # a bad input (e.g. a missing --data-root for the panel) ends in one sentence, exit 2

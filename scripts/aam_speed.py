@@ -23,17 +23,6 @@ SHAPES = {"stage2": (8 * 19 * 19, 7), "stage3": (8 * 5 * 5, 14), "stage4": (8 * 
 LAYERS = {"stage2": 2, "stage3": 6, "stage4": 2}  # attention blocks per stage
 
 
-class Step(torch.nn.Module):
-    """One of the AAM's implementations as a module (what make_graphed_callables takes)."""
-
-    def __init__(self, aam, impl):
-        super().__init__()
-        self.aam, self.impl = aam, impl
-
-    def forward(self, tokens):
-        return getattr(self.aam, self.impl)(tokens)
-
-
 def time_ms(fn, reps=30):
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -44,10 +33,15 @@ def time_ms(fn, reps=30):
 
 
 def step_fn(aam, impl, tokens, graphed):
-    run = Step(aam, impl)
-    if graphed:
+    if impl == "compute" and graphed:
+        atrous_lora.use_cuda_graphs(aam)  # the module's own forward, exactly as atrous_lora.py trains
+        run = aam
+    elif graphed:
         with torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
-            run = torch.cuda.make_graphed_callables(run, (tokens.detach().clone().requires_grad_(),))
+            run = torch.cuda.make_graphed_callables(atrous_lora.AAMStep(aam, impl),
+                                                    (tokens.detach().clone().requires_grad_(),))
+    else:
+        run = getattr(aam, impl)
 
     def step():
         with torch.autocast("cuda", torch.bfloat16):

@@ -62,8 +62,9 @@ def test_aam_keeps_the_token_shape_and_keeps_q_and_v_apart(shape, side):
 @pytest.mark.parametrize("shape,side,rates", [((4, 14, 14, 8), None, (1, 2, 3)), ((5, 49, 8), 7, (1, 2, 3)),
                                               ((3, 14, 14, 8), None, (2, 5))])
 def test_fast_aam_equals_the_branch_by_branch_module_in_values_and_gradients(shape, side, rates):
-    """forward() folds the 1x1 and dilated 3x3 branches into one KxK conv and the pooled branch into a bias;
-    reference() runs the branches one by one as the paper describes them. Random (non-zero) weights, fp32."""
+    """compute() (what forward() runs off the GPU) folds the 1x1 and dilated 3x3 branches into one KxK conv
+    and the pooled branch into a bias; reference() runs the branches one by one as the paper describes them.
+    Random (non-zero) weights, fp32."""
     torch.manual_seed(1)
     aam = atrous_lora.AtrousAttention(rank=4, rates=rates, paths=2, side=side)
     for p in aam.parameters():

@@ -2,6 +2,9 @@
 and (for DRIVE) the prediction panel."""
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ from PIL import Image
 
 import train
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--", "--model", "tiny", "--device", "cpu", "--steps", "2", "--batch-size", "2"]
 
 
@@ -60,3 +64,17 @@ def test_panel_shows_each_method_on_the_first_drive_test_image(tmp_path, drive_r
     train.main(["--report-only", "--methods", "lora", "--data", "drive", "--data-root", str(drive_root),
                 "--seeds", "0", "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "drive")])
     assert not (tmp_path / "drive_panel.png").exists()
+
+
+def test_a_missing_drive_folder_for_the_panel_is_one_sentence_and_exit_2(tmp_path):
+    run = tmp_path / "runs" / "lora_drive_s0"
+    (run / "test_masks").mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps(dict(
+        method="lora", data="drive", model="mobile_sam", seed=0, dice=0.5, hd95=3.0, per_image=[],
+        trainable_params=10, trainable_percent=1.0, peak_mem_gib=None, train_seconds=1.0, imgs_per_s=1.0,
+        versions={}, args=dict(split="salt"))))
+    done = subprocess.run([sys.executable, "train.py", "--report-only", "--methods", "lora", "--data", "drive",
+                           "--data-root", str(tmp_path / "no_drive"), "--seeds", "0", "--out", str(tmp_path / "runs"),
+                           "--results", str(tmp_path / "r")], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: DRIVE folder {tmp_path / 'no_drive'} does not exist")
