@@ -53,8 +53,6 @@ def parse_args(argv=None):
     p.add_argument("--rates", default="1,2,3",
                    help="dilation rates of the 3x3 atrous branches, comma-separated; each must be smaller than "
                         "the smallest token grid an attention sees (14x14 ViT windows, 7x7 TinyViT windows)")
-    p.add_argument("--no-cuda-graphs", action="store_true",
-                   help="run the atrous modules eagerly in training steps too (slower; see AtrousAttention.graphed_step)")
     return p.parse_args(argv)
 
 
@@ -76,8 +74,12 @@ class AtrousAttention(nn.Module):
     belong to path i (q, v); every conv is grouped by path, so the paths share no weights but one call.
     `reference()` computes the module branch by branch, as described above; `compute()` computes the same
     thing in five convolution calls instead of eight, with no broadcast map (see there), and a test checks
-    that they agree; `forward()` runs compute(), in CUDA training steps from a captured CUDA graph
-    (see graphed_step)."""
+    that they agree; `forward()` runs compute().
+
+    Speed: forward and backward are about a hundred small operations on 8-channel maps, on which eager
+    PyTorch spends 4-6 ms of CPU per block against 0.7-1.3 ms of GPU work (profiled on the H100,
+    scripts/aam_speed.py). Eager steps wait on Python; replayed from a CUDA graph (common.TrainStep,
+    which this method's training uses) they do not."""
 
     def __init__(self, rank, rates, paths=2, side=None, device=None):
         super().__init__()
@@ -90,8 +92,6 @@ class AtrousAttention(nn.Module):
         self.pool = nn.Conv2d(c, c, 1, groups=g, device=device)  # on the grid's mean: image-level context
         self.fuse = nn.Conv2d((len(rates) + 2) * c, c, 1, groups=g, device=device)
         self.gate = nn.Conv2d(c, c, 1, groups=g, device=device)  # attention weights alpha = sigmoid(gate(F))
-        self.cuda_graphs = False  # see use_cuda_graphs()
-        self._graphs = {}  # (shape, dtype, requires_grad) -> graphed step; a plain dict, not in the state dict
 
     def _grid(self, tokens):
         if tokens.dim() == 3:  # TinyViT: (B', ws*ws, c) row-major in each window -> (B', ws, ws, c)
@@ -125,30 +125,7 @@ class AtrousAttention(nn.Module):
         return weight.flatten(0, 2), bias.flatten()
 
     def forward(self, tokens):
-        """compute(), or in CUDA training steps (once use_cuda_graphs() has switched it on) the same
-        computation replayed from a captured CUDA graph."""
-        if (self.cuda_graphs and self.training and tokens.is_cuda and torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):
-            return self.graphed_step(tokens)(tokens)
         return self.compute(tokens)
-
-    def graphed_step(self, tokens):
-        """Forward and backward of compute() for this input shape, captured once as two CUDA graphs.
-        Why: forward and backward are about a hundred small operations on 8-channel maps, on which eager
-        PyTorch spends 4-6 ms of CPU per block against 0.7-1.3 ms of GPU work (profiled on the H100,
-        scripts/aam_speed.py), so an eager training step waits on Python. A replay is one launch: the
-        modules' share of a batch-8 step fell from 37.6 to 9.9 ms.
-        Valid because a training step calls each AAM once, with one shape, before its backward; evaluation
-        (eval mode), compiled code and anything without grad take compute() instead."""
-        key = (tuple(tokens.shape), tokens.dtype, tokens.requires_grad)
-        if key not in self._graphs:
-            sample = tokens.detach().clone().requires_grad_(tokens.requires_grad)
-            # capture under the caller's autocast, whose cast cache must be off (cached casts of the
-            # weights would be baked into the graph and go stale after the optimiser step)
-            with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
-                                enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False):
-                self._graphs[key] = torch.cuda.make_graphed_callables(AAMStep(self), (sample,))
-        return self._graphs[key]
 
     def compute(self, tokens):
         """As reference(), in fewer operations on the (B', 2r, h, w) maps: the four spatial branches run as
@@ -165,27 +142,6 @@ class AtrousAttention(nn.Module):
         fused = F.conv2d(F.gelu(spatial), fuse_spatial, groups=g) + pooled_bias  # F: (B', c, h, w)
         out = z + torch.sigmoid(self.gate(fused)) * fused  # plain LoRA's z, plus the gated multi-scale map
         return out.permute(0, 2, 3, 1).reshape(tokens.shape)
-
-
-class AAMStep(nn.Module):
-    """One of AtrousAttention's computations (compute or reference) as a module of its own, for
-    torch.cuda.make_graphed_callables (which replaces the forward of the module it is given, and returns
-    gradients for that module's parameters)."""
-
-    def __init__(self, aam, impl="compute"):
-        super().__init__()
-        self.aam, self.impl = aam, impl
-
-    def forward(self, tokens):
-        return getattr(self.aam, self.impl)(tokens)
-
-
-def use_cuda_graphs(model, enabled=True):
-    """Let every AAM replay CUDA graphs in training steps. Off with activation checkpointing, which runs a
-    block's forward a second time inside the backward."""
-    for m in model.modules():
-        if isinstance(m, AtrousAttention):
-            m.cuda_graphs = enabled
 
 
 class AtrousLoRAQKV(nn.Linear):
@@ -259,9 +215,8 @@ def main(argv=None):
     model = common.load_sam(args, device)
     inject(model, args.rank, rates)
     model.to(device)
-    use_cuda_graphs(model, device.type == "cuda" and not args.grad_checkpoint and not args.no_cuda_graphs)
     train_set, test_set = load_data(args, device)
-    return common.run(model, train_set, test_set, args, device)
+    return common.run(model, train_set, test_set, args, device, cuda_graph=True)  # default_loss: capturable
 
 
 if __name__ == "__main__":

@@ -373,7 +373,7 @@ def main(argv=None):
         model.cden.compile()  # common.compile_model compiles the encoder blocks and decoder transformer
     train_set, test_set = load_data(args, device)
     return common.run(model, train_set, test_set, args, device,
-                      extra_metrics=dict(trainable_by_part=trainable_by_part(model)))
+                      extra_metrics=dict(trainable_by_part=trainable_by_part(model)), cuda_graph=True)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,8 @@ def base_parser(description):
                    help="use segment_anything's own attention instead of the exact fused-kernel path")
     g.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute each encoder block's activations in the backward pass (for small GPUs)")
+    g.add_argument("--no-cuda-graph", action="store_true",
+                   help="run every training step eagerly instead of replaying it from a captured CUDA graph")
     g.add_argument("--out", default="runs", help="folder of run folders")
     g.add_argument("--run-name", default=None, help="run folder name (default: method_data_model_sSEED)")
     g.add_argument("--resume", default=None, help="checkpoint to continue training from (or to evaluate)")
@@ -420,7 +422,14 @@ def fast_vit_attention(self, x):
     Windowed blocks at 1024 see a 64 x 64 grid padded to 70 x 70 (64 is not a multiple of 14): 25 windows,
     4900 tokens of which 804 (16.4%) are padding; stock SAM spends the qkv, attention and proj work of
     those tokens too, and the padding (zeros after norm1, so k = v = qkv bias) takes part in the border
-    windows' softmax as keys. We keep that, for exactness."""
+    windows' softmax as keys. We keep that, for exactness.
+
+    Cost (H100, bf16, batch 8 at 1024, forward + backward of one global block's attention; PyTorch picks
+    cuDNN's kernel): 12.0 ms, against 3.2 ms for the same attention without the rel-pos term; the widened
+    q.k and its backward are 40% of a compiled ViT-B LoRA step. Tried and slower or no better:
+    FlexAttention with the term as a score_mod (61 ms: its gradient is scattered with atomics),
+    FlexAttention on the folded q/k with v unpadded (12.6 ms), cuDNN with v unpadded (11.3 ms), the
+    memory-efficient kernel (70 ms); scripts/speed_probe.py attn."""
     B, H, W, _ = x.shape
     N, heads = H * W, self.num_heads
     # self.qkv, not its weight: adapters (LoRAQKV and the like) replace this module
@@ -460,6 +469,49 @@ def fast_tinyvit_attention(self, x):
     return self.proj(out.transpose(1, 2).reshape(B, N, self.dh))
 
 
+def fast_tinyvit_block(self, x):
+    """forward of MobileSAM's TinyViTBlock with its depthwise local conv on a channels-last view of the
+    tokens: stock transposes (B, L, C) to a contiguous (B, C, H, W) and back, two copies per block, and
+    runs PyTorch's own depthwise kernel, where cuDNN's channels-last one is faster. Otherwise as stock.
+    x: (B, L, C), L = H*W."""
+    H, W = self.input_resolution
+    B, L, C = x.shape
+    ws = self.window_size
+    shortcut = x
+    if H == ws and W == ws:
+        x = self.attn(x)
+    else:  # pad to whole windows, (B*nH*nW, ws*ws, C) windows, attention, back, unpad (as stock)
+        pad_b, pad_r = (ws - H % ws) % ws, (ws - W % ws) % ws
+        x = F.pad(x.view(B, H, W, C), (0, 0, 0, pad_r, 0, pad_b))
+        nH, nW = (H + pad_b) // ws, (W + pad_r) // ws
+        x = x.view(B, nH, ws, nW, ws, C).transpose(2, 3).reshape(B * nH * nW, ws * ws, C)
+        x = self.attn(x)
+        x = x.view(B, nH, nW, ws, ws, C).transpose(2, 3).reshape(B, H + pad_b, W + pad_r, C)
+        x = x[:, :H, :W].reshape(B, L, C)
+    x = shortcut + x
+    x = self.local_conv(x.view(B, H, W, C).permute(0, 3, 1, 2))  # (B, C, H, W) channels-last: no copy
+    x = x.permute(0, 2, 3, 1).reshape(B, L, C)
+    return x + self.mlp(x)
+
+
+def folded_conv_bn(self, x):
+    """forward of MobileSAM's Conv2d_BN (conv, then BatchNorm) with the BatchNorm, frozen in eval mode,
+    folded into the convolution: w * gamma / sigma, beta - mu * gamma / sigma. One kernel instead of two
+    passes over the output; exact up to rounding. BatchNorm in training mode: as stock."""
+    conv, bn = self.c, self.bn
+    if bn.training:
+        return nn.Sequential.forward(self, x)
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()  # (C_out,)
+    return F.conv2d(x, conv.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale,
+                    conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def channels_last_patch_embed(self, x):
+    """forward of MobileSAM's PatchEmbed, its output (B, 64, S/4, S/4) channels-last, so the convolutions
+    of the first stage (MBConv blocks at S/4, no attention) run in cuDNN's NHWC kernels."""
+    return self.seq(x).contiguous(memory_format=torch.channels_last)
+
+
 _SUBCLASSES = {}
 
 
@@ -474,7 +526,10 @@ def _swap_class(module, name, **members):
 
 def use_fast_attention(image_encoder, pad_v=True):
     """Route every attention of the image encoder through F.scaled_dot_product_attention (exact, see
-    fast_vit_attention / fast_tinyvit_attention). Works before or after an adapter replaced `attn.qkv`.
+    fast_vit_attention / fast_tinyvit_attention); in TinyViT also fold the frozen BatchNorms and run
+    the convolutions channels-last (fast_tinyvit_block, folded_conv_bn, channels_last_patch_embed;
+    the three took a graphed MobileSAM LoRA step at batch 8 from 49.4 to 42.1 ms on the H100).
+    Works before or after an adapter replaced `attn.qkv`.
     pad_v=False leaves v at its own width (fewer FLOPs where the kernel accepts it)."""
     for attn, heads in encoder_attentions(image_encoder):
         if getattr(attn, "is_fast", False):
@@ -484,6 +539,15 @@ def use_fast_attention(image_encoder, pad_v=True):
             attn.fast_pad_v = pad_v
         else:  # MobileSAM's TinyViT
             _swap_class(attn, "FastTinyViTAttention", forward=fast_tinyvit_attention, is_fast=True)
+    if isinstance(image_encoder, nn.Module) and not hasattr(image_encoder, "blocks"):  # TinyViT: its convolutions
+        from mobile_sam.modeling.tiny_vit_sam import Conv2d_BN, PatchEmbed, TinyViTBlock
+        for m in image_encoder.modules():
+            if type(m) is TinyViTBlock:
+                _swap_class(m, "FastTinyViTBlock", forward=fast_tinyvit_block)
+            elif type(m) is Conv2d_BN:
+                _swap_class(m, "FoldedConv2d_BN", forward=folded_conv_bn)
+            elif type(m) is PatchEmbed:
+                _swap_class(m, "ChannelsLastPatchEmbed", forward=channels_last_patch_embed)
 
 
 def use_grad_checkpointing(image_encoder):
@@ -498,7 +562,9 @@ def use_grad_checkpointing(image_encoder):
 
         def forward(self, x, stock_forward=stock_forward):
             if self.training and torch.is_grad_enabled():
-                return checkpoint(stock_forward, self, x, use_reentrant=False)
+                # no random numbers in SAM blocks or our adapters: nothing to replay, and CUDA graph
+                # capture of the step does not allow reading the generator's state
+                return checkpoint(stock_forward, self, x, use_reentrant=False, preserve_rng_state=False)
             return stock_forward(self, x)
         _swap_class(blk, "Checkpointed" + type(blk).__name__, forward=forward, is_checkpointed=True)
 
@@ -511,15 +577,19 @@ def should_compile(args, device):
 
 
 def compile_model(model):
-    """Compile the repeated pieces (each encoder block, the decoder's transformer) rather than the whole
-    model: identical blocks share one compiled graph, so compilation is paid once per block shape rather
-    than once per block, and a method's own code paths (extra losses, other stages) still run through
-    compiled blocks. (Its cost on ViT-B has not been measured yet.)"""
-    # One code object serves blocks of several shapes (TinyViT stages, train and eval): allow the recompiles.
+    """Compile the repeated piece, the encoder block, rather than the whole model: identical blocks share
+    one compiled graph, so compilation is paid once per block kind (windowed, global) rather than once
+    per block, and a method's own code paths (extra losses, other stages) still run through compiled
+    blocks. Not compiled, because each would cost a graph of its own for little: the first block (its
+    input never requires grad, so its backward differs from the others'), the mask decoder (small
+    kernels, whose launch cost the step's CUDA graph removes) and anything under evaluation (see
+    predict: eval mode and no_grad would be two more graphs per block kind).
+    Measured on the H100, ViT-B LoRA, batch 8, steps replayed from a CUDA graph: 39.5 s of compilation
+    (cold caches) for 71.9 images/s; compiling every block and the decoder too: 86 s for 74.7."""
+    # One code object serves blocks of several shapes (TinyViT stages, windowed and global): allow recompiles.
     torch._dynamo.config.recompile_limit = 64
-    for blk in encoder_blocks(model.image_encoder):
+    for blk in encoder_blocks(model.image_encoder)[1:]:
         blk.compile()
-    model.mask_decoder.transformer.compile()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -681,7 +751,8 @@ def predict(model, images, batch_size):
     crops = torch.stack([images[:, :, r:r + S, c:c + S] for r, c in tiles], 1).flatten(0, 1)  # (N*T, 3, S, S)
     out = []
     for i in range(0, len(crops), batch_size):
-        with autocast(images.device):
+        # compiled blocks run eagerly here: compiling them for eval mode and no_grad costs more than it saves
+        with autocast(images.device), torch.compiler.set_stance("force_eager"):
             out.append(model(crops[i:i + batch_size]).float())
     logits = torch.cat(out).unflatten(0, (len(images), len(tiles)))  # (N, T, C+1, S/4, S/4)
     model.train(was_training)
@@ -750,20 +821,88 @@ def default_loss(model, images, masks):
     return segmentation_loss(model(images), masks)
 
 
-def train_loop(model, next_batch, loss_fn, args, device, run_dir, steps, evaluate_fn=None, tag="", resume=None):
+class TrainStep:
+    """One optimisation step: the loss under autocast, backward, AdamW. Returns the loss (on the device).
+
+    With `graphed` (CUDA), the step is captured once as a CUDA graph and then replayed: the GPU gets the
+    whole step's kernels in one launch instead of one Python call each, which is what a small model at
+    batch 8 waits on (MobileSAM LoRA measured on the H100: 55-73 ms eager, 50 ms replayed, the GPU's own
+    time). What capture needs, and train_loop provides: inputs copied into the same buffers every step
+    (static shapes), a capturable optimiser whose learning rate is a device tensor (the schedule writes
+    it in place), and a loss with no host synchronisation, no CPU-side randomness and no data-dependent
+    Python branches: whatever Python decides during capture is replayed as it was. A method whose loss
+    is like that says so (train_loop's cuda_graph); the others run eagerly. The first WARMUP steps run
+    eagerly on a side stream (they compile what is compiled and let cuDNN choose its algorithms)."""
+    WARMUP = 3
+
+    def __init__(self, model, loss_fn, optimizer, device, graphed, amp=True):
+        self.model, self.loss_fn, self.optimizer, self.device = model, loss_fn, optimizer, device
+        self.graphed, self.graph, self.calls = graphed, None, 0
+        self.autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+    def eager(self, *batch):
+        with self.autocast():
+            loss = self.loss_fn(self.model, *batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def __call__(self, *batch):
+        self.calls += 1
+        if not self.graphed:
+            return self.eager(*batch)
+        if self.graph is None and self.calls <= self.WARMUP:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                loss = self.eager(*batch)
+            torch.cuda.current_stream().wait_stream(side)
+            return loss
+        if self.graph is None:
+            self.capture(batch)
+        elif [b.shape for b in batch] != [b.shape for b in self.inputs]:
+            raise UserError("a training batch changed shape after the step was captured as a CUDA graph; "
+                            "pass --no-cuda-graph.")
+        for static, b in zip(self.inputs, batch):
+            static.copy_(b)
+        self.graph.replay()
+        return self.loss
+
+    def capture(self, batch):
+        self.inputs = [b.clone() for b in batch]
+        self.optimizer.zero_grad(set_to_none=True)  # the gradients then live in the graph's memory
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            with self.autocast():
+                loss = self.loss_fn(self.model, *self.inputs)
+            loss.backward()
+            self.optimizer.step()
+        self.loss = loss.detach()
+
+
+def train_loop(model, next_batch, loss_fn, args, device, run_dir, steps, evaluate_fn=None, tag="", resume=None,
+               cuda_graph=False):
     """AdamW over the parameters that require grad, warm-up + poly decay, bf16 autocast on CUDA.
     `next_batch()` returns the arguments of `loss_fn(model, *batch)`. Writes run_dir/last.pt (resumable)
     at every evaluation and on Ctrl-C, and run_dir/best.pt when `evaluate_fn` finds a better Dice.
+    `cuda_graph`: the caller's loss can be captured (see TrainStep); on CUDA the steps are then replayed
+    from a graph, unless --no-cuda-graph.
     Returns the history: losses and evaluations by step, seconds, images per second."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
+    graphed = cuda_graph and device.type == "cuda" and not getattr(args, "no_cuda_graph", False)
+    optimizer = torch.optim.AdamW(params, lr=torch.tensor(args.lr, device=device) if graphed else args.lr,
+                                  weight_decay=args.weight_decay, fused=device.type == "cuda", capturable=graphed)
     schedule = make_schedule(optimizer, args.warmup, steps)
+    step_fn = TrainStep(model, loss_fn, optimizer, device, graphed)
     history = dict(loss=[], eval=[], best_dice=-1.0)
     start = 0
     if resume is not None and resume.get("optimizer") is not None and resume.get("tag", "") == tag:
         optimizer.load_state_dict(resume["optimizer"])
         schedule.load_state_dict(resume["schedule"])
+        for group in optimizer.param_groups:  # a run with graphs keeps lr as a tensor, one without as a float
+            for key in ("lr", "initial_lr"):
+                group[key] = torch.tensor(float(group[key]), device=device) if graphed else float(group[key])
         history = resume["history"]
         start = resume["step"]
         args.generator.set_state(resume["generator"].to(args.generator.get_state().device))
@@ -782,14 +921,10 @@ def train_loop(model, next_batch, loss_fn, args, device, run_dir, steps, evaluat
         for step in range(start, steps):
             step_rng = args.generator.get_state()  # so an interrupted step can be redrawn identically
             batch = next_batch()
-            with autocast(device):
-                loss = loss_fn(model, *batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = step_fn(*batch)
             schedule.step()
             done = step + 1
-            running += loss.detach()  # stays on the device: no sync per step
+            running += loss  # stays on the device: no sync per step
             seen += batch[0].shape[0]
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
                 n = (step % args.log_every) + 1
@@ -799,7 +934,7 @@ def train_loop(model, next_batch, loss_fn, args, device, run_dir, steps, evaluat
                     raise FloatingPointError(step + 1)
                 history["loss"].append((step + 1, mean_loss))
                 rate = seen / (time.time() - t0)
-                print(f"\r{tag}step {step + 1}/{steps}  loss {mean_loss:.4f}  lr {schedule.get_last_lr()[0]:.2e}  "
+                print(f"\r{tag}step {step + 1}/{steps}  loss {mean_loss:.4f}  lr {float(schedule.get_last_lr()[0]):.2e}  "
                       f"{rate:.1f} img/s", end="", flush=True)
             if evaluate_fn is not None and ((step + 1) % args.eval_every == 0 or step + 1 == steps):
                 metrics = evaluate_fn()
@@ -854,7 +989,8 @@ def setup(args, method, gpu_steps):
     return device
 
 
-def run(model, train_set, test_set, args, device, loss_fn=default_loss, steps=None, extra_metrics=None):
+def run(model, train_set, test_set, args, device, loss_fn=default_loss, steps=None, extra_metrics=None,
+        cuda_graph=False):
     """Train the parameters that require grad on `train_set`, evaluate on `test_set`, write the run folder:
     best.pt / last.pt, metrics.json, predictions.png, curves.png. Returns the metrics dict."""
     run_dir = Path(args.out) / args.run_name
@@ -876,12 +1012,19 @@ def run(model, train_set, test_set, args, device, loss_fn=default_loss, steps=No
             print(f"before training: Dice {untrained['dice']:.4f}  HD95 {untrained['hd95']:.2f}")
         if should_compile(args, device):
             compile_model(model)
-        eval_fn = lambda: evaluate(model, test_set, args.batch_size)[0]
+        last = {}  # the latest evaluation with its masks: train_loop's one at the final step is the test result
+
+        def eval_fn():
+            last["result"] = evaluate(model, test_set, args.batch_size)
+            return last["result"][0]
         history = train_loop(model, labelled_batches(train_set, args.batch_size, args.generator), loss_fn, args,
-                             device, run_dir, steps, evaluate_fn=eval_fn, tag="", resume=resume)
+                             device, run_dir, steps, evaluate_fn=eval_fn, tag="", resume=resume, cuda_graph=cuda_graph)
     else:
         history = dict(loss=[], eval=[], seconds=0.0, imgs_per_s=0.0, steps=0)
-    result, preds = evaluate(model, test_set, args.batch_size)
+    if not args.eval_only and last and history["eval"] and history["eval"][-1][0] == steps:
+        result, preds = last["result"]  # the model has not changed since train_loop's final evaluation
+    else:
+        result, preds = evaluate(model, test_set, args.batch_size)
     print(f"test ({len(test_set)} images): Dice {result['dice']:.4f}  HD95 {result['hd95']:.2f}"
           + (f"   (untrained: Dice {untrained['dice']:.4f})" if untrained else ""))
     metrics = dict(method=args.method, data=args.data, model=args.model, img_size=args.img_size, zoom=args.zoom,

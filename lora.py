@@ -101,7 +101,7 @@ def main(argv=None):
     if common.predict_or_export(model, args, device, merged_state_dict):
         return None
     train_set, test_set = load_data(args, device)
-    return common.run(model, train_set, test_set, args, device)
+    return common.run(model, train_set, test_set, args, device, cuda_graph=True)  # default_loss: capturable
 
 
 if __name__ == "__main__":

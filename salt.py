@@ -299,7 +299,8 @@ def main(argv=None):
         return None
     train_set, test_set = load_data(args, device)
     return common.run(model, train_set, test_set, args, device, loss_fn=make_loss(args.reg_weight),
-                      extra_metrics=dict(salt_layers=summary, salt_params=salt_parameter_count(model)))
+                      extra_metrics=dict(salt_layers=summary, salt_params=salt_parameter_count(model)),
+                      cuda_graph=True)  # the loss and its regulariser are capturable
 
 
 if __name__ == "__main__":

@@ -458,7 +458,7 @@ def main(argv=None):
     # common.run keeps the labels of a seeded --label-fraction of train_set (stage 1 above used all images)
     extra = dict(stage=args.stage, hl_params=hl_parameter_count(model, args.hl_width),
                  expert_params=sum(v.numel() for v in expert_state(model).values()), stage1=stage1)
-    return common.run(model, train_set, test_set, args, device, extra_metrics=extra)
+    return common.run(model, train_set, test_set, args, device, extra_metrics=extra, cuda_graph=True)
 
 
 if __name__ == "__main__":

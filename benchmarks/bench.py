@@ -19,7 +19,8 @@ What one row measures (model x method x config x batch):
 
 Configs are named by tokens joined with "_": stock|fast (SAM's attention, or common.use_fast_attention),
 fp32|bf16 (bf16 = autocast, as common.run on CUDA), compile (common.compile_model: per-block
-torch.compile), ckpt (common.use_grad_checkpointing), nopadv (fast path without v padding).
+torch.compile), ckpt (common.use_grad_checkpointing), nopadv (fast path without v padding), graph (the
+whole training step replayed from a CUDA graph, common.TrainStep).
 Compiled configs run on CUDA only (as common.run); on the CPU they are recorded as skipped.
 
 Run (GPU). A 10-minute call holds about one model's worth of rows (compiled rows spend most of their time
@@ -50,15 +51,14 @@ import common  # noqa: E402
 from data import UserError  # noqa: E402
 
 DEFAULT_CONFIGS = "stock_fp32,stock_bf16,fast_bf16,fast_bf16_compile,fast_bf16_compile_ckpt"
-TOKENS = {"fp32", "bf16", "compile", "ckpt", "nopadv"}
+TOKENS = {"fp32", "bf16", "compile", "ckpt", "nopadv", "graph"}
 
 # How each method file adapts a loaded SAM, from its own arguments (their inject() signatures differ),
 # and the loss it trains with (None: common.default_loss).
 ADAPTERS = {
     "lora": (lambda mod, model, a: mod.inject(model, a.rank), None),
     "salt": (lambda mod, model, a: mod.inject(model, a), lambda mod, a: mod.make_loss(a.reg_weight)),
-    "atrous_lora": (lambda mod, model, a: (mod.inject(model, a.rank, mod.parse_rates(a.rates)),
-                                           mod.use_cuda_graphs(model, not a.no_cuda_graphs)), None),
+    "atrous_lora": (lambda mod, model, a: mod.inject(model, a.rank, mod.parse_rates(a.rates)), None),
     "balr_sam": (lambda mod, model, a: mod.inject(model, a), None),
     "samora": (lambda mod, model, a: mod.inject(model, a.rank, a.hl_width, a.hl_heads), None),
 }
@@ -113,7 +113,7 @@ def parse_config(name):
         raise UserError(f"config {name!r} is not stock|fast followed by _-joined tokens from {sorted(TOKENS)} "
                         f"(nopadv with fast only); e.g. fast_bf16_compile.")
     return dict(fast=attention == "fast", bf16="bf16" in tokens, compile="compile" in tokens,
-                ckpt="ckpt" in tokens, pad_v="nopadv" not in tokens)
+                ckpt="ckpt" in tokens, pad_v="nopadv" not in tokens, graph="graph" in tokens)
 
 
 def sync(device):
@@ -163,8 +163,6 @@ def build(base, method, mod, margs, cfg, device, quiet=True):
         stock_attention(model.image_encoder)
     if cfg["ckpt"]:
         common.use_grad_checkpointing(model.image_encoder)
-        if hasattr(mod, "use_cuda_graphs"):  # as the method's main(): no graphs under checkpointing
-            mod.use_cuda_graphs(model, False)
     if cfg["compile"]:
         common.compile_model(model)
         if hasattr(model, "cden"):  # balr_sam's detail CNN lies outside what compile_model compiles (as balr_sam.main)
@@ -217,14 +215,13 @@ def measure(base, method, mod, margs, cfg, batch, args, device, count_exec):
     images, masks = random_batch(batch, margs.img_size, margs.num_classes, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["bf16"])
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    graphed = cfg["graph"] and device.type == "cuda"
+    optimizer = torch.optim.AdamW(params, lr=torch.tensor(1e-4, device=device) if graphed else 1e-4,
+                                  fused=device.type == "cuda", capturable=graphed)
+    one_step = common.TrainStep(model, loss_fn, optimizer, device, graphed, amp=cfg["bf16"])  # as common.train_loop
 
     def train_step():
-        with autocast:
-            loss = loss_fn(model, images, masks)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        one_step(images, masks)
 
     def infer_step():
         with torch.no_grad(), autocast:

@@ -1,7 +1,7 @@
 """Time the Atrous Attention Module alone, forward + backward under bf16 autocast, on the bottleneck shapes
 MobileSAM's TinyViT hands it at 1024 and batch 8: reference() (branch by branch, eight convs) and compute()
 (the spatial branches as one conv, the pooled branch as a bias), each eager and replayed from CUDA graphs
-(as atrous_lora.py trains); then a profile of eager reference() (where the time goes: CPU or GPU).
+(atrous_lora.py now replays its whole training step from one: common.TrainStep); then a profile of eager reference() (where the time goes: CPU or GPU).
 Writes a JSON; needs a CUDA GPU.
 
     python scripts/aam_speed.py --out runs/aam_speed.json
@@ -32,14 +32,22 @@ def time_ms(fn, reps=30):
     return (time.perf_counter() - start) / reps * 1e3
 
 
+class AAMStep(torch.nn.Module):
+    """One of the module's computations as a module of its own, for torch.cuda.make_graphed_callables
+    (which replaces the forward of the module it is given and returns gradients for its parameters)."""
+
+    def __init__(self, aam, impl):
+        super().__init__()
+        self.aam, self.impl = aam, impl
+
+    def forward(self, tokens):
+        return getattr(self.aam, self.impl)(tokens)
+
+
 def step_fn(aam, impl, tokens, graphed):
-    if impl == "compute" and graphed:
-        atrous_lora.use_cuda_graphs(aam)  # the module's own forward, exactly as atrous_lora.py trains
-        run = aam
-    elif graphed:
+    if graphed:  # capture under autocast with its cast cache off (cached weight casts would go stale)
         with torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
-            run = torch.cuda.make_graphed_callables(atrous_lora.AAMStep(aam, impl),
-                                                    (tokens.detach().clone().requires_grad_(),))
+            run = torch.cuda.make_graphed_callables(AAMStep(aam, impl), (tokens.detach().clone().requires_grad_(),))
     else:
         run = getattr(aam, impl)
 

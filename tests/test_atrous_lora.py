@@ -235,31 +235,3 @@ def test_smoke_run_writes_metrics(tmp_path):
         assert (run / f).is_file()
     state = torch.load(run / "last.pt", weights_only=True)["state"]
     assert any(k.endswith("lora_B_q.weight") and v.abs().max() > 0 for k, v in state.items())  # B trained
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-def test_cuda_graph_training_steps_match_eager_ones():
-    """Two AAMs with the same weights, one replaying CUDA graphs: the same outputs, input gradients and
-    parameter gradients over three optimiser steps (the graph must see each step's updated weights)."""
-    torch.manual_seed(0)
-    eager = atrous_lora.AtrousAttention(rank=4, rates=(1, 2, 3), side=7, device="cuda")
-    graphed = atrous_lora.AtrousAttention(rank=4, rates=(1, 2, 3), side=7, device="cuda")
-    graphed.load_state_dict(eager.state_dict())
-    atrous_lora.use_cuda_graphs(graphed)
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (eager, graphed)]
-    for step in range(3):
-        z = torch.randn(40, 49, 8, device="cuda", requires_grad=True)
-        outs, grads = [], []
-        for m, opt in zip((eager, graphed), opts):
-            zi = z.detach().clone().requires_grad_()
-            opt.zero_grad()
-            with torch.autocast("cuda", torch.bfloat16):
-                out = m(zi)
-            out.float().square().mean().backward()
-            outs.append(out.float())
-            grads.append([zi.grad, *(p.grad for p in m.parameters())])
-            opt.step()
-        assert torch.allclose(outs[0], outs[1], atol=1e-2, rtol=1e-2)
-        for a, b in zip(*grads):
-            assert torch.allclose(a, b, atol=1e-3, rtol=1e-2)
-    assert len(graphed._graphs) == 1 and not eager._graphs  # one capture, reused

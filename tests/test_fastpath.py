@@ -168,6 +168,38 @@ def test_tinyvit_attention_matches_stock(training):
         assert (fast(x) - stock(x)).abs().max() < TOL
 
 
+def test_mobile_sam_fast_path_matches_stock():
+    """The whole MobileSAM encoder with LoRA, fp32: fast attention, folded BatchNorms and channels-last
+    convolutions give stock's logits and stock's LoRA gradients. BatchNorm statistics are randomised
+    (the pretrained ones would hide a fold that ignored them)."""
+    args = lora.parse_args(["--model", "mobile_sam", "--device", "cpu", "--stock-attention"])
+    device = common.setup(args, "lora", gpu_steps=10)
+    stock = common.load_sam(args, device)
+    lora.inject(stock, rank=4)
+    randomise(stock)
+    g = torch.Generator().manual_seed(1)
+    for m in stock.image_encoder.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    fast = copy.deepcopy(stock)
+    use_fast_attention(fast.image_encoder)
+    kinds = {type(m).__name__ for m in fast.image_encoder.modules()}
+    assert {"FastTinyViTBlock", "FoldedConv2d_BN", "ChannelsLastPatchEmbed", "FastTinyViTAttention"} <= kinds
+    x = torch.rand(1, 3, 1024, 1024, generator=g)
+    masks = (torch.rand(1, 1024, 1024, generator=g) < 0.2).to(torch.uint8)
+    logits = []
+    for m in (stock, fast):
+        m.train()
+        out = m(x)
+        common.segmentation_loss(out, masks).backward()
+        logits.append(out.detach())
+    assert (logits[0] - logits[1]).abs().max() < 1e-4 * logits[0].abs().max()
+    for (n, a), (_, b) in zip(stock.named_parameters(), fast.named_parameters()):
+        if "lora_" in n:
+            assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-6), n
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     args, stock = tiny_model()
     lora.inject(stock, rank=4)
@@ -187,3 +219,56 @@ def test_grad_checkpointing_gives_the_same_gradients():
     ckpt.eval()  # and in evaluation nothing is recomputed: the output is the plain forward's
     with torch.no_grad():
         assert torch.equal(ckpt(x), stock.eval()(x))
+
+
+def _train_steps(method, graphed, batches, device):
+    """A tiny SAM with `method`'s adapter trained on `batches` by common.TrainStep; returns its trainable
+    parameters and the losses."""
+    import importlib
+    mod = importlib.import_module(method)
+    args, model = tiny_model(["--device", device.type])
+    torch.manual_seed(0)
+    if method == "atrous_lora":
+        mod.inject(model, 4, (1, 2))
+    else:
+        mod.inject(model, 4)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=torch.tensor(1e-3, device=device) if graphed else 1e-3,
+                                  capturable=graphed)
+    step = common.TrainStep(model, common.default_loss, optimizer, device, graphed)
+    losses = [step(*batch).float().item() for batch in batches]
+    return [p.detach().float().cpu() for p in params], losses
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("method", ["lora", "atrous_lora"])
+def test_graphed_training_steps_match_eager_ones(method):
+    """Six steps (three eager warm-up steps, the capture, two replays) on new batches each: the same losses
+    and the same trained parameters as six eager steps. Each replay must read its new batch and the
+    weights the previous step wrote. Tolerance: bf16 autocast, and cuDNN may pick other algorithms."""
+    device = torch.device("cuda")
+    g = torch.Generator(device=device).manual_seed(0)
+    batches = [(torch.rand(2, 3, 128, 128, device=device, generator=g),
+                torch.randint(0, 2, (2, 128, 128), device=device, generator=g, dtype=torch.uint8)) for _ in range(6)]
+    eager_params, eager_losses = _train_steps(method, False, batches, device)
+    graph_params, graph_losses = _train_steps(method, True, batches, device)
+    assert len(set(graph_losses)) == 6  # every step saw its own batch
+    assert graph_losses == pytest.approx(eager_losses, rel=2e-2)
+    for a, b in zip(eager_params, graph_params):
+        assert torch.allclose(a, b, atol=2e-3, rtol=2e-2)
+
+
+def test_train_step_runs_eagerly_where_it_cannot_capture():
+    """On the CPU (or with graphed=False) a TrainStep is the plain step: its loss equals the loss computed
+    by hand before the update, and the update happens."""
+    args, model = tiny_model()
+    lora.inject(model, 4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    images, masks = torch.rand(2, 3, 128, 128), torch.randint(0, 2, (2, 128, 128), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = common.default_loss(model, images, masks)
+    step = common.TrainStep(model, common.default_loss, torch.optim.AdamW(params, lr=1e-3), torch.device("cpu"), False)
+    assert torch.allclose(step(images, masks), expected)
+    assert any(not torch.equal(a, p) for a, p in zip(before, params))

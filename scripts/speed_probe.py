@@ -1,0 +1,392 @@
+"""Probe for the speed issue (#7): which attention kernel, where a step's time goes, what whole-step CUDA
+graphs give. Sections: attn (kernels alone, global and windowed ViT-B shapes), msam (MobileSAM LoRA step:
+eager, profile, whole-step graph), vitb (ViT-B LoRA step: compile time, recompiles, profile).
+    python scripts/speed_probe.py attn msam vitb --out runs/probe
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+RESULTS = {}
+
+
+def time_ms(fn, reps=10, warm=3):
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps * 1e3
+
+
+# ---------------------------------------------------------------------------------------------------- attn
+
+def relpos_inputs(B, heads, H, W, hd, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(B, heads, H * W, hd, device="cuda", dtype=dtype, generator=g).requires_grad_()
+               for _ in range(3))
+    Rh = (torch.randn(2 * H - 1, hd, device="cuda", generator=g) * 0.5).requires_grad_()
+    Rw = (torch.randn(2 * W - 1, hd, device="cuda", generator=g) * 0.5).requires_grad_()
+    return q, k, v, Rh, Rw
+
+
+def stock_ref(q, k, v, Rh, Rw, H, W, scale):
+    """SAM's add_decomposed_rel_pos with explicit logits (fp32 reference)."""
+    B, heads, N, hd = q.shape
+    rh, rw = common._rel_pos_table(Rh, H), common._rel_pos_table(Rw, W)
+    grid = q.reshape(B, heads, H, W, hd)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, rh)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, rw)
+    attn = (q * scale) @ k.transpose(-2, -1)
+    attn = attn.view(B, heads, H, W, H, W) + rel_h[..., :, None] + rel_w[..., None, :]
+    return attn.view(B, heads, N, N).softmax(-1) @ v
+
+
+def rel_terms(q, Rh, Rw, H, W):
+    B, heads, N, hd = q.shape
+    grid = q.reshape(B, heads, H, W, hd)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, common._rel_pos_table(Rh.to(q.dtype), H)).reshape(B, heads, N, H)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, common._rel_pos_table(Rw.to(q.dtype), W)).reshape(B, heads, N, W)
+    return rel_h.to(q.dtype), rel_w.to(q.dtype)
+
+
+def folded(q, k, v, Rh, Rw, H, W, scale, pad_v=True, mult=8):
+    B, heads, N, hd = q.shape
+    rel_h, rel_w = rel_terms(q, Rh, Rw, H, W)
+    width = hd + H + W
+    pad = -width % mult
+    q2 = torch.cat([q * scale, rel_h, rel_w, q.new_zeros(()).expand(B, heads, N, pad)], -1)
+    k2 = torch.cat([k, common._key_position_code(H, W, pad, q.device, q.dtype).expand(B, heads, N, H + W + pad)], -1)
+    return q2, k2, (F.pad(v, (0, width + pad - hd)) if pad_v else v)
+
+
+_FLEX = None
+
+
+def flex():
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX
+
+
+def variant(name, H, W, scale):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backends = dict(flash=SDPBackend.FLASH_ATTENTION, cudnn=SDPBackend.CUDNN_ATTENTION,
+                    eff=SDPBackend.EFFICIENT_ATTENTION)
+
+    def run(q, k, v, Rh, Rw):
+        hd = q.shape[-1]
+        if name.startswith("sdpa_"):  # sdpa_<backend>_<padv|nopadv>
+            _, backend, padv = name.split("_")
+            q2, k2, v2 = folded(q, k, v, Rh, Rw, H, W, scale, pad_v=padv == "padv")
+            with sdpa_kernel(backends[backend]):
+                return F.scaled_dot_product_attention(q2, k2, v2, scale=1.0)[..., :hd]
+        if name == "flex_folded":
+            q2, k2, v2 = folded(q, k, v, Rh, Rw, H, W, scale, pad_v=False, mult=16)
+            return flex()(q2, k2, v2, scale=1.0)
+        if name == "flex_bias":
+            rel_h, rel_w = rel_terms(q, Rh, Rw, H, W)
+
+            def score_mod(score, b, h, qi, kj):
+                return score + rel_h[b, h, qi, kj // W] + rel_w[b, h, qi, kj % W]
+            return flex()(q, k, v, score_mod=score_mod, scale=scale)
+        if name.startswith("nobias_"):  # lower bound: no rel-pos term at all
+            with sdpa_kernel(backends[name.split("_")[1]]):
+                return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        raise ValueError(name)
+    return run
+
+
+def probe_attn():
+    out = {}
+    names = ["sdpa_flash_padv", "sdpa_cudnn_padv", "sdpa_eff_nopadv", "sdpa_cudnn_nopadv", "flex_folded",
+             "flex_bias", "nobias_flash", "nobias_cudnn"]
+    # exactness, fp32, small grid
+    H = W = 16
+    q, k, v, Rh, Rw = relpos_inputs(2, 3, H, W, 64, torch.float32)
+    scale = 64 ** -0.5
+    g = torch.randn(2, 3, H * W, 64, device="cuda")
+    ref = stock_ref(q, k, v, Rh, Rw, H, W, scale)
+    ref_grads = torch.autograd.grad(ref, (q, k, v, Rh, Rw), g)
+    for name in names:
+        if name.startswith("nobias"):
+            continue
+        try:
+            o = variant(name, H, W, scale)(q, k, v, Rh, Rw)
+            grads = torch.autograd.grad(o, (q, k, v, Rh, Rw), g)
+            out[f"exact_{name}"] = dict(out=(o - ref).abs().max().item(),
+                                        grads=[(a - b).abs().max().item() for a, b in zip(grads, ref_grads)])
+        except Exception as e:
+            out[f"exact_{name}"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(name, out[f"exact_{name}"], flush=True)
+    # speed, bf16: global ViT-B block at 1024 (batch 8) and a windowed one (8 x 25 windows of 14 x 14)
+    for shape, (B, H, W) in {"global": (8, 64, 64), "window": (200, 14, 14)}.items():
+        q, k, v, Rh, Rw = relpos_inputs(B, 12, H, W, 64, torch.bfloat16)
+        g = torch.randn_like(q)
+        for name in names:
+            fn = variant(name, H, W, scale)
+
+            def step():
+                o = fn(q, k, v, Rh, Rw)
+                torch.autograd.grad(o, (q, k, v, Rh, Rw) if not name.startswith("nobias") else (q, k, v), g)
+
+            def fwd():
+                with torch.no_grad():
+                    fn(q, k, v, Rh, Rw)
+            try:
+                t0 = time.perf_counter()
+                step()
+                torch.cuda.synchronize()
+                first = time.perf_counter() - t0
+                torch.cuda.reset_peak_memory_stats()
+                out[f"{shape}_{name}"] = dict(train_ms=time_ms(step), fwd_ms=time_ms(fwd), first_s=first,
+                                              peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+            except Exception as e:
+                out[f"{shape}_{name}"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(shape, name, out[f"{shape}_{name}"], flush=True)
+    RESULTS["attn"] = out
+
+
+# ---------------------------------------------------------------------------------------------------- msam
+
+def build_lora(model_name, bs, img=1024):
+    import lora
+    args = lora.parse_args(["--data", "synthetic", "--model", model_name, "--checkpoint", "none",
+                            "--img-size", str(img)])
+    dev = common.setup(args, "lora", 1000)
+    model = common.load_sam(args, dev)
+    lora.inject(model, 4)
+    model.to(dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.rand(bs, 3, img, img, device=dev, generator=g)
+    y = torch.randint(0, 2, (bs, img, img), device=dev, generator=g, dtype=torch.uint8)
+    return args, dev, model, x, y
+
+
+def kernel_table(prof, n=400):
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if t > 0 and "CUDA" in str(e.device_type):  # kernels only (CPU ops would count them twice)
+            rows.append((t / 1e3, e.count, e.key[:160]))
+    rows.sort(reverse=True)
+    return dict(total_gpu_ms=sum(r[0] for r in rows), top=rows[:n])
+
+
+def profile_steps(step, n=5):
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) * 1e3
+    tab = kernel_table(prof)
+    tab["wall_ms_per_step_profiled"] = wall / n
+    tab["gpu_ms_per_step"] = tab["total_gpu_ms"] / n
+    return tab
+
+
+def graphed(model, loss_fn, params, x, y, dev):
+    """The whole training step (forward, loss, backward, AdamW) captured once and replayed."""
+    opt = torch.optim.AdamW(params, lr=torch.tensor(1e-4, device=dev), fused=True, capturable=True)
+    sx, sy = x.clone(), y.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            with common.autocast(dev):
+                loss = loss_fn(model, sx, sy)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        with common.autocast(dev):
+            static_loss = loss_fn(model, sx, sy)
+        static_loss.backward()
+        opt.step()
+
+    def replay():
+        sx.copy_(x)
+        sy.copy_(y)
+        graph.replay()
+    return replay
+
+
+def bf16_frozen(model):
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not m.weight.requires_grad:
+            m.weight.data = m.weight.data.to(torch.bfloat16)
+            n += 1
+    return n
+
+
+def fused_conv_bn(self, x):
+    c, bn = self.c, self.bn
+    if bn.training:
+        return torch.nn.Sequential.forward(self, x)
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    return F.conv2d(x, c.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale,
+                    c.stride, c.padding, c.dilation, c.groups)
+
+
+def tinyvit_block_channels_last(self, x):
+    H, W = self.input_resolution
+    B, L, C = x.shape
+    res_x = x
+    if H == self.window_size and W == self.window_size:
+        x = self.attn(x)
+    else:
+        x = x.view(B, H, W, C)
+        ws = self.window_size
+        pad_b, pad_r = (ws - H % ws) % ws, (ws - W % ws) % ws
+        if pad_b or pad_r:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        pH, pW = H + pad_b, W + pad_r
+        nH, nW = pH // ws, pW // ws
+        x = x.view(B, nH, ws, nW, ws, C).transpose(2, 3).reshape(B * nH * nW, ws * ws, C)
+        x = self.attn(x)
+        x = x.view(B, nH, nW, ws, ws, C).transpose(2, 3).reshape(B, pH, pW, C)
+        if pad_b or pad_r:
+            x = x[:, :H, :W]
+        x = x.reshape(B, L, C)
+    x = res_x + x
+    x = self.local_conv(x.view(B, H, W, C).permute(0, 3, 1, 2))  # channels-last view: no copy
+    x = x.permute(0, 2, 3, 1).reshape(B, L, C)
+    return x + self.mlp(x)
+
+
+def attention_4d_bias(self, x):
+    B, N, _ = x.shape
+    x = self.norm(x)
+    q, k, v = self.qkv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.d], dim=3)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)[None]  # (1, heads, N, N)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+    return self.proj(out.transpose(1, 2).reshape(B, N, self.dh))
+
+
+def apply_variant(model, name):
+    from mobile_sam.modeling.tiny_vit_sam import Conv2d_BN, TinyViTBlock
+    enc = model.image_encoder
+    if name == "bias4d":
+        for attn, _ in common.encoder_attentions(enc):
+            attn.__class__ = type("A4", (type(attn),), dict(forward=attention_4d_bias))
+    if name == "bnfold":
+        for m in enc.modules():
+            if isinstance(m, Conv2d_BN):
+                m.__class__ = type("CBN", (Conv2d_BN,), dict(forward=fused_conv_bn))
+    if name == "cl_block":
+        for m in enc.modules():
+            if isinstance(m, TinyViTBlock):
+                m.__class__ = type("TB", (TinyViTBlock,), dict(forward=tinyvit_block_channels_last))
+    if name == "cl_stage1":
+        enc.patch_embed.register_forward_hook(lambda mod, inp, out: out.contiguous(memory_format=torch.channels_last))
+
+
+def probe_msam():
+    out = {}
+    args, dev, model, x, y = build_lora("mobile_sam", 8)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    model.eval()
+    with torch.no_grad(), common.autocast(dev):
+        ref = model(x[:2]).float()
+    model.train()
+    for name in ("default", "bias4d", "bnfold", "cl_block", "cl_stage1"):  # cumulative
+        try:
+            apply_variant(model, name)
+            model.eval()
+            with torch.no_grad(), common.autocast(dev):
+                out[f"{name}_maxdiff"] = (model(x[:2]).float() - ref).abs().max().item()
+            model.train()
+            opt = torch.optim.AdamW(params, lr=torch.tensor(1e-4, device=dev), fused=True, capturable=True)
+            step = common.TrainStep(model, common.default_loss, opt, dev, True)
+            out[f"{name}_graph_ms"] = time_ms(lambda: step(x, y), 20, 5)
+            if name in ("default", "cl_stage1"):
+                eager = common.TrainStep(model, common.default_loss, opt, dev, False)
+                out[f"{name}_profile"] = profile_steps(lambda: eager(x, y), 3)
+        except Exception as e:
+            import traceback
+            traceback.print_exc()
+            out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print("msam", name, {k: v for k, v in out.items() if k.startswith(name) and "profile" not in k}, flush=True)
+    RESULTS["msam"] = out
+
+
+# ---------------------------------------------------------------------------------------------------- vitb
+
+def probe_vitb():
+    import os
+    out = dict(kernel=os.environ.get("PEFT_SAM_GLOBAL_ATTENTION", "sdpa"))
+    import torch._logging
+    torch._logging.set_logs(recompiles=True, graph_breaks=True)
+    args, dev, model, x, y = build_lora("vit_b", 8)
+    common.use_fast_attention(model.image_encoder)  # (load_sam applied it already)
+    t = time.perf_counter()
+    common.compile_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    model.train()
+
+    def step():
+        with common.autocast(dev):
+            loss = common.default_loss(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    firsts = []
+    for _ in range(3):
+        t = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        firsts.append(time.perf_counter() - t)
+    out["first_steps_s"] = firsts
+    out["step_ms"] = time_ms(step, 10)
+    out["imgs_per_s"] = 8e3 / out["step_ms"]
+    print("vitb", out, flush=True)
+    out["profile"] = profile_steps(step, 3)
+    out["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    RESULTS["vitb_" + out["kernel"]] = out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("sections", nargs="+")
+    p.add_argument("--out", default="runs/probe")
+    a = p.parse_args()
+    torch.backends.cudnn.benchmark = True
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for s in a.sections:
+        t = time.perf_counter()
+        try:
+            globals()[f"probe_{s}"]()
+        except Exception as e:
+            import traceback
+            traceback.print_exc()
+            RESULTS[s + "_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        RESULTS[s + "_seconds"] = time.perf_counter() - t
+        (out / "probe.json").write_text(json.dumps(RESULTS, indent=1))
+    print(json.dumps({k: v for k, v in RESULTS.items() if "profile" not in str(k)}, indent=1)[:6000])
+
+
+if __name__ == "__main__":
+    main()
