@@ -236,7 +236,7 @@ def _train_steps(method, graphed, batches, device):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=torch.tensor(1e-3, device=device) if graphed else 1e-3,
                                   capturable=graphed)
-    step = common.TrainStep(model, common.default_loss, optimizer, device, graphed)
+    step = common.TrainStep(model, common.default_loss, optimizer, device, graphed, amp=False)
     losses = [step(*batch).float().item() for batch in batches]
     return [p.detach().float().cpu() for p in params], losses
 
@@ -246,17 +246,18 @@ def _train_steps(method, graphed, batches, device):
 def test_graphed_training_steps_match_eager_ones(method):
     """Six steps (three eager warm-up steps, the capture, two replays) on new batches each: the same losses
     and the same trained parameters as six eager steps. Each replay must read its new batch and the
-    weights the previous step wrote. Tolerance: bf16 autocast, and cuDNN may pick other algorithms."""
+    weights the previous step wrote. fp32 (bf16 rounding noise would be amplified by Adam's normalisation
+    on near-zero gradients); tolerance for cuDNN's choice of algorithms and atomic-add order."""
     device = torch.device("cuda")
     g = torch.Generator(device=device).manual_seed(0)
     batches = [(torch.rand(2, 3, 128, 128, device=device, generator=g),
                 torch.randint(0, 2, (2, 128, 128), device=device, generator=g, dtype=torch.uint8)) for _ in range(6)]
     eager_params, eager_losses = _train_steps(method, False, batches, device)
     graph_params, graph_losses = _train_steps(method, True, batches, device)
-    assert len(set(graph_losses)) == 6  # every step saw its own batch
-    assert graph_losses == pytest.approx(eager_losses, rel=2e-2)
+    assert len(set(graph_losses)) == 6, graph_losses  # every step saw its own batch
+    assert graph_losses == pytest.approx(eager_losses, rel=1e-3), (graph_losses, eager_losses)
     for a, b in zip(eager_params, graph_params):
-        assert torch.allclose(a, b, atol=2e-3, rtol=2e-2)
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-3), (a - b).abs().max()
 
 
 def test_train_step_runs_eagerly_where_it_cannot_capture():
