@@ -170,7 +170,7 @@ class AtrousLoRAQKV(nn.Linear):
         out = F.linear(x, self.weight, self.bias)  # (..., 3*width)
         z = self.lora_aam(torch.cat([self.lora_A_q(x), self.lora_A_v(x)], -1))  # (..., 2r): [q path | v path]
         dq, dv = self.lora_B_q(z[..., :self.rank]), self.lora_B_v(z[..., self.rank:])  # (..., width)
-        return common.add_qv_(out, dq, dv, self.heads)  # out + [dq | 0 | dv] in the qkv layout
+        return out + common.place_qv(dq, dv, self.heads)  # q and v where the layout keeps them
 
 
 def grid_sides(image_encoder):

@@ -148,7 +148,7 @@ class LoRAQKV(nn.Linear):
         out = F.linear(x, self.weight, self.bias)
         dq = self.lora_B_q(self.lora_A_q(x))
         dv = self.lora_B_v(self.lora_A_v(x))
-        return common.add_qv_(out, dq, dv, self.heads)  # out + [dq | 0 | dv] in the qkv layout
+        return out + common.place_qv(dq, dv, self.heads)  # q and v where the layout keeps them
 
 
 class LoRALinear(nn.Linear):

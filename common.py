@@ -367,26 +367,15 @@ def encoder_blocks(image_encoder):
 
 def place_qv(dq, dv, heads):
     """Lay q and v updates (..., width) out as an attention's qkv output keeps them, with zeros for k:
-    [q | k | v] for SAM's ViT (heads=None); per head [q_h | k_h | v_h] for TinyViT (heads=h)."""
+    [q | k | v] for SAM's ViT (heads=None); per head [q_h | k_h | v_h] for TinyViT (heads=h).
+    (Adding dq and dv in place into slices of the qkv output instead measured slower: 46.9 ms against
+    42.1 ms per graphed MobileSAM LoRA step, on two lent H100s; autograd's backward of in-place slice
+    updates copies the whole output.)"""
     dk = torch.zeros_like(dq)
     if heads is None:
         return torch.cat([dq, dk, dv], -1)
     # (..., heads, 3, head_dim) -> (..., heads*3*head_dim)
     return torch.stack([t.unflatten(-1, (heads, -1)) for t in (dq, dk, dv)], -2).flatten(-3)
-
-
-def add_qv_(out, dq, dv, heads):
-    """out + place_qv(dq, dv, heads), written into `out` (a fresh qkv projection output, which autograd
-    does not keep): no zeros for k and no full-width temporary, two passes over the output fewer.
-    out (..., 3*width); dq, dv (..., width)."""
-    grid = out.unflatten(-1, (3, -1)) if heads is None else out.unflatten(-1, (heads, 3, -1))
-    if heads is None:
-        grid[..., 0, :] += dq
-        grid[..., 2, :] += dv
-    else:
-        grid[..., 0, :] += dq.unflatten(-1, (heads, -1))
-        grid[..., 2, :] += dv.unflatten(-1, (heads, -1))
-    return out
 
 
 def count_parameters(model):

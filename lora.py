@@ -56,7 +56,7 @@ class LoRAQKV(nn.Linear):
         out = F.linear(x, self.weight, self.bias)  # (..., 3*width)
         dq = self.lora_B_q(self.lora_A_q(x))  # (..., width)
         dv = self.lora_B_v(self.lora_A_v(x))
-        return common.add_qv_(out, dq, dv, self.heads)  # out + [dq | 0 | dv] in the qkv layout
+        return out + common.place_qv(dq, dv, self.heads)  # zeros for k; TinyViT: per-head order
 
     def merged_weight(self):
         """W + ΔW as one (3*width, d_in) matrix: the update folded into the frozen weight."""

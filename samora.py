@@ -183,7 +183,7 @@ class SAMoraQKV(nn.Linear):
         else:
             Aq, Av, Bq, Bv = self.expert(self.active)
             dq, dv = F.linear(F.linear(x, Aq), Bq), F.linear(F.linear(x, Av), Bv)
-        return common.add_qv_(out, dq, dv, self.heads)  # out + [dq | 0 | dv] in the qkv layout
+        return out + common.place_qv(dq, dv, self.heads)  # q and v where the layout keeps them
 
 
 def inject(model, rank=4, hl_width=32, hl_heads=4):
