@@ -767,14 +767,18 @@ class GraphedInference:
 
     def capture(self, x):
         static_in = x.clone()
+        # the caller's autocast, with its cache of weight casts off: a cached cast would be read by the graph
+        # from memory that is freed when the caller's autocast ends (and would not see later weight updates)
+        amp = lambda: torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                     enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), amp():
             self.model(static_in)  # warm-up: lazy initialisation and cuDNN's choice of algorithms
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph), amp():
                 static_out = self.model(static_in)
         except RuntimeError as e:  # something in the forward cannot be captured: stay eager
             print(f"\nnote: evaluation runs eagerly ({str(e).splitlines()[0][:120]})")

@@ -278,18 +278,27 @@ def test_train_step_runs_eagerly_where_it_cannot_capture():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_graphed_inference_follows_the_weights():
     """Evaluation replays a captured forward: it must give the eager output, for a new input and after
-    the parameters changed in place (as an optimiser step changes them)."""
+    the parameters changed in place (as an optimiser step changes them). Each call in an autocast
+    context of its own, as predict() calls it (a graph that read autocast's cached weight casts would
+    read freed memory, or stale weights, here)."""
     args, model = tiny_model(["--device", "cuda"])
     lora.inject(model, 4)
     model.cuda().eval()
     forward = common.GraphedInference(model)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    amp = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
         before = None
         for trial in range(3):
             x = torch.rand(2, 3, 128, 128, device="cuda")
-            out = forward(x)
-            assert torch.allclose(out, model(x), rtol=1e-3, atol=1e-3), trial
-            assert before is None or not torch.allclose(out, forward(before[0]))  # the weights moved
+            with amp():
+                out = forward(x)
+            with amp():
+                eager = model(x)
+            torch.cuda.synchronize()
+            assert torch.allclose(out, eager, rtol=1e-3, atol=1e-3), trial
+            if before is not None:
+                with amp():
+                    assert not torch.allclose(forward(before[0]), before[1])  # the weights moved
             before = (x, out)
             for p in model.parameters():
                 if p.requires_grad:
