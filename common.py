@@ -135,7 +135,7 @@ def pick_device(args):
     if args.device_resolved == "cuda":
         # shapes are fixed within a run: let cuDNN time its algorithms once per shape rather than guess
         # (TinyViT's convolutions, the AAM's and CDEN's small grouped ones; scripts/aam_speed.py measures it)
-        torch.backends.cudnn.benchmark = not os.environ.get("PEFT_SAM_NO_CUDNN_BENCHMARK")  # PROBE
+        torch.backends.cudnn.benchmark = True
     return torch.device(args.device_resolved)
 
 
@@ -741,51 +741,6 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-class GraphedInference:
-    """model(x) in eval mode, under no_grad and autocast, replayed from a CUDA graph captured on the first
-    call with each input shape: evaluation calls the model with one shape again and again (54 tiles
-    per DRIVE evaluation in batches of 8), and eagerly MobileSAM's forward waits on Python's launches.
-    The graph reads the parameters where they are, so it sees every optimiser step (which updates them
-    in place); moving the model elsewhere (another device or dtype) would need new graphs, hence the
-    parameter address in the key. A model that cannot be captured runs eagerly."""
-
-    def __init__(self, model):
-        self.model, self.graphs = model, {}
-
-    def __call__(self, x):
-        if x.device.type != "cuda" or os.environ.get("PEFT_SAM_EAGER_EVAL"):
-            return self.model(x)
-        key = (tuple(x.shape), x.dtype, next(self.model.parameters()).data_ptr())
-        if key not in self.graphs:
-            self.graphs[key] = self.capture(x)
-        if self.graphs[key] is None:
-            return self.model(x)
-        graph, static_in, static_out = self.graphs[key]
-        static_in.copy_(x)
-        graph.replay()
-        return static_out.clone()  # the next replay overwrites static_out
-
-    def capture(self, x):
-        static_in = x.clone()
-        # the caller's autocast, with its cache of weight casts off: a cached cast would be read by the graph
-        # from memory that is freed when the caller's autocast ends (and would not see later weight updates)
-        amp = lambda: torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
-                                     enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), amp():
-            self.model(static_in)  # warm-up: lazy initialisation and cuDNN's choice of algorithms
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph), amp():
-                static_out = self.model(static_in)
-        except RuntimeError as e:  # something in the forward cannot be captured: stay eager
-            print(f"\nnote: evaluation runs eagerly ({str(e).splitlines()[0][:120]})")
-            return None
-        return graph, static_in, static_out
-
-
 @torch.no_grad()
 def predict(model, images, batch_size):
     """(N, 3, W, W) -> float logits (N, C+1, W/4, W/4). W = S (the model's input): one pass per image.
@@ -797,9 +752,6 @@ def predict(model, images, batch_size):
     starts = list(range(0, W - S + 1, S // 2)) if W > S else [0]
     tiles = [(r, c) for r in starts for c in starts]
     crops = torch.stack([images[:, :, r:r + S, c:c + S] for r, c in tiles], 1).flatten(0, 1)  # (N*T, 3, S, S)
-    if "graphed_inference" not in model.__dict__:  # a plain attribute: not a submodule, not in the state dict
-        model.__dict__["graphed_inference"] = GraphedInference(model)
-    forward = model.__dict__["graphed_inference"]
     out = []
     for i in range(0, len(crops), batch_size):
         chunk = crops[i:i + batch_size]
@@ -808,7 +760,7 @@ def predict(model, images, batch_size):
             chunk = torch.cat([chunk, chunk.new_zeros(batch_size - n, *chunk.shape[1:])])
         # compiled blocks run eagerly here: compiling them for eval mode and no_grad costs more than it saves
         with autocast(images.device), torch.compiler.set_stance("force_eager"):
-            out.append(forward(chunk)[:n].float())
+            out.append(model(chunk)[:n].float())
     logits = torch.cat(out).unflatten(0, (len(images), len(tiles)))  # (N, T, C+1, S/4, S/4)
     model.train(was_training)
     if len(tiles) == 1:

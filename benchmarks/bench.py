@@ -85,6 +85,8 @@ def parse_args(argv=None):
                    help="config that the speed-up column divides by (same model, method and batch)")
     p.add_argument("--max-seconds", type=float, default=0,
                    help="start no new row after this many seconds (0: no limit); later rows are recorded as skipped")
+    p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="torch._inductor.config settings for the compiled configs, e.g. triton.autotune_pointwise=False")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 warm-up step, 2 windows of 1 step")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="where to run")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.md")
@@ -104,6 +106,18 @@ def parse_args(argv=None):
             raise UserError(f"--methods {m} is not a method file; choose from {', '.join(ADAPTERS)}.")
     for c in args.configs:
         parse_config(c)
+    for item in args.inductor:
+        import ast
+        import torch._inductor.config
+        key, _, value = item.partition("=")
+        *path, name = key.split(".")
+        target = torch._inductor.config
+        for part in path:
+            target = getattr(target, part, None)
+        if target is None or not hasattr(target, name) or not value:
+            raise UserError(f"--inductor {item}: not a torch._inductor.config setting as KEY=VALUE; "
+                            f"e.g. triton.autotune_pointwise=False.")
+        setattr(target, name, ast.literal_eval(value))
     return args
 
 
