@@ -587,8 +587,13 @@ def compile_model(model):
     input never requires grad, so its backward differs from the others'), the mask decoder (small
     kernels, whose launch cost the step's CUDA graph removes) and anything under evaluation (see
     predict: eval mode and no_grad would be two more graphs per block kind).
-    Measured on the H100, ViT-B LoRA, batch 8, steps replayed from a CUDA graph: 39.5 s of compilation
-    (cold caches) for 71.9 images/s; compiling every block and the decoder too: 86 s for 74.7."""
+    Pointwise kernels take inductor's default launch configuration instead of timing several.
+    Measured on the H100, ViT-B LoRA, batch 8, steps replayed from a CUDA graph (bench.py, fresh caches,
+    compilation of the training steps): 27.4 s for 72.5 images/s (32.5 s for 72.6 with pointwise timing);
+    4.6 s when the caches of an earlier run are there. Compiling every block and the decoder (and eval
+    graphs), before step graphs: 64.4 s for training, 21.6 s more for evaluation, 74.7 images/s."""
+    import torch._inductor.config
+    torch._inductor.config.triton.autotune_pointwise = False
     # One code object serves blocks of several shapes (TinyViT stages, windowed and global): allow recompiles.
     torch._dynamo.config.recompile_limit = 64
     for blk in encoder_blocks(model.image_encoder)[1:]:
