@@ -1,0 +1,122 @@
+# The GPU calls behind the speed figures of the README (issue 7), as they ran on the lent H100, one per letter:
+#   bash scripts/speed_calls.sh o      (each writes a tarball of its logs and JSON to $OUT)
+# g: step graphs first measured; h: cProfile of a default run and a kernel profile of ViT-B; i, k, m, n: default
+# runs end to end and the final benchmark rows; o: compile time on fresh and warm caches. j ran with in-place
+# q/v adds, since reverted; m and n compared switches (PEFT_SAM_EAGER_EVAL, PEFT_SAM_NO_CUDNN_BENCHMARK) and g, h
+# PROBE_SKIP_* settings of the code of the time: the committed compile_model always skips the first block and
+# the decoder, and evaluation runs eagerly. Results: results/h100/*.json (each names its call).
+source scripts/gpu_setup.sh
+mkdir -p /tmp/runs
+case "$1" in
+g)
+  # Speed issue, step graphs: a solo default lora run (end to end), ViT-B LoRA configs with the whole step as a
+  # CUDA graph, every MobileSAM method with and without it. Results come back in $OUT.
+  ( time timeout 150 python3 lora.py --data drive --data-root $DRIVE --split salt --out /tmp/runs --run-name solo_lora ) 2>&1 \
+    | tr '\r' '\n' > /tmp/runs/solo_lora.log
+  grep -E "^eval|^test|^real|before" /tmp/runs/solo_lora.log
+  B="python3 benchmarks/bench.py --no-flops --no-inference --batches 8 --windows 3 --steps 5"
+  PROBE_SKIP_DECODER=1 PROBE_SKIP_BLOCK0=1 timeout 150 $B --models vit_b --configs fast_bf16_compile_graph --out /tmp/runs/b1 > /tmp/runs/b1.log 2>&1
+  timeout 60 $B --models vit_b --configs fast_bf16_graph --out /tmp/runs/b2 > /tmp/runs/b2.log 2>&1
+  PROBE_SKIP_DECODER=1 PROBE_SKIP_BLOCK0=1 timeout 100 $B --models vit_b --configs fast_bf16_compile_ckpt_graph --out /tmp/runs/b3 > /tmp/runs/b3.log 2>&1
+  timeout 150 $B --models mobile_sam --methods lora,atrous_lora,salt,balr_sam,samora --configs fast_bf16,fast_bf16_graph --out /tmp/runs/b4 > /tmp/runs/b4.log 2>&1
+  for f in b1 b2 b3 b4; do tail -n +4 /tmp/runs/$f/bench.md | cut -d'|' -f2-9; grep -E "Error|error" /tmp/runs/$f.log | head -3; done
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+h)
+  # Speed issue: where a default lora run's wall time goes (cProfile), and a full kernel profile of the compiled
+  # ViT-B LoRA step.
+  timeout 150 python3 -m cProfile -o /tmp/runs/solo.prof lora.py --data drive --data-root $DRIVE --split salt --out /tmp/runs --run-name solo_lora 2>&1 | tr '\r' '\n' > /tmp/runs/solo_lora.log
+  python3 -c "import pstats; pstats.Stats('/tmp/runs/solo.prof').sort_stats('cumulative').print_stats(45)" \
+    > /tmp/runs/solo_prof.txt 2>&1
+  head -80 /tmp/runs/solo_prof.txt | cut -c1-150
+  PROBE_SKIP_DECODER=1 PROBE_SKIP_BLOCK0=1 timeout 200 python3 scripts/speed_probe.py vitb --out /tmp/runs/vitb > /tmp/runs/vitb.log 2>&1
+  grep "^vitb" /tmp/runs/vitb.log
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+i)
+  # Speed issue, final figures (1/2): the default lora run end to end twice (the first on a fresh machine also
+  # writes Python's bytecode caches), the GPU tests of the fast path, ViT-B LoRA rows on cold compile caches.
+  for i in 1 2; do
+    ( time timeout 150 python3 lora.py --data drive --data-root $DRIVE --split salt --out /tmp/runs --run-name solo_lora_$i ) 2>&1 \
+      | tr '\r' '\n' > /tmp/runs/solo_lora_$i.log
+    grep -E "^test|^real" /tmp/runs/solo_lora_$i.log
+  done
+  timeout 120 python3 -m pytest -q tests/test_fastpath.py 2>&1 | tail -2
+  timeout 330 python3 benchmarks/bench.py --models vit_b --methods lora --batches 8 \
+    --configs fast_bf16_compile_graph,fast_bf16_compile_ckpt_graph,stock_bf16 --out /tmp/runs/bench_vit_b_lora > /tmp/runs/bench_vit_b_lora.log 2>&1
+  tail -n 4 /tmp/runs/bench_vit_b_lora/bench.md | cut -d'|' -f2-13
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+j)
+  # Speed issue, final figures (2/3): GPU tests of the fast path, the default lora run end to end twice (the first
+  # on a fresh machine also writes Python's bytecode caches), every method on MobileSAM against stock attention.
+  timeout 120 python3 -m pytest -q tests/test_fastpath.py > /tmp/runs/pytest_gpu.log 2>&1; tail -2 /tmp/runs/pytest_gpu.log
+  for i in 1 2; do
+    ( time timeout 150 python3 lora.py --data drive --data-root $DRIVE --split salt --out /tmp/runs --run-name solo_lora_$i ) 2>&1 \
+      | tr '\r' '\n' > /tmp/runs/solo_lora_$i.log
+    grep -E "^test|^real" /tmp/runs/solo_lora_$i.log
+  done
+  timeout 250 python3 benchmarks/bench.py --models mobile_sam --methods lora,atrous_lora,salt,balr_sam,samora --batches 8 \
+    --configs stock_bf16,fast_bf16_graph --out /tmp/runs/bench_mobile_sam > /tmp/runs/bench_mobile_sam.log 2>&1
+  tail -n 10 /tmp/runs/bench_mobile_sam/bench.md | cut -d'|' -f2-13
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+k)
+  # Speed issue, final figures (3/3): the default lora run end to end twice, MobileSAM LoRA alone, then ViT-B rows of
+  # the other methods, each beside its own stock baseline, while time is left.
+  for i in 1 2; do
+    ( time timeout 150 python3 lora.py --data drive --data-root $DRIVE --split salt --out /tmp/runs --run-name solo_lora_$i ) 2>&1 \
+      | tr '\r' '\n' > /tmp/runs/solo_lora_$i.log
+    grep -E "^test|^real" /tmp/runs/solo_lora_$i.log
+  done
+  timeout 60 python3 benchmarks/bench.py --models mobile_sam --methods lora --batches 1,4,8 --configs fast_bf16_graph \
+    --out /tmp/runs/bench_mobile_sam_lora > /tmp/runs/bench_mobile_sam_lora.log 2>&1
+  tail -n 3 /tmp/runs/bench_mobile_sam_lora/bench.md | cut -d'|' -f2-13
+  timeout 400 python3 benchmarks/bench.py --models vit_b --methods atrous_lora,salt,balr_sam,samora --batches 8 \
+    --configs fast_bf16_compile_graph,stock_bf16 --max-seconds 300 --out /tmp/runs/bench_vit_b_methods > /tmp/runs/bench_vit_b_methods.log 2>&1
+  tail -n 8 /tmp/runs/bench_vit_b_methods/bench.md | cut -d'|' -f2-13
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+m)
+  # Speed issue, final figures: the default lora run end to end (after a process that writes Python's bytecode
+  # caches), with evaluation eager and with cuDNN autotuning off for comparison; every method on MobileSAM against
+  # stock attention; ViT-B SAMora beside its stock baseline.
+  timeout 120 python3 -m pytest -q tests/test_fastpath.py > /tmp/runs/pytest_gpu.log 2>&1; tail -1 /tmp/runs/pytest_gpu.log
+  python3 -c "import common, lora, data, matplotlib.pyplot, torch._dynamo" 2>/dev/null
+  for v in default PEFT_SAM_EAGER_EVAL PEFT_SAM_NO_CUDNN_BENCHMARK; do
+    ( time env $v=1 timeout 150 python3 lora.py --data drive --data-root $DRIVE --split salt --out /tmp/runs --run-name solo_$v ) 2>&1 \
+      | tr '\r' '\n' > /tmp/runs/solo_$v.log
+    echo $v; grep -E "^test|^real" /tmp/runs/solo_$v.log
+  done
+  timeout 200 python3 benchmarks/bench.py --models mobile_sam --methods lora,atrous_lora,salt,balr_sam,samora --batches 8 \
+    --configs stock_bf16,fast_bf16_graph --out /tmp/runs/bench_mobile_sam > /tmp/runs/bench_mobile_sam.log 2>&1
+  tail -n 10 /tmp/runs/bench_mobile_sam/bench.md | cut -d'|' -f2-13
+  timeout 110 python3 benchmarks/bench.py --models vit_b --methods samora --batches 8 \
+    --configs fast_bf16_compile_graph,stock_bf16 --out /tmp/runs/bench_vit_b_samora > /tmp/runs/bench_vit_b_samora.log 2>&1
+  tail -n 2 /tmp/runs/bench_vit_b_samora/bench.md | cut -d'|' -f2-13
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+n)
+  # Speed issue: GPU tests, then the default lora run end to end (after a process that writes Python's bytecode
+  # caches) twice with evaluation replayed from CUDA graphs and once eagerly.
+  timeout 120 python3 -m pytest -q tests/test_fastpath.py > /tmp/runs/pytest_gpu.log 2>&1; tail -1 /tmp/runs/pytest_gpu.log
+  python3 -c "import common, lora, data, matplotlib.pyplot, torch._dynamo" 2>/dev/null
+  for v in default_1 PEFT_SAM_EAGER_EVAL default_2; do
+    ( time env $v=1 timeout 150 python3 lora.py --data drive --data-root $DRIVE --split salt --out /tmp/runs --run-name solo_$v ) 2>&1 \
+      | tr '\r' '\n' > /tmp/runs/solo_$v.log
+    echo $v; grep -E "^test|^real|Error" /tmp/runs/solo_$v.log
+  done
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+o)
+  # Speed issue: compile time of ViT-B LoRA on cold caches with inductor's defaults and without autotuning of
+  # pointwise kernels, then on the warm cache of the first (a second run on the same machine).
+  B="python3 benchmarks/bench.py --models vit_b --methods lora --batches 8 --configs fast_bf16_compile_graph --no-flops"
+  TORCHINDUCTOR_CACHE_DIR=/tmp/cache_a timeout 170 $B --out /tmp/runs/compile_cold > /tmp/runs/compile_cold.log 2>&1
+  TORCHINDUCTOR_CACHE_DIR=/tmp/cache_b timeout 170 $B --inductor triton.autotune_pointwise=False --out /tmp/runs/compile_cold_noautotune > /tmp/runs/compile_cold_noautotune.log 2>&1
+  TORCHINDUCTOR_CACHE_DIR=/tmp/cache_a timeout 120 $B --out /tmp/runs/compile_warm > /tmp/runs/compile_warm.log 2>&1
+  for f in compile_cold compile_cold_noautotune compile_warm; do echo $f; tail -n 1 /tmp/runs/$f/bench.md | cut -d'|' -f2-11; done
+  tar czf $OUT/runs.tgz -C /tmp runs
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o"; exit 2 ;;
+esac
