@@ -1,7 +1,13 @@
 """Probe for the speed issue (#7): which attention kernel, where a step's time goes, what whole-step CUDA
-graphs give. Sections: attn (kernels alone, global and windowed ViT-B shapes), msam (MobileSAM LoRA step:
-eager, profile, whole-step graph), vitb (ViT-B LoRA step: compile time, recompiles, profile).
+graphs give. Sections: attn (kernels alone, global and windowed ViT-B shapes: results/h100/
+speed_probe_attention_and_mobile_sam_step.json), msam (MobileSAM LoRA step, graphed, with TinyViT layout
+variants applied one after another: results/h100/speed_probe_tinyvit_layout.json), vitb (ViT-B LoRA step:
+compile time, recompiles, kernel profile: results/h100/speed_probe_vit_b_profile.json).
     python scripts/speed_probe.py attn msam vitb --out runs/probe
+The msam variants are the prototypes of what common.use_fast_attention now does itself (bnfold, cl_block,
+cl_stage1; bias4d was dropped), so with today's code its "default" row already includes them. The vitb
+section reports PEFT_SAM_GLOBAL_ATTENTION, a switch of the code of the time (FlexAttention variants for the
+global blocks, measured and dropped; see common.fast_vit_attention).
 """
 import argparse
 import json
