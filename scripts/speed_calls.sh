@@ -4,8 +4,7 @@
 # runs end to end and the final benchmark rows; o: compile time on fresh and warm caches. j ran with in-place
 # q/v adds, since reverted; m and n compared switches (PEFT_SAM_EAGER_EVAL, PEFT_SAM_NO_CUDNN_BENCHMARK) and g, h
 # PROBE_SKIP_* settings of the code of the time: the committed compile_model always skips the first block and
-# the decoder, and evaluation runs eagerly. p: the committed code once more.
-# Results: results/h100/*.json (each names its call).
+# the decoder, and evaluation runs eagerly. Results: results/h100/*.json (each names its call).
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 case "$1" in
@@ -119,17 +118,5 @@ o)
   for f in compile_cold compile_cold_noautotune compile_warm; do echo $f; tail -n 1 /tmp/runs/$f/bench.md | cut -d'|' -f2-11; done
   tar czf $OUT/runs.tgz -C /tmp runs
   ;;
-p)
-  # The committed code once more: GPU tests, one default run end to end, ViT-B LoRA training compile on fresh caches.
-  timeout 60 python3 -m pytest -q tests/test_fastpath.py > /tmp/runs/pytest_gpu.log 2>&1; tail -1 /tmp/runs/pytest_gpu.log
-  python3 -c "import common, lora, data, matplotlib.pyplot, torch._dynamo" 2>/dev/null
-  ( time timeout 80 python3 lora.py --data drive --data-root $DRIVE --split salt --out /tmp/runs --run-name solo_final ) 2>&1 \
-    | tr '\r' '\n' > /tmp/runs/solo_final.log
-  grep -E "^test|^real" /tmp/runs/solo_final.log
-  timeout 90 python3 benchmarks/bench.py --models vit_b --methods lora --batches 8 --configs fast_bf16_compile_graph \
-    --no-flops --no-inference --out /tmp/runs/compile_final > /tmp/runs/compile_final.log 2>&1
-  tail -n 1 /tmp/runs/compile_final/bench.md | cut -d'|' -f2-9
-  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
-  ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|p"; exit 2 ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o"; exit 2 ;;
 esac
