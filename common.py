@@ -11,6 +11,7 @@ A method file builds its adapter *around* what is here, from its own file:
 Nothing here knows which method is running.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -833,6 +834,13 @@ def default_loss(model, images, masks):
     return segmentation_loss(model(images), masks)
 
 
+def make_optimizer(params, lr, weight_decay, device, graphed):
+    """AdamW (fused on CUDA). For a step replayed from a CUDA graph (TrainStep): capturable, with the
+    learning rate a device tensor that the schedule writes in place (a float would be baked into the graph)."""
+    return torch.optim.AdamW(params, lr=torch.tensor(lr, device=device) if graphed else lr,
+                             weight_decay=weight_decay, fused=device.type == "cuda", capturable=graphed)
+
+
 class TrainStep:
     """One optimisation step: the loss under autocast, backward, AdamW. Returns the loss (on the device).
 
@@ -848,9 +856,9 @@ class TrainStep:
     WARMUP = 3
 
     def __init__(self, model, loss_fn, optimizer, device, graphed, amp=True):
-        self.model, self.loss_fn, self.optimizer, self.device = model, loss_fn, optimizer, device
+        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.graphed, self.graph, self.calls = graphed, None, 0
-        self.autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+        self.autocast = (lambda: autocast(device)) if amp else contextlib.nullcontext  # amp=False: fp32
 
     def eager(self, *batch):
         with self.autocast():
@@ -903,8 +911,7 @@ def train_loop(model, next_batch, loss_fn, args, device, run_dir, steps, evaluat
     Returns the history: losses and evaluations by step, seconds, images per second."""
     params = [p for p in model.parameters() if p.requires_grad]
     graphed = cuda_graph and device.type == "cuda" and not getattr(args, "no_cuda_graph", False)
-    optimizer = torch.optim.AdamW(params, lr=torch.tensor(args.lr, device=device) if graphed else args.lr,
-                                  weight_decay=args.weight_decay, fused=device.type == "cuda", capturable=graphed)
+    optimizer = make_optimizer(params, args.lr, args.weight_decay, device, graphed)
     schedule = make_schedule(optimizer, args.warmup, steps)
     step_fn = TrainStep(model, loss_fn, optimizer, device, graphed)
     history = dict(loss=[], eval=[], best_dice=-1.0)

@@ -230,8 +230,7 @@ def measure(base, method, mod, margs, cfg, batch, args, device, count_exec):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["bf16"])
     params = [p for p in model.parameters() if p.requires_grad]
     graphed = cfg["graph"] and device.type == "cuda"
-    optimizer = torch.optim.AdamW(params, lr=torch.tensor(1e-4, device=device) if graphed else 1e-4,
-                                  fused=device.type == "cuda", capturable=graphed)
+    optimizer = common.make_optimizer(params, 1e-4, 0.01, device, graphed)  # 0.01: AdamW's default, as before
     one_step = common.TrainStep(model, loss_fn, optimizer, device, graphed, amp=cfg["bf16"])  # as common.train_loop
 
     def train_step():

@@ -234,8 +234,7 @@ def _train_steps(method, graphed, batches, device):
         mod.inject(model, 4)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=torch.tensor(1e-3, device=device) if graphed else 1e-3,
-                                  capturable=graphed)
+    optimizer = common.make_optimizer(params, 1e-3, 0.01, device, graphed)
     step = common.TrainStep(model, common.default_loss, optimizer, device, graphed, amp=False)
     losses = [step(*batch).float().item() for batch in batches]
     return [p.detach().float().cpu() for p in params], losses
