@@ -428,9 +428,13 @@ def fast_vit_attention(self, x):
     those tokens too, and the padding (zeros after norm1, so k = v = qkv bias) takes part in the border
     windows' softmax as keys. We keep that, for exactness.
 
-    Cost (H100, bf16, batch 8 at 1024, forward + backward of one global block's attention; PyTorch picks
-    cuDNN's kernel): 12.0 ms, against 3.2 ms for the same attention without the rel-pos term; the widened
-    q.k and its backward are 40% of a compiled ViT-B LoRA step. Tried and slower or no better:
+    Global blocks on CUDA (W a power of two: 64 at 1024) skip the widening when self.fast_relpos: the
+    Triton kernels of relpos_attention.py take q, k, v, rel_h and rel_w as they are.
+
+    Cost of the folded form (H100, bf16, batch 8 at 1024, forward + backward of one global block's
+    attention; PyTorch picks cuDNN's kernel): 12.0 ms, against 3.2 ms for the same attention without the
+    rel-pos term; the widened q.k and its backward were 40% of a compiled ViT-B LoRA step. Tried and slower
+    or no better:
     FlexAttention with the term as a score_mod (61 ms: its gradient is scattered with atomics),
     FlexAttention on the folded q/k with v unpadded (12.6 ms), cuDNN with v unpadded (11.3 ms), the
     memory-efficient kernel (70 ms); scripts/speed_probe.py attn."""
@@ -446,6 +450,9 @@ def fast_vit_attention(self, x):
         grid = q.reshape(B, heads, H, W, hd)
         rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, Rh).reshape(B, heads, N, H).to(q.dtype)
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, Rw).reshape(B, heads, N, W).to(q.dtype)
+        if self.fast_relpos and _RELPOS.usable(q, H, W):  # global blocks on CUDA: no widening
+            out = _RELPOS.relpos_attention(q, k, v, rel_h, rel_w, scale)  # (B, N, heads, hd)
+            return self.proj(out.reshape(B, H, W, heads * hd))
         width = hd + H + W
         pad = -width % 8
         q = torch.cat([q * scale, rel_h, rel_w, q.new_zeros(()).expand(B, heads, N, pad)], -1)
@@ -528,11 +535,31 @@ def _swap_class(module, name, **members):
     module.__class__ = _SUBCLASSES[cls, name]
 
 
-def use_fast_attention(image_encoder, pad_v=True):
-    """Route every attention of the image encoder through F.scaled_dot_product_attention (exact, see
-    fast_vit_attention / fast_tinyvit_attention); in TinyViT also fold the frozen BatchNorms and run
-    the convolutions channels-last (fast_tinyvit_block, folded_conv_bn, channels_last_patch_embed;
-    the three took a graphed MobileSAM LoRA step at batch 8 from 49.4 to 42.1 ms on the H100).
+_RELPOS = None  # the module relpos_attention, once _relpos_kernels imported it
+
+
+def _relpos_kernels():
+    """relpos_attention (the Triton kernels of the global blocks' attention) where it runs: on CUDA, or on
+    the CPU under Triton's interpreter (TRITON_INTERPRET=1, as the tests do); else None. Imported on first
+    use: Triton is needed by ViT models on CUDA only."""
+    global _RELPOS
+    import os
+    if _RELPOS is None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        try:
+            import relpos_attention
+            _RELPOS = relpos_attention
+        except ImportError:  # a PyTorch without Triton
+            pass
+    return _RELPOS
+
+
+def use_fast_attention(image_encoder, pad_v=True, relpos_kernel=True):
+    """Route every attention of the image encoder through fused kernels (exact, see fast_vit_attention /
+    fast_tinyvit_attention): F.scaled_dot_product_attention, and in ViT's global blocks the Triton kernels
+    of relpos_attention.py (relpos_kernel=False: the folded SDPA form there too). In TinyViT also fold the
+    frozen BatchNorms and run the convolutions channels-last (fast_tinyvit_block, folded_conv_bn,
+    channels_last_patch_embed; the three took a graphed MobileSAM LoRA step at batch 8 from 49.4 to 42.1 ms
+    on the H100).
     Works before or after an adapter replaced `attn.qkv`.
     pad_v=False leaves v at its own width (fewer FLOPs where the kernel accepts it)."""
     for attn, heads in encoder_attentions(image_encoder):
@@ -541,6 +568,7 @@ def use_fast_attention(image_encoder, pad_v=True):
         if heads is None:  # SAM's ViT
             _swap_class(attn, "FastAttention", forward=fast_vit_attention, is_fast=True)
             attn.fast_pad_v = pad_v
+            attn.fast_relpos = relpos_kernel and _relpos_kernels() is not None
         else:  # MobileSAM's TinyViT
             _swap_class(attn, "FastTinyViTAttention", forward=fast_tinyvit_attention, is_fast=True)
     if isinstance(image_encoder, nn.Module) and not hasattr(image_encoder, "blocks"):  # TinyViT: its convolutions
@@ -554,11 +582,25 @@ def use_fast_attention(image_encoder, pad_v=True):
                 _swap_class(m, "ChannelsLastPatchEmbed", forward=channels_last_patch_embed)
 
 
+def _keep_global_attention(ctx, op, *args, **kwargs):
+    """Selective checkpointing policy: keep the output of the global blocks' attention kernel
+    (relpos_attention.py; (B, N, heads, 64) bf16 and its log-sum-exp, 52 MB per ViT-B global block at 1024,
+    batch 8), recompute everything else. ViT-B LoRA at batch 8 on the H100: 71.2 images/s at 3.5 GiB, 83%
+    of the uncheckpointed 85.6; recomputing the kernels too gave 67.9, 79.6% of 85.3."""
+    from torch.utils.checkpoint import CheckpointPolicy
+    if _RELPOS is not None and op is torch.ops.peft_sam.relpos_attention.default:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
 def use_grad_checkpointing(image_encoder):
     """Activation checkpointing per encoder block (for small GPUs): in training, a block keeps only its
-    input and recomputes its activations during the backward pass. Non-reentrant checkpointing, which
-    torch.compile traces and which passes gradients to adapter parameters inside the block."""
-    from torch.utils.checkpoint import checkpoint
+    input (and its global attention's output, _keep_global_attention) and recomputes its activations
+    during the backward pass. Non-reentrant checkpointing, which torch.compile traces and which passes
+    gradients to adapter parameters inside the block."""
+    import functools
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+    keep = functools.partial(create_selective_checkpoint_contexts, _keep_global_attention)
     for blk in encoder_blocks(image_encoder):
         if getattr(blk, "is_checkpointed", False):
             continue
@@ -568,7 +610,8 @@ def use_grad_checkpointing(image_encoder):
             if self.training and torch.is_grad_enabled():
                 # no random numbers in SAM blocks or our adapters: nothing to replay, and CUDA graph
                 # capture of the step does not allow reading the generator's state
-                return checkpoint(stock_forward, self, x, use_reentrant=False, preserve_rng_state=False)
+                return checkpoint(stock_forward, self, x, use_reentrant=False, preserve_rng_state=False,
+                                  context_fn=keep)
             return stock_forward(self, x)
         _swap_class(blk, "Checkpointed" + type(blk).__name__, forward=forward, is_checkpointed=True)
 

@@ -19,8 +19,9 @@ What one row measures (model x method x config x batch):
 
 Configs are named by tokens joined with "_": stock|fast (SAM's attention, or common.use_fast_attention),
 fp32|bf16 (bf16 = autocast, as common.run on CUDA), compile (common.compile_model: per-block
-torch.compile), ckpt (common.use_grad_checkpointing), nopadv (fast path without v padding), graph (the
-whole training step replayed from a CUDA graph, common.TrainStep).
+torch.compile), ckpt (common.use_grad_checkpointing), nopadv (fast path without v padding), folded (fast
+path with the rel-pos term folded into SDPA in the global blocks too, instead of relpos_attention.py's
+kernels), graph (the whole training step replayed from a CUDA graph, common.TrainStep).
 Compiled configs run on CUDA only (as common.run); on the CPU they are recorded as skipped.
 
 Run (GPU). A 10-minute call holds about one model's worth of rows (compiled rows spend most of their time
@@ -51,7 +52,7 @@ import common  # noqa: E402
 from data import UserError  # noqa: E402
 
 DEFAULT_CONFIGS = "stock_fp32,stock_bf16,fast_bf16,fast_bf16_compile,fast_bf16_compile_ckpt"
-TOKENS = {"fp32", "bf16", "compile", "ckpt", "nopadv", "graph"}
+TOKENS = {"fp32", "bf16", "compile", "ckpt", "nopadv", "graph", "folded"}
 
 # How each method file adapts a loaded SAM, from its own arguments (their inject() signatures differ),
 # and the loss it trains with (None: common.default_loss).
@@ -123,11 +124,13 @@ def parse_args(argv=None):
 
 def parse_config(name):
     attention, *tokens = name.split("_")
-    if attention not in ("stock", "fast") or not set(tokens) <= TOKENS or ("nopadv" in tokens and attention != "fast"):
+    if (attention not in ("stock", "fast") or not set(tokens) <= TOKENS
+            or ({"nopadv", "folded"} & set(tokens) and attention != "fast")):
         raise UserError(f"config {name!r} is not stock|fast followed by _-joined tokens from {sorted(TOKENS)} "
-                        f"(nopadv with fast only); e.g. fast_bf16_compile.")
+                        f"(nopadv and folded with fast only); e.g. fast_bf16_compile.")
     return dict(fast=attention == "fast", bf16="bf16" in tokens, compile="compile" in tokens,
-                ckpt="ckpt" in tokens, pad_v="nopadv" not in tokens, graph="graph" in tokens)
+                ckpt="ckpt" in tokens, pad_v="nopadv" not in tokens, graph="graph" in tokens,
+                relpos_kernel="folded" not in tokens)
 
 
 def sync(device):
@@ -156,13 +159,6 @@ def matmul_peak(device, size):
     return dict(flops_per_s=2 * size ** 3 / best, size=size, dtype=str(dtype).replace("torch.", ""))
 
 
-def stock_attention(image_encoder):
-    """Undo common.use_fast_attention if the loader applied it (the fast classes subclass the stock ones)."""
-    for attn, _ in common.encoder_attentions(image_encoder):
-        if getattr(attn, "is_fast", False):
-            attn.__class__ = type(attn).__bases__[0]
-
-
 def build(base, method, mod, margs, cfg, device, quiet=True):
     """A fresh model: the stock base on the device, the method's adapter, then the config's fast path."""
     model = copy.deepcopy(base).to(device)
@@ -172,9 +168,7 @@ def build(base, method, mod, margs, cfg, device, quiet=True):
         inject(mod, model, margs)  # quiet: a method's summary is printed once per model, not once per row
     model.to(device)
     if cfg["fast"]:
-        common.use_fast_attention(model.image_encoder, pad_v=cfg["pad_v"])
-    else:
-        stock_attention(model.image_encoder)
+        common.use_fast_attention(model.image_encoder, pad_v=cfg["pad_v"], relpos_kernel=cfg["relpos_kernel"])
     if cfg["ckpt"]:
         common.use_grad_checkpointing(model.image_encoder)
     if cfg["compile"]:
@@ -348,9 +342,11 @@ def main(argv=None):
         for method in args.methods:
             mod = importlib.import_module(method)
             margs = mod.parse_args(["--model", model_name, "--checkpoint", args.checkpoint, "--device",
-                                    device.type] + (["--img-size", str(args.img_size)] if args.img_size else []))
+                                    device.type, "--stock-attention"]
+                                   + (["--img-size", str(args.img_size)] if args.img_size else []))
             common.setup(margs, method, gpu_steps=1)
-            base = common.load_sam(margs, torch.device("cpu"))  # kept on the CPU; each row copies it over
+            # stock SAM, kept on the CPU; each row copies it over and applies its config's fast path
+            base = common.load_sam(margs, torch.device("cpu"))
             flops = {}
             if not args.no_flops:  # the model's FLOPs: stock attention, fp32, eager (the basis of MFU)
                 model = build(base, method, mod, margs, parse_config("stock_fp32"), device, quiet=False)

@@ -118,5 +118,87 @@ o)
   for f in compile_cold compile_cold_noautotune compile_warm; do echo $f; tail -n 1 /tmp/runs/$f/bench.md | cut -d'|' -f2-11; done
   tar czf $OUT/runs.tgz -C /tmp runs
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o"; exit 2 ;;
+q)
+  # Speed issue, relpos_attention.py (Triton kernels of the global attention): GPU tests, launch settings of
+  # each kernel (the best written into relpos_attention.CONFIG for what follows), time beside the folded form,
+  # ViT-B LoRA rows with the kernels, folded, and checkpointed, and the kernel profile of the ViT-B step.
+  timeout 150 python3 -m pytest -q tests/test_relpos_attention.py tests/test_fastpath.py > /tmp/runs/pytest_gpu.log 2>&1
+  tail -3 /tmp/runs/pytest_gpu.log
+  timeout 150 python3 scripts/speed_probe.py relpos --out /tmp/runs/relpos > /tmp/runs/relpos.log 2>&1
+  grep -E "^relpos|RELPOS|Error" /tmp/runs/relpos.log | cut -c1-400
+  python3 -c "import json, re; best = json.load(open('/tmp/runs/relpos/probe.json'))['relpos']['best']; \
+    p = 'relpos_attention.py'; s = open(p).read(); \
+    s = re.sub(r'CONFIG = dict\(.*?\)\)\n', 'CONFIG = ' + repr(best) + '\n', s, flags=re.S); \
+    open(p, 'w').write(s)"
+  grep -n -A2 "^CONFIG" relpos_attention.py
+  B="python3 benchmarks/bench.py --no-flops --no-inference --models vit_b --methods lora --batches 8"
+  timeout 250 $B --configs fast_bf16_compile_graph,fast_bf16_compile_graph_folded,fast_bf16_compile_ckpt_graph \
+    --out /tmp/runs/bench_relpos > /tmp/runs/bench_relpos.log 2>&1
+  tail -n 3 /tmp/runs/bench_relpos/bench.md | cut -d'|' -f2-13; grep -E "Error" /tmp/runs/bench_relpos.log | head -3
+  timeout 100 python3 scripts/speed_probe.py vitb --out /tmp/runs/vitb > /tmp/runs/vitb.log 2>&1
+  grep "^vitb" /tmp/runs/vitb.log | cut -c1-300
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+r)
+  # As q, after its fixes (constexpr loop bounds for Triton 3.6's interpreter, bench rows from a stock base, the
+  # dkdv kernel with a key block of any size), with the stock-bf16 baseline row; no profile.
+  timeout 150 python3 -m pytest -q tests/test_relpos_attention.py tests/test_fastpath.py > /tmp/runs/pytest_gpu.log 2>&1
+  tail -3 /tmp/runs/pytest_gpu.log
+  timeout 150 python3 scripts/speed_probe.py relpos --out /tmp/runs/relpos > /tmp/runs/relpos.log 2>&1
+  grep -E "^relpos|RELPOS|Error" /tmp/runs/relpos.log | cut -c1-400
+  python3 -c "import json, re; best = json.load(open('/tmp/runs/relpos/probe.json'))['relpos']['best']; \
+    p = 'relpos_attention.py'; s = open(p).read(); \
+    s = re.sub(r'CONFIG = dict\(.*?\)\)\n', 'CONFIG = ' + repr(best) + '\n', s, flags=re.S); \
+    open(p, 'w').write(s)"
+  grep -n -A2 "^CONFIG" relpos_attention.py
+  B="python3 benchmarks/bench.py --no-flops --no-inference --models vit_b --methods lora --batches 8"
+  timeout 300 $B --configs fast_bf16_compile_graph,fast_bf16_compile_graph_folded,fast_bf16_compile_ckpt_graph,stock_bf16 \
+    --out /tmp/runs/bench_relpos > /tmp/runs/bench_relpos.log 2>&1
+  tail -n 4 /tmp/runs/bench_relpos/bench.md | cut -d'|' -f2-13; grep -E "Error" /tmp/runs/bench_relpos.log | head -3
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+s)
+  # Speed issue: GPU tests of the kernels (with checkpointing), where a default lora run's time goes (cProfile,
+  # import times), compile time of ViT-B LoRA on fresh inductor and Triton caches with the kernels (then the
+  # checkpointed row on warm caches) and with the folded form.
+  timeout 100 python3 -m pytest -q tests/test_relpos_attention.py > /tmp/runs/pytest_gpu.log 2>&1; tail -1 /tmp/runs/pytest_gpu.log
+  python3 -X importtime -c "import lora" 2> /tmp/runs/importtime.txt; sort -t'|' -k2 -n /tmp/runs/importtime.txt | tail -12
+  ( time timeout 150 python3 -m cProfile -o /tmp/runs/solo.prof lora.py --data drive --data-root $DRIVE --split salt \
+    --out /tmp/runs --run-name solo_lora ) 2>&1 | tr '\r' '\n' > /tmp/runs/solo_lora.log
+  grep -E "^test|^real" /tmp/runs/solo_lora.log
+  python3 -c "import pstats; pstats.Stats('/tmp/runs/solo.prof').sort_stats('cumulative').print_stats(70)" > /tmp/runs/solo_prof.txt 2>&1
+  B="python3 benchmarks/bench.py --no-flops --no-inference --models vit_b --methods lora --batches 8"
+  TORCHINDUCTOR_CACHE_DIR=/tmp/cache_k TRITON_CACHE_DIR=/tmp/cache_k/triton timeout 200 $B \
+    --configs fast_bf16_compile_graph,fast_bf16_compile_ckpt_graph --out /tmp/runs/bench_kernel > /tmp/runs/bench_kernel.log 2>&1
+  TORCHINDUCTOR_CACHE_DIR=/tmp/cache_f TRITON_CACHE_DIR=/tmp/cache_f/triton timeout 120 $B \
+    --configs fast_bf16_compile_graph_folded --out /tmp/runs/bench_folded > /tmp/runs/bench_folded.log 2>&1
+  for f in bench_kernel bench_folded; do tail -n +4 /tmp/runs/$f/bench.md | cut -d'|' -f2-10; grep Error /tmp/runs/$f.log | head -3; done
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+t)
+  # Speed issue: the default lora run end to end, as committed and with cuDNN's algorithm timing off (patched in
+  # from outside: common.pick_device turns it on), twice each after a process that writes Python's bytecode and
+  # matplotlib's font caches; then every method on MobileSAM against stock SAM (bench rows now from a truly stock
+  # base: before, "stock" MobileSAM rows had the TinyViT layout changes of the fast path), and LoRA's row with
+  # cuDNN's timing off.
+  python3 -c "import common, lora, data, matplotlib.pyplot as plt; plt.plot([0, 1]); plt.title('x'); plt.savefig('/tmp/x.png')"
+  NOBENCH="import sys, runpy, torch, common; pick = common.pick_device; \
+common.pick_device = lambda a: (pick(a), setattr(torch.backends.cudnn, 'benchmark', False))[0]; \
+sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+  for v in committed_1 nobench_1 committed_2 nobench_2; do
+    L="lora.py --data drive --data-root $DRIVE --split salt --out /tmp/runs --run-name solo_$v"
+    case $v in committed*) ( time timeout 150 python3 $L ) > /tmp/runs/solo_$v.log 2>&1 ;;
+      *) ( time timeout 150 python3 -c "$NOBENCH" $L ) > /tmp/runs/solo_$v.log 2>&1 ;; esac
+    echo $v; tr '\r' '\n' < /tmp/runs/solo_$v.log | grep -E "^test|^real|Error"
+  done
+  B="python3 benchmarks/bench.py --no-flops --no-inference --models mobile_sam --batches 8"
+  timeout 200 $B --methods lora,atrous_lora,salt,balr_sam,samora --configs stock_bf16,fast_bf16_graph \
+    --out /tmp/runs/bench_mobile_sam > /tmp/runs/bench_mobile_sam.log 2>&1
+  tail -n 10 /tmp/runs/bench_mobile_sam/bench.md | cut -d'|' -f2-9
+  timeout 60 python3 -c "$NOBENCH" $B --methods lora --configs fast_bf16_graph --out /tmp/runs/bench_mobile_sam_nobench \
+    > /tmp/runs/bench_mobile_sam_nobench.log 2>&1
+  tail -n 1 /tmp/runs/bench_mobile_sam_nobench/bench.md | cut -d'|' -f2-9
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t"; exit 2 ;;
 esac

@@ -1,6 +1,7 @@
 """Probe for the speed issue (#7): which attention kernel, where a step's time goes, what whole-step CUDA
 graphs give. Sections: attn (kernels alone, global and windowed ViT-B shapes: results/h100/
-speed_probe_attention_and_mobile_sam_step.json), msam (MobileSAM LoRA step, graphed, with TinyViT layout
+speed_probe_attention_and_mobile_sam_step.json), relpos (relpos_attention.py's kernels: launch settings,
+time beside the folded form: results/h100/speed_probe_relpos.json), msam (MobileSAM LoRA step, graphed, with TinyViT layout
 variants applied one after another: results/h100/speed_probe_tinyvit_layout.json), vitb (ViT-B LoRA step:
 compile time, recompiles, kernel profile: results/h100/speed_probe_vit_b_profile.json).
     python scripts/speed_probe.py attn msam vitb --out runs/probe
@@ -108,6 +109,10 @@ def variant(name, H, W, scale):
             def score_mod(score, b, h, qi, kj):
                 return score + rel_h[b, h, qi, kj // W] + rel_w[b, h, qi, kj % W]
             return flex()(q, k, v, score_mod=score_mod, scale=scale)
+        if name == "triton":  # relpos_attention.py, as common.fast_vit_attention calls it
+            import relpos_attention
+            rel_h, rel_w = rel_terms(q, Rh, Rw, H, W)
+            return relpos_attention.relpos_attention(q, k, v, rel_h, rel_w, scale).transpose(1, 2)
         if name.startswith("nobias_"):  # lower bound: no rel-pos term at all
             with sdpa_kernel(backends[name.split("_")[1]]):
                 return F.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -163,6 +168,74 @@ def probe_attn():
                 out[f"{shape}_{name}"] = f"{type(e).__name__}: {str(e)[:300]}"
             print(shape, name, out[f"{shape}_{name}"], flush=True)
     RESULTS["attn"] = out
+
+
+# ---------------------------------------------------------------------------------------------------- relpos
+
+def probe_relpos():
+    """relpos_attention.py's kernels at ViT-B's global shape (batch 8, 12 heads, 64 x 64 tokens, width 64,
+    bf16): launch settings of each kernel in turn (the best kept for the next), then forward + backward
+    beside the folded SDPA form and attention without the term; fp32 exactness on a 16 x 16 grid."""
+    import relpos_attention as ra
+    out = {}
+    scale = 64 ** -0.5
+    q, k, v, Rh, Rw = relpos_inputs(2, 3, 16, 16, 64, torch.float32)
+    g = torch.randn(2, 3, 256, 64, device="cuda")
+    ref = stock_ref(q, k, v, Rh, Rw, 16, 16, scale)
+    ref_grads = torch.autograd.grad(ref, (q, k, v, Rh, Rw), g)
+    o = variant("triton", 16, 16, scale)(q, k, v, Rh, Rw)
+    grads = torch.autograd.grad(o, (q, k, v, Rh, Rw), g)
+    out["exact_fp32"] = dict(out=(o - ref).abs().max().item(),
+                             grads=[(a - b).abs().max().item() for a, b in zip(grads, ref_grads)])
+    print("relpos", out, flush=True)
+
+    B, heads, H, W = 8, 12, 64, 64
+    q, k, v, Rh, Rw = relpos_inputs(B, heads, H, W, 64, torch.bfloat16)
+    rel_h, rel_w = (t.detach().requires_grad_() for t in rel_terms(q, Rh, Rw, H, W))
+    g = torch.randn(B, H * W, heads, 64, device="cuda", dtype=torch.bfloat16)
+    o, lse = ra._relpos_attention(q, k, v, rel_h, rel_w, scale)
+    def settings(block_m, warps, stages, block_n=None):
+        return dict(BLOCK_M=block_m, num_warps=warps, num_stages=stages, **({"BLOCK_N": block_n} if block_n else {}))
+    candidates = dict(  # (BLOCK_M, warps, stages[, BLOCK_N])
+        forward=[(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 2), (128, 8, 3)],
+        dq=[(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 3), (128, 8, 2), (128, 8, 3)],
+        dkdv=[(32, 4, 2, 64), (64, 4, 2, 64), (32, 4, 2, 128), (32, 4, 3, 128), (32, 8, 2, 128), (64, 8, 2, 128),
+              (64, 8, 3, 128), (16, 4, 2, 128)])
+    for kernel in ("forward", "dq", "dkdv"):
+        times = {}
+        for c in candidates[kernel]:
+            ra.CONFIG[kernel] = settings(*c)
+            if kernel == "forward":
+                def fn():
+                    ra._relpos_attention(q, k, v, rel_h, rel_w, scale)
+            else:  # both backward kernels run; only `kernel`'s settings change
+                def fn():
+                    ra._relpos_attention_backward(g, q, k, v, rel_h, rel_w, o, lse, scale)
+            try:
+                times[c] = time_ms(fn, 10, 2)
+            except Exception as e:
+                print("relpos", kernel, c, f"{type(e).__name__}: {str(e)[:300]}", flush=True)
+        ra.CONFIG[kernel] = settings(*min(times, key=times.get))
+        out[kernel + "_ms"] = {str(c): t for c, t in times.items()}
+        print("relpos", kernel, out[kernel + "_ms"], flush=True)
+    out["best"] = dict(ra.CONFIG)
+    print("RELPOS_CONFIG", json.dumps(out["best"]), flush=True)
+
+    for name in ("triton", "sdpa_cudnn_padv", "nobias_cudnn"):
+        fn = variant(name, H, W, scale)
+        gt = g.transpose(1, 2)
+
+        def step():
+            o = fn(q, k, v, Rh, Rw)
+            torch.autograd.grad(o, (q, k, v, Rh, Rw) if not name.startswith("nobias") else (q, k, v), gt)
+
+        def fwd():
+            with torch.no_grad():
+                fn(q, k, v, Rh, Rw)
+        torch.cuda.reset_peak_memory_stats()
+        out[name] = dict(train_ms=time_ms(step), fwd_ms=time_ms(fwd), peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+        print("relpos", name, out[name], flush=True)
+    RESULTS["relpos"] = out
 
 
 # ---------------------------------------------------------------------------------------------------- msam

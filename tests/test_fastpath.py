@@ -30,10 +30,11 @@ def randomise(module, seed=0):
             p.data.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
 
-def vit_attention(side, lora_rank=0):
-    """One SAM ViT attention at ViT-B's head width 64 (2 heads of 64), on a side x side token grid."""
+def vit_attention(side, lora_rank=0, grid=None):
+    """One SAM ViT attention at ViT-B's head width 64 (2 heads of 64), on a side x side token grid (or
+    grid = (rows, columns))."""
     from segment_anything.modeling.image_encoder import Attention
-    attn = Attention(128, num_heads=2, qkv_bias=True, use_rel_pos=True, input_size=(side, side))
+    attn = Attention(128, num_heads=2, qkv_bias=True, use_rel_pos=True, input_size=grid or (side, side))
     if lora_rank:
         attn.qkv = lora.LoRAQKV(attn.qkv, lora_rank)
     randomise(attn)

@@ -1,0 +1,269 @@
+"""Exact attention with SAM's decomposed relative-position term, written as Triton kernels (forward and
+backward), for the global blocks of SAM's ViT.
+
+SAM adds to the logits of query i = (row a, col b) and key j = (row r, col c)
+    bias(i, j) = rel_h[i, r] + rel_w[i, c],    rel_h = q_i . Rh[a - r],  rel_w = q_i . Rw[b - c],
+which no fused PyTorch kernel takes as it is. common.fast_vit_attention folds it into q and k (q' =
+[q | rel_h | rel_w], k' = [k | onehot(r) | onehot(c)]): exact, but the head width grows from 64 to 192 and
+the kernel does three times the work (12.0 ms for forward and backward of one global ViT-B block at 1024,
+batch 8, on the H100, against 3.2 ms for the same attention without the term).
+
+Here the key tile is one key row (the W keys of row r). Within it rel_h[i, r] is one number per query and
+rel_w[i, c] is the same (queries x W) tile for every key row, loaded once per query block. The logits tile
+is then q k_r^T * scale + rel_h[:, r] + rel_w, and the rest is flash attention (online softmax, no N x N
+matrix in memory). The backward needs the logits' gradient ds summed over key columns (d rel_h[:, r], one
+column per key row) and over key rows (d rel_w, one accumulator per query block): the kernel that walks the
+keys of one query block writes both without atomics.
+
+Kernels (after the FlashAttention-2 backward split): `_forward` (queries in blocks, keys row by row),
+`_backward_dq` (the same walk: dq, d rel_h, d rel_w), `_backward_dkdv` (one key row, queries in blocks: dk,
+dv). Inputs: q, k, v (B, heads, N, D) with N = H * W; rel_h (B, heads, N, H); rel_w (B, heads, N, W);
+the output is (B, N, heads, D), the layout the block's projection reads. `usable` says which shapes the
+kernels take (W a power of two from 16 to 128, D one of 16, 32, 64, 128, CUDA tensors); everything else
+goes through the folded path. Softmax in fp32, exp2 with log2(e) folded into the logits.
+
+Measured on the H100 (bf16, batch 8, 12 heads, 64 x 64 tokens; scripts/speed_probe.py relpos, forward and
+backward with the rel-pos einsums): 7.2 ms against 12.1 ms for the folded form and 3.2 ms for the same
+attention without the term; a compiled, graphed ViT-B LoRA step went from 72.0 to 85.3 images/s. The
+backward is two thirds of it: both backward kernels recompute the logits (FlashAttention-2's split), and
+Triton's tiles are not cuDNN's.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): softmax through exp2; kernels see only constexpr globals
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests): CPU tensors
+
+
+def usable(q, H, W):
+    """Whether the kernels take this attention: CUDA (or Triton's interpreter), W a power of two the tile
+    can be, head width a power of two."""
+    D = q.shape[-1]
+    on_device = q.is_cuda or INTERPRETED and q.device.type == "cpu"
+    return (on_device and W & (W - 1) == 0 and 16 <= W <= 128 and D in (16, 32, 64, 128) and q.shape[-2] == H * W
+            and q.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+@triton.jit
+def _forward(Q, K, V, RH, RW, O, LSE,
+             sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+             srh_b, srh_h, srh_n, srw_b, srw_h, srw_n, so_b, so_h, so_n,
+             heads, scale,
+             N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+             PRECISION: tl.constexpr):
+    b, h = tl.program_id(2), tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # this program's queries
+    offs_c = tl.arange(0, COLS)  # key columns: the keys of one key row
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :])  # (BLOCK_M, D)
+    # rel_w[i, c]: the same for every key row, loaded once; in log2 units like the logits
+    rw = tl.load(RW + b * srw_b + h * srw_h + offs_m[:, None] * srw_n + offs_c[None, :]).to(tl.float32) * LOG2E
+    rh_ptrs = RH + b * srh_b + h * srh_h + offs_m * srh_n  # rel_h[i, 0]; + r for key row r
+    k_ptrs = K + b * sk_b + h * sk_h + offs_c[:, None] * sk_n + offs_d[None, :]  # keys of row 0, (COLS, D)
+    v_ptrs = V + b * sv_b + h * sv_h + offs_c[:, None] * sv_n + offs_d[None, :]
+    qk_scale = scale * LOG2E
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the logits (log2 units)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(logit - max)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for r in range(ROWS):
+        k = tl.load(k_ptrs + r * COLS * sk_n)
+        v = tl.load(v_ptrs + r * COLS * sv_n)
+        rh = tl.load(rh_ptrs + r).to(tl.float32) * LOG2E  # (BLOCK_M,)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + rh[:, None] + rw  # (BLOCK_M, COLS)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :], acc.to(O.dtype.element_ty))
+    tl.store(LSE + (b * heads + h) * N + offs_m, m_i + tl.log2(l_i))  # log2-sum-exp2, for the backward
+
+
+@triton.jit
+def _backward_dq(Q, K, V, RH, RW, DO, LSE, DELTA, DQ, DRH, DRW,
+                 sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                 srh_b, srh_h, srh_n, srw_b, srw_h, srw_n, sdo_b, sdo_h, sdo_n,
+                 heads, scale,
+                 N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """One query block, keys row by row: dq, d rel_h (a column per key row), d rel_w (summed over rows).
+    The gradient tensors DQ, DRH, DRW are contiguous (B, heads, N, D / H / W)."""
+    b, h = tl.program_id(2), tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, COLS)
+    offs_d = tl.arange(0, D)
+    bh = b * heads + h
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :])
+    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :])
+    rw = tl.load(RW + b * srw_b + h * srw_h + offs_m[:, None] * srw_n + offs_c[None, :]).to(tl.float32) * LOG2E
+    lse = tl.load(LSE + bh * N + offs_m)
+    delta = tl.load(DELTA + bh * N + offs_m)  # rowsum(o * do)
+    rh_ptrs = RH + b * srh_b + h * srh_h + offs_m * srh_n
+    k_ptrs = K + b * sk_b + h * sk_h + offs_c[:, None] * sk_n + offs_d[None, :]
+    v_ptrs = V + b * sv_b + h * sv_h + offs_c[:, None] * sv_n + offs_d[None, :]
+    drh_ptrs = DRH + (bh * N + offs_m) * ROWS
+    qk_scale = scale * LOG2E
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    drw = tl.zeros([BLOCK_M, COLS], tl.float32)
+    for r in range(ROWS):
+        k = tl.load(k_ptrs + r * COLS * sk_n)
+        v = tl.load(v_ptrs + r * COLS * sv_n)
+        rh = tl.load(rh_ptrs + r).to(tl.float32) * LOG2E
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + rh[:, None] + rw
+        p = tl.exp2(s - lse[:, None])  # the softmax, recomputed
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, COLS)
+        ds = p * (dp - delta[:, None])  # gradient of the logits
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        tl.store(drh_ptrs + r, tl.sum(ds, 1).to(DRH.dtype.element_ty))
+        drw += ds
+    tl.store(DQ + (bh * N + offs_m[:, None]) * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty))
+    tl.store(DRW + (bh * N + offs_m[:, None]) * COLS + offs_c[None, :], drw.to(DRW.dtype.element_ty))
+
+
+@triton.jit
+def _backward_dkdv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
+                   sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                   srh_b, srh_h, srh_n, srw_b, srw_h, srw_n, sdo_b, sdo_h, sdo_n,
+                   heads, scale,
+                   N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """BLOCK_N keys (part of a key row, or whole rows), queries in blocks: dk, dv. Computed transposed,
+    keys along the first axis, so that the products accumulate into (BLOCK_N, D) tiles. The bias of key
+    j = (r, c) is gathered as rel_h[:, r] and rel_w[:, c] (rows of rel_w repeat across key rows; they come
+    from the cache). DK, DV contiguous (B, heads, N, D)."""
+    b, h = tl.program_id(2), tl.program_id(1)
+    offs_j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's keys
+    offs_d = tl.arange(0, D)
+    bh = b * heads + h
+    k = tl.load(K + b * sk_b + h * sk_h + offs_j[:, None] * sk_n + offs_d[None, :])  # (BLOCK_N, D)
+    v = tl.load(V + b * sv_b + h * sv_h + offs_j[:, None] * sv_n + offs_d[None, :])
+    rh_ptrs = RH + b * srh_b + h * srh_h + (offs_j // COLS)[:, None]  # + query * srh_n: (BLOCK_N, BLOCK_M)
+    rw_ptrs = RW + b * srw_b + h * srw_h + (offs_j % COLS)[:, None]
+    qk_scale = scale * LOG2E
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    for start in range(0, N, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :])  # (BLOCK_M, D)
+        do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :])
+        bias_t = (tl.load(rh_ptrs + offs_m[None, :] * srh_n).to(tl.float32)
+                  + tl.load(rw_ptrs + offs_m[None, :] * srw_n).to(tl.float32)) * LOG2E  # (BLOCK_N, BLOCK_M)
+        lse = tl.load(LSE + bh * N + offs_m)
+        delta = tl.load(DELTA + bh * N + offs_m)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + bias_t  # (BLOCK_N, BLOCK_M)
+        p_t = tl.exp2(s_t - lse[None, :])
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    tl.store(DK + (bh * N + offs_j[:, None]) * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty))
+    tl.store(DV + (bh * N + offs_j[:, None]) * D + offs_d[None, :], dv.to(DV.dtype.element_ty))
+
+
+def _strides(*tensors):
+    """(batch, head, token) strides of (B, heads, N, X) tensors whose last axis is contiguous."""
+    out = []
+    for t in tensors:
+        assert t.stride(-1) == 1
+        out += t.stride()[:3]
+    return out
+
+
+# Launch settings of each kernel (BLOCK_M queries, BLOCK_N keys per program or step, warps, pipeline stages),
+# chosen on the H100 at ViT-B's global shape (scripts/speed_probe.py relpos).
+CONFIG = dict(forward=dict(BLOCK_M=64, num_warps=4, num_stages=3),
+              dq=dict(BLOCK_M=64, num_warps=4, num_stages=3),
+              dkdv=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2))
+
+
+def _launch(name, N):
+    """kernel `name`'s launch settings for N tokens: the configured blocks, halved until they divide N."""
+    launch = dict(CONFIG[name])
+    for block in ("BLOCK_M", "BLOCK_N"):
+        while block in launch and N % launch[block]:
+            launch[block] //= 2
+    return launch
+
+
+def _precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: exact products, as PyTorch's default
+
+
+def _last_contiguous(*tensors):
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
+
+
+@torch.library.custom_op("peft_sam::relpos_attention", mutates_args=())
+def _relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v, rel_h, rel_w = _last_contiguous(q, k, v, rel_h, rel_w)
+    B, heads, N, D = q.shape
+    rows, cols = rel_h.shape[-1], rel_w.shape[-1]
+    out = q.new_empty(B, N, heads, D)
+    lse = torch.empty(B, heads, N, device=q.device, dtype=torch.float32)
+    launch = _launch("forward", N)
+    _forward[(N // launch["BLOCK_M"], heads, B)](
+        q, k, v, rel_h, rel_w, out, lse, *_strides(q, k, v, rel_h, rel_w, out.transpose(1, 2)),
+        heads, scale, N=N, ROWS=rows, COLS=cols, D=D, PRECISION=_precision(q.dtype), **launch)
+    return out, lse
+
+
+@_relpos_attention.register_fake
+def _(q, k, v, rel_h, rel_w, scale):
+    B, heads, N, D = q.shape
+    return q.new_empty(B, N, heads, D), q.new_empty(B, heads, N, dtype=torch.float32)
+
+
+@torch.library.custom_op("peft_sam::relpos_attention_backward", mutates_args=())
+def _relpos_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               rel_h: torch.Tensor, rel_w: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                      torch.Tensor]:
+    q, k, v, rel_h, rel_w, grad_out = _last_contiguous(q, k, v, rel_h, rel_w, grad_out)
+    B, heads, N, D = q.shape
+    rows, cols = rel_h.shape[-1], rel_w.shape[-1]
+    delta = (out.float() * grad_out.float()).sum(-1).transpose(1, 2).contiguous()  # (B, heads, N)
+    dq, dk, dv = (torch.empty(B, heads, N, D, device=q.device, dtype=t.dtype) for t in (q, k, v))
+    d_rel_h = torch.empty(B, heads, N, rows, device=q.device, dtype=rel_h.dtype)
+    d_rel_w = torch.empty(B, heads, N, cols, device=q.device, dtype=rel_w.dtype)
+    common_args = (*_strides(q, k, v, rel_h, rel_w, grad_out.transpose(1, 2)), heads, scale)
+    meta = dict(N=N, ROWS=rows, COLS=cols, D=D, PRECISION=_precision(q.dtype))
+    launch = _launch("dq", N)
+    _backward_dq[(N // launch["BLOCK_M"], heads, B)](q, k, v, rel_h, rel_w, grad_out, lse, delta, dq, d_rel_h, d_rel_w,
+                                           *common_args, **meta, **launch)
+    launch = _launch("dkdv", N)
+    _backward_dkdv[(N // launch["BLOCK_N"], heads, B)](q, k, v, rel_h, rel_w, grad_out, lse, delta, dk, dv, *common_args,
+                                     **meta, **launch)
+    return dq, dk, dv, d_rel_h, d_rel_w
+
+
+@_relpos_attention_backward.register_fake
+def _(grad_out, q, k, v, rel_h, rel_w, out, lse, scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v, rel_h, rel_w))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, rel_h, rel_w, scale = inputs
+    ctx.save_for_backward(q, k, v, rel_h, rel_w, *output)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, rel_h, rel_w, out, lse = ctx.saved_tensors
+    return (*_relpos_attention_backward(grad_out, q, k, v, rel_h, rel_w, out, lse, ctx.scale), None)
+
+
+_relpos_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def relpos_attention(q, k, v, rel_h, rel_w, scale):
+    """softmax(q k^T * scale + rel_h[:, row j] + rel_w[:, col j]) v for q, k, v (B, heads, N, D),
+    rel_h (B, heads, N, H), rel_w (B, heads, N, W). Returns (B, N, heads, D)."""
+    return _relpos_attention(q, k, v, rel_h, rel_w, scale)[0]

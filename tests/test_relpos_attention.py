@@ -1,0 +1,137 @@
+"""relpos_attention.py, the Triton kernels of ViT's global attention: through common.fast_vit_attention they
+must give stock SAM's attention with its decomposed rel-pos term, forward and backward (block input, qkv
+and proj weights, both rel-pos tables, LoRA). On the CPU the kernels run under Triton's interpreter in a
+subprocess (TRITON_INTERPRET is read when the kernels are defined, so it must be set before the import);
+on CUDA they run compiled, in fp32 and in bf16."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+from test_fastpath import fast_copy, vit_attention
+
+pytest.importorskip("triton", reason="PyTorch without Triton: the kernels are not used, the folded path is")
+
+TOL = 1e-5  # fp32, as the folded path (test_fastpath.TOL); measured ~2e-6 under the interpreter
+CASES = [(16, 16, 0), (8, 16, 4)]  # (grid rows, grid columns, LoRA rank): square, and rows != columns
+
+
+def grads(attn, x, g):
+    y = attn(x)
+    return [y, *torch.autograd.grad(y, [x, *attn.parameters()], g)]
+
+
+def errors(H, W, lora_rank, device, dtype):
+    """Max |kernel - stock| over the output and every gradient, stock in fp32; and the same for the folded
+    SDPA form in `dtype` (the path the kernels replace), as a yardstick for bf16."""
+    stock = vit_attention(0, lora_rank, grid=(H, W)).to(device)
+    kernel = fast_copy(stock)
+    assert kernel.fast_relpos, "the kernels were not picked up"
+    folded = fast_copy(stock)
+    folded.fast_relpos = False
+    x = torch.randn(2, H, W, 128, device=device, requires_grad=True)
+    g = torch.randn(2, H, W, 128, device=device)
+    want = grads(stock, x, g)
+    with torch.autocast(device.type if isinstance(device, torch.device) else device, dtype=dtype,
+                        enabled=dtype != torch.float32):
+        got = grads(kernel, x, g)
+        yardstick = grads(folded, x, g)
+    scale = [max(1.0, w.abs().max().item()) for w in want]
+    return ([(a.float() - b).abs().max().item() / s for a, b, s in zip(got, want, scale)],
+            [(a.float() - b).abs().max().item() / s for a, b, s in zip(yardstick, want, scale)])
+
+
+def checkpointed(device):
+    """A global ViT block (16 x 16 grid, heads 64 wide, LoRA) on the fast path, plain and with activation
+    checkpointing: max |grad difference| over the input and parameters, and how often the attention kernel
+    ran in each forward + backward (checkpointing keeps its output: once, not twice)."""
+    import copy
+    from types import SimpleNamespace
+    from segment_anything.modeling.image_encoder import Block
+    from torch.utils._python_dispatch import TorchDispatchMode
+    import lora
+    from test_fastpath import randomise
+
+    class CountKernel(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountKernel.calls += func is torch.ops.peft_sam.relpos_attention.default
+            return func(*args, **(kwargs or {}))
+    torch.manual_seed(0)
+    plain = Block(128, num_heads=2, use_rel_pos=True, window_size=0, input_size=(16, 16))
+    plain.attn.qkv = lora.LoRAQKV(plain.attn.qkv, 4)
+    randomise(plain)
+    ckpt = copy.deepcopy(plain)
+    grads, calls = [], []
+    for blk, checkpoint in ((plain, False), (ckpt, True)):
+        encoder = SimpleNamespace(blocks=[blk.to(device)])
+        common.use_fast_attention(encoder)
+        if checkpoint:
+            common.use_grad_checkpointing(encoder)
+        x = torch.randn(2, 16, 16, 128, device=device, generator=torch.Generator(device).manual_seed(1),
+                        requires_grad=True)
+        CountKernel.calls = 0
+        with CountKernel():
+            y = blk(x)
+            grads.append(torch.autograd.grad(y, [x, *blk.parameters()], torch.ones_like(y)))
+        calls.append(CountKernel.calls)
+    return max((a - b).abs().max().item() for a, b in zip(*grads)), calls
+
+
+def interpreted(call):
+    """Evaluate `call` (an expression over this module, `t`) in a Python with Triton's interpreter on."""
+    code = (f"import sys; sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]\n"
+            f"import torch, test_relpos_attention as t\nprint(repr({call}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return eval(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("H,W,lora_rank", CASES)
+def test_kernels_match_stock_under_the_interpreter(H, W, lora_rank):
+    assert max(interpreted(f"t.errors({H}, {W}, {lora_rank}, 'cpu', torch.float32)[0]")) < TOL
+
+
+def test_checkpointing_keeps_the_kernels_output_under_the_interpreter():
+    difference, calls = interpreted("t.checkpointed('cpu')")
+    assert difference < 1e-6 and calls == [1, 1], (difference, calls)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels need CUDA")
+@pytest.mark.parametrize("H,W,lora_rank", CASES + [(64, 64, 4)])  # and ViT-B's global grid at 1024
+def test_kernels_match_stock_on_cuda(H, W, lora_rank):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    fp32, _ = errors(H, W, lora_rank, torch.device("cuda"), torch.float32)
+    assert max(fp32) < 1e-4, fp32  # fp32 products ("ieee"); the order of the sums differs from stock
+    bf16, folded = errors(H, W, lora_rank, torch.device("cuda"), torch.bfloat16)
+    # bf16: no further from fp32 stock than the folded SDPA form in bf16 is (with some slack), and small
+    assert all(b <= 2 * f + 1e-3 for b, f in zip(bf16, folded)), (bf16, folded)
+    assert max(bf16) < 5e-2, bf16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels need CUDA")
+def test_checkpointing_keeps_the_kernels_output_on_cuda():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    difference, calls = checkpointed("cuda")
+    assert difference < 1e-5 and calls == [1, 1], (difference, calls)
+
+
+def test_shapes_the_kernels_do_not_take_go_the_folded_way():
+    from types import SimpleNamespace
+    import relpos_attention
+
+    def query(n, width, cuda=True):
+        return SimpleNamespace(is_cuda=cuda, shape=(1, 1, n, width), dtype=torch.bfloat16,
+                               device=torch.device("cuda" if cuda else "cpu"))
+    assert relpos_attention.usable(query(64 * 64, 64), 64, 64)  # ViT-B/L global blocks at 1024
+    assert not relpos_attention.usable(query(14 * 14, 64), 14, 14)  # their windows: 14 is no power of two
+    assert not relpos_attention.usable(query(64 * 64, 80), 64, 64)  # ViT-H: heads 80 wide
+    assert not relpos_attention.usable(query(64 * 64, 64, cuda=False), 64, 64)  # CPU, not interpreted
+    if not torch.cuda.is_available():  # a CPU run does not even import Triton for the fast path
+        assert common._relpos_kernels() is None
