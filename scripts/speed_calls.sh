@@ -4,7 +4,9 @@
 # runs end to end and the final benchmark rows; o: compile time on fresh and warm caches. j ran with in-place
 # q/v adds, since reverted; m and n compared switches (PEFT_SAM_EAGER_EVAL, PEFT_SAM_NO_CUDNN_BENCHMARK) and g, h
 # PROBE_SKIP_* settings of the code of the time: the committed compile_model always skips the first block and
-# the decoder, and evaluation runs eagerly. Results: results/h100/*.json (each names its call).
+# the decoder, and evaluation runs eagerly. q-u: relpos_attention.py's kernels (q ran before their fixes; r tuned
+# their launch settings; s: default-run profile and compile times; t: default runs and MobileSAM rows from a
+# stock base; u: final ViT-B rows). Results: results/h100/*.json (each names its call).
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 case "$1" in
@@ -200,5 +202,17 @@ sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
   tail -n 1 /tmp/runs/bench_mobile_sam_nobench/bench.md | cut -d'|' -f2-9
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t"; exit 2 ;;
+u)
+  # Speed issue, final ViT-B rows with relpos_attention.py's kernels: every method compiled and graphed beside its
+  # own stock-bf16 baseline, LoRA also checkpointed (selective: the kernels' output kept).
+  B="python3 benchmarks/bench.py --no-flops --no-inference --models vit_b --batches 8"
+  timeout 150 $B --methods lora --configs fast_bf16_compile_graph,fast_bf16_compile_ckpt_graph,stock_bf16 \
+    --out /tmp/runs/bench_vit_b_lora > /tmp/runs/bench_vit_b_lora.log 2>&1
+  tail -n 3 /tmp/runs/bench_vit_b_lora/bench.md | cut -d'|' -f2-9
+  timeout 330 $B --methods atrous_lora,salt,balr_sam,samora --configs fast_bf16_compile_graph,stock_bf16 \
+    --out /tmp/runs/bench_vit_b_methods > /tmp/runs/bench_vit_b_methods.log 2>&1
+  tail -n 8 /tmp/runs/bench_vit_b_methods/bench.md | cut -d'|' -f2-9; grep -E "Error" /tmp/runs/bench_vit_b_*.log | head -3
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u"; exit 2 ;;
 esac
