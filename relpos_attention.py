@@ -16,10 +16,11 @@ column per key row) and over key rows (d rel_w, one accumulator per query block)
 keys of one query block writes both without atomics.
 
 Kernels (after the FlashAttention-2 backward split): `_forward` (queries in blocks, keys row by row),
-`_backward_dq` (the same walk: dq, d rel_h, d rel_w), `_backward_dkdv` (one key row, queries in blocks: dk,
-dv). Inputs: q, k, v (B, heads, N, D) with N = H * W; rel_h (B, heads, N, H); rel_w (B, heads, N, W);
-the output is (B, N, heads, D), the layout the block's projection reads. `usable` says which shapes the
-kernels take (W a power of two from 16 to 128, D one of 16, 32, 64, 128, CUDA tensors); everything else
+`_backward_dq` (the same walk: dq, d rel_h, d rel_w), `_backward_dkdv` (a block of keys, queries in
+blocks: dk, dv). Inputs: q, k, v (B, heads, N, D) with N = H * W; rel_h (B, heads, N, H); rel_w
+(B, heads, N, W). The output is (B, N, heads, D), the layout the block's projection reads. `usable` says
+which attentions the kernels take: W a power of two from 16 to 128, D one of 16, 32, 64, 128, fp32 or
+bf16 CUDA tensors (ViT-B and ViT-L at 1024 or 512; not ViT-H, whose heads are 80 wide). Everything else
 goes through the folded path. Softmax in fp32, exp2 with log2(e) folded into the logits.
 
 Measured on the H100 (bf16, batch 8, 12 heads, 64 x 64 tokens; scripts/speed_probe.py relpos, forward and
@@ -42,11 +43,11 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpre
 
 def usable(q, H, W):
     """Whether the kernels take this attention: CUDA (or Triton's interpreter), W a power of two the tile
-    can be, head width a power of two."""
+    can be, head width a power of two, fp32 or bf16."""
     D = q.shape[-1]
     on_device = q.is_cuda or INTERPRETED and q.device.type == "cpu"
     return (on_device and W & (W - 1) == 0 and 16 <= W <= 128 and D in (16, 32, 64, 128) and q.shape[-2] == H * W
-            and q.dtype in (torch.float32, torch.bfloat16, torch.float16))
+            and q.dtype in (torch.float32, torch.bfloat16))  # the dtypes the tests check (autocast's and fp32)
 
 
 @triton.jit
@@ -236,11 +237,11 @@ def _relpos_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch
     common_args = (*_strides(q, k, v, rel_h, rel_w, grad_out.transpose(1, 2)), heads, scale)
     meta = dict(N=N, ROWS=rows, COLS=cols, D=D, PRECISION=_precision(q.dtype))
     launch = _launch("dq", N)
-    _backward_dq[(N // launch["BLOCK_M"], heads, B)](q, k, v, rel_h, rel_w, grad_out, lse, delta, dq, d_rel_h, d_rel_w,
-                                           *common_args, **meta, **launch)
+    _backward_dq[(N // launch["BLOCK_M"], heads, B)](
+        q, k, v, rel_h, rel_w, grad_out, lse, delta, dq, d_rel_h, d_rel_w, *common_args, **meta, **launch)
     launch = _launch("dkdv", N)
-    _backward_dkdv[(N // launch["BLOCK_N"], heads, B)](q, k, v, rel_h, rel_w, grad_out, lse, delta, dk, dv, *common_args,
-                                     **meta, **launch)
+    _backward_dkdv[(N // launch["BLOCK_N"], heads, B)](
+        q, k, v, rel_h, rel_w, grad_out, lse, delta, dk, dv, *common_args, **meta, **launch)
     return dq, dk, dv, d_rel_h, d_rel_w
 
 

@@ -214,5 +214,56 @@ u)
   tail -n 8 /tmp/runs/bench_vit_b_methods/bench.md | cut -d'|' -f2-9; grep -E "Error" /tmp/runs/bench_vit_b_*.log | head -3
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u"; exit 2 ;;
+v)
+  # Speed issue, where ViT-B's compile time goes: the first call of relpos_attention.py's kernels alone (fresh Triton
+  # cache), then the LoRA bench row on fresh caches with graph breaks and recompiles logged and dynamo's per-phase
+  # compile times printed, with the kernels and with the folded form.
+  TRITON_CACHE_DIR=/tmp/cache_0 python3 -c "
+import time, torch, relpos_attention as ra
+q, k, v = (torch.randn(1, 12, 4096, 64, device='cuda', dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+rh, rw = (torch.randn(1, 12, 4096, 64, device='cuda', dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+for i in range(2):
+    t = time.perf_counter(); o = ra.relpos_attention(q, k, v, rh, rw, 0.125); torch.cuda.synchronize(); f = time.perf_counter() - t
+    t = time.perf_counter(); o.sum().backward(); torch.cuda.synchronize(); print('relpos first call' if i == 0 else 'relpos again', 'forward %.2f s backward %.2f s' % (f, time.perf_counter() - t))
+"
+  WRAP="import sys, runpy, torch._dynamo.utils as u; sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name='__main__')
+finally:
+    print(u.compile_times())"
+  B="benchmarks/bench.py --no-flops --no-inference --models vit_b --methods lora --batches 8"
+  for c in fast_bf16_compile_graph fast_bf16_compile_graph_folded; do
+    TORCH_LOGS=graph_breaks,recompiles TORCHINDUCTOR_CACHE_DIR=/tmp/cache_$c TRITON_CACHE_DIR=/tmp/cache_$c/triton \
+      timeout 150 python3 -c "$WRAP" $B --configs $c --out /tmp/runs/compile_$c > /tmp/runs/compile_$c.log 2>&1
+    echo $c; tail -n 1 /tmp/runs/compile_$c/bench.md | cut -d'|' -f2-9; grep -ciE "graph break" /tmp/runs/compile_$c.log
+    grep -iE "recompil" /tmp/runs/compile_$c.log | head -3 | cut -c1-200; tail -n 25 /tmp/runs/compile_$c.log | cut -c1-250
+  done
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+w)
+  # Speed issue: GPU tests, then ViT-B (random weights: the path, not the Dice) trained on DRIVE end to end through
+  # relpos_attention.py's kernels: 300 steps, and 100 steps with --grad-checkpoint.
+  timeout 150 python3 -m pytest -q tests/test_relpos_attention.py tests/test_fastpath.py > /tmp/runs/pytest_gpu.log 2>&1
+  tail -1 /tmp/runs/pytest_gpu.log
+  for v in "vitb_300 --steps 300" "vitb_ckpt_100 --steps 100 --grad-checkpoint"; do
+    set -- $v
+    ( time timeout 200 python3 lora.py --model vit_b --checkpoint none --data drive --data-root $DRIVE --split salt \
+      --out /tmp/runs --run-name "$@" ) > /tmp/runs/$1.log 2>&1
+    echo $1; tr '\r' '\n' < /tmp/runs/$1.log | grep -E "^before|^eval|^test|^real|Error|error" | head -12
+  done
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+x)
+  # Speed issue: the default lora run end to end three times on the final code, after a process that writes Python's
+  # bytecode and matplotlib's font caches and reads the data and weights once.
+  python3 -c "import common, lora, data, matplotlib.pyplot as plt; plt.plot([0, 1]); plt.title('x'); plt.savefig('/tmp/x.png')"
+  timeout 100 python3 lora.py --data drive --data-root $DRIVE --split salt --steps 10 --out /tmp/warm --run-name warm > /dev/null 2>&1
+  for i in 1 2 3; do
+    ( time timeout 150 python3 lora.py --data drive --data-root $DRIVE --split salt --out /tmp/runs --run-name solo_$i ) \
+      > /tmp/runs/solo_$i.log 2>&1
+    echo $i; tr '\r' '\n' < /tmp/runs/solo_$i.log | grep -E "^test|^real|Error"
+  done
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x"; exit 2 ;;
 esac
