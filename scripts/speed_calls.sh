@@ -265,5 +265,32 @@ x)
   done
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x"; exit 2 ;;
+y)
+  # Speed issue: where the default lora run's time outside the training steps goes, each phase timed from outside
+  # (wall clock around common's functions, CUDA synchronised), after a warm-up process as in x.
+  python3 -c "import common, lora, data, matplotlib.pyplot as plt; plt.plot([0, 1]); plt.title('x'); plt.savefig('/tmp/x.png')"
+  timeout 100 python3 lora.py --data drive --data-root $DRIVE --split salt --steps 10 --out /tmp/warm --run-name warm > /dev/null 2>&1
+  ( time timeout 150 python3 -c "
+import time, sys, runpy; T0 = time.perf_counter(); import torch; print('import torch %.2f' % (time.perf_counter() - T0))
+t = time.perf_counter(); import common, lora, data; print('import common, lora, data %.2f' % (time.perf_counter() - t))
+def timed(owner, name):
+    fn = getattr(owner, name)
+    def wrapper(*a, **k):
+        t = time.perf_counter(); out = fn(*a, **k)
+        if torch.cuda.is_available(): torch.cuda.synchronize()
+        print('%s %.2f s (at %.1f)' % (name, time.perf_counter() - t, time.perf_counter() - T0), flush=True); return out
+    setattr(owner, name, wrapper)
+for n in ('setup', 'load_sam', 'evaluate', 'train_loop', 'save_pictures', 'save_masks'): timed(common, n)
+for n in ('eager', 'capture'): timed(common.TrainStep, n)
+timed(lora, 'load_data'); timed(lora, 'inject')
+sys.argv = ['lora.py', '--data', 'drive', '--data-root', '$DRIVE', '--split', 'salt', '--out', '/tmp/runs', '--run-name', 'phases']
+try:
+    runpy.run_path('lora.py', run_name='__main__')
+finally:
+    print('total %.2f' % (time.perf_counter() - T0))
+" ) > /tmp/runs/phases.log 2>&1
+  tr '\r' '\n' < /tmp/runs/phases.log | grep -vE "^step|^eval at" | tail -30
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y"; exit 2 ;;
 esac
