@@ -635,8 +635,8 @@ def compile_model(model):
     Measured on the H100, ViT-B LoRA, batch 8, steps replayed from a CUDA graph (bench.py, fresh caches,
     compilation of the training steps): 27.4 s for 72.5 images/s (32.5 s for 72.6 with pointwise timing);
     4.6 s when the caches of an earlier run are there. With relpos_attention.py's kernels, whose Triton
-    compilation adds about 6 s on fresh caches: 38.7-38.9 s for 85.5 images/s (folded form on the same
-    machine: 32.6 s). Compiling every block and the decoder (and eval
+    compilation adds about 6-8 s on fresh caches: 38.7-46.8 s for 85.5 images/s (folded form on the same
+    machine: 32.6 s), 5.2 s on the caches of an earlier run. Compiling every block and the decoder (and eval
     graphs), before step graphs: 64.4 s for training, 21.6 s more for evaluation, 74.7 images/s."""
     import torch._inductor.config
     torch._inductor.config.triton.autotune_pointwise = False

@@ -4,9 +4,10 @@
 # runs end to end and the final benchmark rows; o: compile time on fresh and warm caches. j ran with in-place
 # q/v adds, since reverted; m and n compared switches (PEFT_SAM_EAGER_EVAL, PEFT_SAM_NO_CUDNN_BENCHMARK) and g, h
 # PROBE_SKIP_* settings of the code of the time: the committed compile_model always skips the first block and
-# the decoder, and evaluation runs eagerly. q-u: relpos_attention.py's kernels (q ran before their fixes; r tuned
+# the decoder, and evaluation runs eagerly. q-z: relpos_attention.py's kernels (q ran before their fixes; r tuned
 # their launch settings; s: default-run profile and compile times; t: default runs and MobileSAM rows from a
-# stock base; u: final ViT-B rows). Results: results/h100/*.json (each names its call).
+# stock base; u: final ViT-B rows; v: compile-time probe; w: GPU tests and ViT-B on DRIVE; x, y: default runs and
+# their phases; z: compile time cold and warm). Results: results/h100/*.json (each names its call).
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 case "$1" in
@@ -292,5 +293,16 @@ finally:
   tr '\r' '\n' < /tmp/runs/phases.log | grep -vE "^step|^eval at" | tail -30
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y"; exit 2 ;;
+z)
+  # Speed issue: compile time of ViT-B LoRA with relpos_attention.py's kernels on fresh caches, then again in a new
+  # process on the caches the first one filled (a user's second run).
+  B="python3 benchmarks/bench.py --no-flops --no-inference --models vit_b --methods lora --batches 8 --configs fast_bf16_compile_graph"
+  for r in cold warm; do
+    TORCHINDUCTOR_CACHE_DIR=/tmp/cache_z TRITON_CACHE_DIR=/tmp/cache_z/triton timeout 150 $B --out /tmp/runs/compile_$r \
+      > /tmp/runs/compile_$r.log 2>&1
+    echo $r; tail -n 1 /tmp/runs/compile_$r/bench.md | cut -d'|' -f2-9
+  done
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z"; exit 2 ;;
 esac
