@@ -543,7 +543,7 @@ def _relpos_kernels():
     the CPU under Triton's interpreter (TRITON_INTERPRET=1, as the tests do); else None. Imported on first
     use: Triton is needed by ViT models on CUDA only."""
     global _RELPOS
-    import os
+    # the env check is relpos_attention.INTERPRETED's, read here so that a CPU run never imports Triton
     if _RELPOS is None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
         try:
             import relpos_attention
@@ -1070,13 +1070,13 @@ def run(model, train_set, test_set, args, device, loss_fn=default_loss, steps=No
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     untrained = None
+    last = {}  # the latest evaluation with its masks: train_loop's one at the final step is the test result
     if not args.eval_only:
         if resume is None:
             untrained, _ = evaluate(model, test_set, args.batch_size)
             print(f"before training: Dice {untrained['dice']:.4f}  HD95 {untrained['hd95']:.2f}")
         if should_compile(args, device):
             compile_model(model)
-        last = {}  # the latest evaluation with its masks: train_loop's one at the final step is the test result
 
         def eval_fn():
             last["result"] = evaluate(model, test_set, args.batch_size)
@@ -1085,7 +1085,7 @@ def run(model, train_set, test_set, args, device, loss_fn=default_loss, steps=No
                              device, run_dir, steps, evaluate_fn=eval_fn, tag="", resume=resume, cuda_graph=cuda_graph)
     else:
         history = dict(loss=[], eval=[], seconds=0.0, imgs_per_s=0.0, steps=0)
-    if not args.eval_only and last and history["eval"] and history["eval"][-1][0] == steps:
+    if last and history["eval"][-1][0] == steps:
         result, preds = last["result"]  # the model has not changed since train_loop's final evaluation
     else:
         result, preds = evaluate(model, test_set, args.batch_size)

@@ -120,6 +120,26 @@ def variant(name, H, W, scale):
     return run
 
 
+def time_variant(name, fn, inputs, grad_out):
+    """One attention variant: its first forward + backward (s), then forward + backward and forward alone
+    (ms), and the peak memory of the timed calls. The nobias_* variants take no rel-pos tables."""
+    wrt = inputs if not name.startswith("nobias") else inputs[:3]
+
+    def step():
+        torch.autograd.grad(fn(*inputs), wrt, grad_out)
+
+    def fwd():
+        with torch.no_grad():
+            fn(*inputs)
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    return dict(train_ms=time_ms(step), fwd_ms=time_ms(fwd), first_s=first,
+                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+
+
 def probe_attn():
     out = {}
     names = ["sdpa_flash_padv", "sdpa_cudnn_padv", "sdpa_eff_nopadv", "sdpa_cudnn_nopadv", "flex_folded",
@@ -147,23 +167,8 @@ def probe_attn():
         q, k, v, Rh, Rw = relpos_inputs(B, 12, H, W, 64, torch.bfloat16)
         g = torch.randn_like(q)
         for name in names:
-            fn = variant(name, H, W, scale)
-
-            def step():
-                o = fn(q, k, v, Rh, Rw)
-                torch.autograd.grad(o, (q, k, v, Rh, Rw) if not name.startswith("nobias") else (q, k, v), g)
-
-            def fwd():
-                with torch.no_grad():
-                    fn(q, k, v, Rh, Rw)
             try:
-                t0 = time.perf_counter()
-                step()
-                torch.cuda.synchronize()
-                first = time.perf_counter() - t0
-                torch.cuda.reset_peak_memory_stats()
-                out[f"{shape}_{name}"] = dict(train_ms=time_ms(step), fwd_ms=time_ms(fwd), first_s=first,
-                                              peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+                out[f"{shape}_{name}"] = time_variant(name, variant(name, H, W, scale), (q, k, v, Rh, Rw), g)
             except Exception as e:
                 out[f"{shape}_{name}"] = f"{type(e).__name__}: {str(e)[:300]}"
             print(shape, name, out[f"{shape}_{name}"], flush=True)
@@ -222,18 +227,7 @@ def probe_relpos():
     print("RELPOS_CONFIG", json.dumps(out["best"]), flush=True)
 
     for name in ("triton", "sdpa_cudnn_padv", "nobias_cudnn"):
-        fn = variant(name, H, W, scale)
-        gt = g.transpose(1, 2)
-
-        def step():
-            o = fn(q, k, v, Rh, Rw)
-            torch.autograd.grad(o, (q, k, v, Rh, Rw) if not name.startswith("nobias") else (q, k, v), gt)
-
-        def fwd():
-            with torch.no_grad():
-                fn(q, k, v, Rh, Rw)
-        torch.cuda.reset_peak_memory_stats()
-        out[name] = dict(train_ms=time_ms(step), fwd_ms=time_ms(fwd), peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+        out[name] = time_variant(name, variant(name, H, W, scale), (q, k, v, Rh, Rw), g.transpose(1, 2))
         print("relpos", name, out[name], flush=True)
     RESULTS["relpos"] = out
 
