@@ -77,7 +77,8 @@ def base_parser(description):
                    help="do not torch.compile (on CUDA the ViT models compile by default; MobileSAM does not: "
                         "its TinyViT stages of different shapes recompile so often that a 1000-step run is slower)")
     g.add_argument("--stock-attention", action="store_true",
-                   help="use segment_anything's own attention instead of the exact fused-kernel path")
+                   help="run stock segment_anything: its own attention instead of the exact fused-kernel path, and "
+                        "frozen weights in fp32 (cast by autocast at every use) instead of stored in bf16")
     g.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute each encoder block's activations in the backward pass (for small GPUs)")
     g.add_argument("--no-cuda-graph", action="store_true",
@@ -338,7 +339,11 @@ def load_sam(args, device):
         use_fast_attention(model.image_encoder)
     if args.grad_checkpoint:
         use_grad_checkpointing(model.image_encoder)
-    return model.to(device)
+    model.to(device)
+    if device.type == "cuda" and not args.stock_attention:
+        training = not any(getattr(args, a, None) for a in ("eval_only", "predict", "export_merged"))
+        compile_ahead(model, training and should_compile(args, device))
+    return model
 
 
 def train_decoder(model):
@@ -582,6 +587,53 @@ def use_fast_attention(image_encoder, pad_v=True, relpos_kernel=True):
                 _swap_class(m, "ChannelsLastPatchEmbed", forward=channels_last_patch_embed)
 
 
+def compile_ahead(model, compiling):
+    """Start, in other processes, compilation that a CUDA run would otherwise do inside its first training
+    step, so that it overlaps the loading of weights, the evaluation before training and the tracing of
+    the blocks: the Triton kernels of the global blocks' attention (relpos_attention.precompile, one child
+    process per shape) and, when the blocks are compiled, inductor's pool of compile workers (inductor
+    starts the pool at its first graph and compiles serially in this process until the pool is up)."""
+    for attn, heads in encoder_attentions(model.image_encoder):
+        if heads is None and getattr(attn, "fast_relpos", False) and attn.use_rel_pos:
+            rows, cols = (attn.rel_pos_h.shape[0] + 1) // 2, (attn.rel_pos_w.shape[0] + 1) // 2  # tables 2S - 1
+            head_dim = attn.proj.in_features // attn.num_heads
+            if _RELPOS.usable_shape(cols, head_dim):
+                _RELPOS.precompile(attn.num_heads, rows, cols, head_dim)
+    if compiling:
+        try:
+            from torch._inductor.async_compile import maybe_warm_pool
+        except ImportError:  # a PyTorch without it starts the pool at the first graph, as before
+            return
+        maybe_warm_pool()
+
+
+def frozen_weights_to_bf16(model):
+    """Store the frozen base weights of linear and convolution layers in bf16, once, for bf16 autocast on
+    CUDA. Autocast caches casts only of weights that require grad, so it casts every frozen weight again at
+    each use: one kernel per weight in every forward, and again where the backward needs it, and in a
+    graphed step those casts are replayed every step. Stored in bf16, the weights are the values autocast
+    would make (the same rounding), and the casts and the fp32 copies are gone. Measured on the H100, batch 8
+    (bench.py, against fp32w): peak memory of ViT-B LoRA 10.8 -> 10.2 GiB, MobileSAM LoRA 4.6 -> 4.4 GiB;
+    the speed is unchanged (93.1 ms a step either way: inductor had fused the casts into their consumers,
+    and in eager MobileSAM they cost about 0.1 ms a step).
+    Cast: what the base model owns (model.base_keys) and does not train, in nn.Linear, nn.Conv2d and
+    nn.ConvTranspose2d layers, adapters' subclasses included (LoRAQKV computes x W^T with SAM's weight
+    as it is). Not cast: a layer with trainable parameters of its own (SALTLinear rebuilds its weight as
+    W + delta each step: W must stay fp32 there), everything that trains, adapter entries (checkpoints keep
+    fp32), norms and other parameters that autocast runs in fp32. Call after the adapter is injected and
+    before training (common.run does, on CUDA); a later stage that unfreezes a cast weight would train it
+    in bf16, which train_loop refuses."""
+    for prefix, layer in model.named_modules():
+        if not isinstance(layer, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            continue
+        own = dict(layer.named_parameters(recurse=False))
+        if any(p.requires_grad for p in own.values()):
+            continue
+        for name, p in own.items():
+            if f"{prefix}.{name}" in model.base_keys and p.dtype == torch.float32:
+                p.data = p.data.to(torch.bfloat16)
+
+
 def _keep_global_attention(ctx, op, *args, **kwargs):
     """Selective checkpointing policy: keep the output of the global blocks' attention kernel
     (relpos_attention.py; (B, N, heads, 64) bf16 and its log-sum-exp, 52 MB per ViT-B global block at 1024,
@@ -634,10 +686,11 @@ def compile_model(model):
     Pointwise kernels take inductor's default launch configuration instead of timing several.
     Measured on the H100, ViT-B LoRA, batch 8, steps replayed from a CUDA graph (bench.py, fresh caches,
     compilation of the training steps): 27.4 s for 72.5 images/s (32.5 s for 72.6 with pointwise timing);
-    4.6 s when the caches of an earlier run are there. With relpos_attention.py's kernels, whose Triton
-    compilation adds about 6-8 s on fresh caches: 38.7-46.8 s for 85.5 images/s (folded form on the same
-    machine: 32.6 s), 5.2 s on the caches of an earlier run. Compiling every block and the decoder (and eval
-    graphs), before step graphs: 64.4 s for training, 21.6 s more for evaluation, 74.7 images/s."""
+    4.6 s when the caches of an earlier run are there. With relpos_attention.py's kernels and compile_ahead
+    (which load_sam starts): a whole 20-step ViT-B run took 22.7 and 28.1 s longer compiled than with
+    --no-compile on fresh caches (31.3 s without compile_ahead), for 85.5 images/s; 5 s on the caches of an
+    earlier run. Compiling every block and the decoder (and eval graphs), before step graphs: 64.4 s for
+    training, 21.6 s more for evaluation, 74.7 images/s."""
     import torch._inductor.config
     torch._inductor.config.triton.autotune_pointwise = False
     # One code object serves blocks of several shapes (TinyViT stages, windowed and global): allow recompiles.
@@ -955,6 +1008,9 @@ def train_loop(model, next_batch, loss_fn, args, device, run_dir, steps, evaluat
     from a graph, unless --no-cuda-graph.
     Returns the history: losses and evaluations by step, seconds, images per second."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if any(p.dtype != torch.float32 for p in params):  # e.g. a weight frozen_weights_to_bf16 cast, unfrozen since
+        raise UserError("a trainable parameter is not float32; unfreeze layers before common.run casts the frozen "
+                        "base weights to bf16, not after.")
     graphed = cuda_graph and device.type == "cuda" and not getattr(args, "no_cuda_graph", False)
     optimizer = make_optimizer(params, args.lr, args.weight_decay, device, graphed)
     schedule = make_schedule(optimizer, args.warmup, steps)
@@ -1067,6 +1123,8 @@ def run(model, train_set, test_set, args, device, loss_fn=default_loss, steps=No
     print(f"{args.method} on {args.model}: {trainable:,} trainable of {total:,} parameters "
           f"({100 * trainable / total:.2f}%)")
     resume = load_checkpoint(args.resume, model, args) if args.resume else None
+    if device.type == "cuda" and not args.stock_attention:
+        frozen_weights_to_bf16(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     untrained = None

@@ -41,12 +41,16 @@ LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): softmax through exp2; kerne
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests): CPU tensors
 
 
+def usable_shape(W, D):
+    """Whether the tiles fit: W (keys per key row) a power of two from 16 to 128, head width D a power of two."""
+    return W & (W - 1) == 0 and 16 <= W <= 128 and D in (16, 32, 64, 128)
+
+
 def usable(q, H, W):
-    """Whether the kernels take this attention: CUDA (or Triton's interpreter), W a power of two the tile
-    can be, head width a power of two, fp32 or bf16."""
-    D = q.shape[-1]
+    """Whether the kernels take this attention: CUDA (or Triton's interpreter), a shape the tiles fit,
+    fp32 or bf16."""
     on_device = q.is_cuda or INTERPRETED and q.device.type == "cpu"
-    return (on_device and W & (W - 1) == 0 and 16 <= W <= 128 and D in (16, 32, 64, 128) and q.shape[-2] == H * W
+    return (on_device and usable_shape(W, q.shape[-1]) and q.shape[-2] == H * W
             and q.dtype in (torch.float32, torch.bfloat16))  # the dtypes the tests check (autocast's and fp32)
 
 
@@ -268,3 +272,50 @@ def relpos_attention(q, k, v, rel_h, rel_w, scale):
     """softmax(q k^T * scale + rel_h[:, row j] + rel_w[:, col j]) v for q, k, v (B, heads, N, D),
     rel_h (B, heads, N, H), rel_w (B, heads, N, W). Returns (B, N, heads, D)."""
     return _relpos_attention(q, k, v, rel_h, rel_w, scale)[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compiling ahead, in another process
+# ----------------------------------------------------------------------------------------------------
+# Triton compiles a kernel at its first launch, in the launching process, and keeps the result in its disk
+# cache (~/.triton/cache or TRITON_CACHE_DIR). On a fresh cache the three kernels take 6-8 s there (the
+# first of them with Triton's own start-up), spent inside the first training step, on top of inductor's
+# compilation. A child process that launches them once on small inputs of the same kind (same dtype,
+# widths and grid; the batch does not enter Triton's cache key, and strides only as "a multiple of 16"
+# or "1", which the model's views and the child's tensors share) fills that cache while the parent loads
+# weights and compiles the encoder blocks; the parent then loads the compiled kernels from disk. Should
+# the child fail or come late, the parent compiles them itself, as without it.
+
+_PRECOMPILING = set()
+
+
+def precompile(heads, rows, cols, head_dim, dtype=torch.bfloat16):
+    """Start compiling the kernels for one attention shape in a background process (CUDA only; once per
+    shape and process). Returns at once, with the child (subprocess.Popen) or None."""
+    import subprocess
+    import sys
+    key = (heads, rows, cols, head_dim, str(dtype).replace("torch.", ""))
+    if key in _PRECOMPILING or INTERPRETED or not torch.cuda.is_available():
+        return None
+    _PRECOMPILING.add(key)
+    return subprocess.Popen([sys.executable, __file__, *map(str, key)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _compile_by_launching(heads, rows, cols, head_dim, dtype):
+    """Forward and backward once at batch 1, with q, k, v as views of one qkv tensor (as SAM's attention
+    makes them) and an output gradient laid out as the block's projection returns it."""
+    N = rows * cols
+    qkv = torch.randn(1, N, 3, heads, head_dim, device="cuda", dtype=dtype, requires_grad=True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (1, heads, N, D)
+    rel_h = torch.randn(1, heads, N, rows, device="cuda", dtype=dtype, requires_grad=True)
+    rel_w = torch.randn(1, heads, N, cols, device="cuda", dtype=dtype, requires_grad=True)
+    out = relpos_attention(q, k, v, rel_h, rel_w, head_dim ** -0.5)  # (1, N, heads, D)
+    out.backward(torch.randn_like(out))
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":  # the child of precompile: python relpos_attention.py HEADS ROWS COLS HEAD_DIM DTYPE
+    import sys
+    heads, rows, cols, head_dim = map(int, sys.argv[1:5])
+    _compile_by_launching(heads, rows, cols, head_dim, getattr(torch, sys.argv[5]))

@@ -21,7 +21,9 @@ Configs are named by tokens joined with "_": stock|fast (SAM's attention, or com
 fp32|bf16 (bf16 = autocast, as common.run on CUDA), compile (common.compile_model: per-block
 torch.compile), ckpt (common.use_grad_checkpointing), nopadv (fast path without v padding), folded (fast
 path with the rel-pos term folded into SDPA in the global blocks too, instead of relpos_attention.py's
-kernels), graph (the whole training step replayed from a CUDA graph, common.TrainStep).
+kernels), fp32w (fast path with the frozen base weights left in fp32, for autocast to cast at every use,
+instead of stored in bf16 by common.frozen_weights_to_bf16), graph (the whole training step replayed from a
+CUDA graph, common.TrainStep).
 Compiled configs run on CUDA only (as common.run); on the CPU they are recorded as skipped.
 
 Run (GPU). A 10-minute call holds about one model's worth of rows (compiled rows spend most of their time
@@ -52,7 +54,7 @@ import common  # noqa: E402
 from data import UserError  # noqa: E402
 
 DEFAULT_CONFIGS = "stock_fp32,stock_bf16,fast_bf16,fast_bf16_compile,fast_bf16_compile_ckpt"
-TOKENS = {"fp32", "bf16", "compile", "ckpt", "nopadv", "graph", "folded"}
+TOKENS = {"fp32", "bf16", "compile", "ckpt", "nopadv", "graph", "folded", "fp32w"}
 
 # How each method file adapts a loaded SAM, from its own arguments (their inject() signatures differ),
 # and the loss it trains with (None: common.default_loss).
@@ -125,12 +127,12 @@ def parse_args(argv=None):
 def parse_config(name):
     attention, *tokens = name.split("_")
     if (attention not in ("stock", "fast") or not set(tokens) <= TOKENS
-            or ({"nopadv", "folded"} & set(tokens) and attention != "fast")):
+            or ({"nopadv", "folded", "fp32w"} & set(tokens) and attention != "fast")):
         raise UserError(f"config {name!r} is not stock|fast followed by _-joined tokens from {sorted(TOKENS)} "
-                        f"(nopadv and folded with fast only); e.g. fast_bf16_compile.")
+                        f"(nopadv, folded and fp32w with fast only); e.g. fast_bf16_compile.")
     return dict(fast=attention == "fast", bf16="bf16" in tokens, compile="compile" in tokens,
                 ckpt="ckpt" in tokens, pad_v="nopadv" not in tokens, graph="graph" in tokens,
-                relpos_kernel="folded" not in tokens)
+                relpos_kernel="folded" not in tokens, bf16_weights="bf16" in tokens and "fp32w" not in tokens)
 
 
 def sync(device):
@@ -169,6 +171,10 @@ def build(base, method, mod, margs, cfg, device, quiet=True):
     model.to(device)
     if cfg["fast"]:
         common.use_fast_attention(model.image_encoder, pad_v=cfg["pad_v"], relpos_kernel=cfg["relpos_kernel"])
+    if cfg["fast"] and device.type == "cuda":  # as common.load_sam and common.run
+        common.compile_ahead(model, cfg["compile"])
+        if cfg["bf16_weights"]:
+            common.frozen_weights_to_bf16(model)
     if cfg["ckpt"]:
         common.use_grad_checkpointing(model.image_encoder)
     if cfg["compile"]:

@@ -273,3 +273,63 @@ def test_train_step_runs_eagerly_where_it_cannot_capture():
     step = common.TrainStep(model, common.default_loss, torch.optim.AdamW(params, lr=1e-3), torch.device("cpu"), False)
     assert torch.allclose(step(images, masks), expected)
     assert any(not torch.equal(a, p) for a, p in zip(before, params))
+
+
+def _method_model(method, extra=()):
+    """A tiny SAM with `method`'s adapter injected as its main() does (default arguments)."""
+    import importlib
+    mod = importlib.import_module(method)
+    args = mod.parse_args(["--model", "tiny", "--device", "cpu", *extra])
+    device = common.setup(args, method, gpu_steps=10)
+    model = common.load_sam(args, device)
+    torch.manual_seed(0)
+    from benchmarks.bench import ADAPTERS
+    ADAPTERS[method][0](mod, model, args)
+    return args, model
+
+
+@pytest.mark.parametrize("method", ["lora", "atrous_lora", "salt", "balr_sam", "samora"])
+def test_frozen_weights_to_bf16_casts_only_frozen_base_weights(method):
+    """What the cast touches: frozen base weights of linear and convolution layers (LoRA's wrapped qkv
+    included); never a trainable parameter, an adapter entry (so checkpoints stay fp32), a norm, or the
+    weight of a layer that trains parameters of its own (SALT rebuilds W + delta from it)."""
+    args, model = _method_model(method)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    common.frozen_weights_to_bf16(model)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    cast = {n for n, d in dtypes.items() if d == torch.bfloat16}
+    assert cast, "nothing was cast"
+    assert not cast & trainable
+    assert cast <= model.base_keys
+    assert all(v.dtype != torch.bfloat16 for v in common.adapter_state(model).values())
+    assert not any("norm" in n or "rel_pos" in n for n in cast)
+    if method == "salt":
+        assert not any(n.endswith("attn.qkv.weight") for n in cast)  # SALTLinear: W + delta, W stays fp32
+    else:
+        assert "image_encoder.blocks.0.attn.qkv.weight" in cast  # the adapter's wrapped, frozen qkv
+    if method == "lora":
+        assert "image_encoder.blocks.0.mlp.lin1.weight" in cast and "image_encoder.patch_embed.proj.weight" in cast
+
+
+def test_training_refuses_a_trainable_bf16_weight(tmp_path):
+    """A stage that unfreezes a weight after the cast would train it in bf16: train_loop says so instead."""
+    args, model = _method_model("lora")
+    common.frozen_weights_to_bf16(model)
+    model.image_encoder.blocks[0].mlp.lin1.weight.requires_grad_(True)
+    with pytest.raises(common.UserError, match="not float32"):
+        common.train_loop(model, lambda: None, common.default_loss, args, torch.device("cpu"), tmp_path, 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast runs on CUDA")
+@pytest.mark.parametrize("method", ["lora", "salt"])
+def test_bf16_frozen_weights_give_what_autocast_gave(method):
+    """Under bf16 autocast the stored bf16 weights are the values autocast made from the fp32 ones, so the
+    forward is unchanged: bit for bit where every cast weight feeds a linear or convolution as it is."""
+    args, model = _method_model(method)
+    model = model.cuda().eval()
+    x = torch.rand(2, 3, args.img_size, args.img_size, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        before = model(x)
+        common.frozen_weights_to_bf16(model)
+        after = model(x)
+    assert torch.equal(before, after), (before - after).abs().max()

@@ -135,3 +135,33 @@ def test_shapes_the_kernels_do_not_take_go_the_folded_way():
     assert not relpos_attention.usable(query(64 * 64, 64, cuda=False), 64, 64)  # CPU, not interpreted
     if not torch.cuda.is_available():  # a CPU run does not even import Triton for the fast path
         assert common._relpos_kernels() is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels need CUDA")
+def test_precompiled_kernels_are_what_a_vit_b_block_launches(tmp_path, monkeypatch):
+    """relpos_attention.precompile's child fills Triton's cache with exactly the kernels that a ViT-B global
+    block's attention (bf16 autocast, batch 2, forward and backward) then launches: a fresh process running
+    that block adds nothing to the cache, so it compiled nothing."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    common._relpos_kernels()
+    common._RELPOS._PRECOMPILING.clear()
+    child = common._RELPOS.precompile(12, 64, 64, 64)
+    assert child.wait(timeout=300) == 0
+    filled = set(os.listdir(tmp_path))
+    assert filled
+    block = """
+from types import SimpleNamespace
+import torch, common
+from segment_anything.modeling.image_encoder import Attention
+attn = Attention(768, num_heads=12, qkv_bias=True, use_rel_pos=True, input_size=(64, 64)).cuda()
+common.use_fast_attention(SimpleNamespace(blocks=[SimpleNamespace(attn=attn)]))  # as a ViT's blocks[i].attn
+assert attn.fast_relpos
+x = torch.randn(2, 64, 64, 768, device="cuda", requires_grad=True)
+with torch.autocast("cuda", dtype=torch.bfloat16):
+    y = attn(x)
+y.float().sum().backward()
+torch.cuda.synchronize()
+"""
+    subprocess.run([sys.executable, "-c", block], cwd=Path(common.__file__).parent, check=True, timeout=300,
+                   env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(common.__file__).parent), *sys.path])))
+    assert set(os.listdir(tmp_path)) == filled
