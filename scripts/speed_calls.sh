@@ -7,7 +7,9 @@
 # the decoder, and evaluation runs eagerly. q-z: relpos_attention.py's kernels (q ran before their fixes; r tuned
 # their launch settings; s: default-run profile and compile times; t: default runs and MobileSAM rows from a
 # stock base; u: final ViT-B rows; v: compile-time probe; w: GPU tests and ViT-B on DRIVE; x, y: default runs and
-# their phases; z: compile time cold and warm). Results: results/h100/*.json (each names its call).
+# their phases; z: compile time cold and warm). aa-ac: frozen weights in bf16 and common.compile_ahead (aa: GPU
+# tests, bench rows, default runs; ab: cProfile of a cold compile, whole ViT-B runs compiled or not; ac: the same
+# with a bytecode cache). Results: results/h100/*.json (each names its call).
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 case "$1" in
@@ -304,5 +306,95 @@ z)
   done
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z"; exit 2 ;;
+aa)
+  # Speed issue: GPU tests; ViT-B LoRA compile time on fresh caches with common.compile_ahead (the kernels compiled
+  # by a child process, inductor's worker pool started early) and with it switched off; the fast rows with the
+  # frozen base weights stored in bf16 against fp32w (cast by autocast at every use), ViT-B and MobileSAM; two
+  # default runs after a warm-up process and a 10-step run (as x).
+  timeout 150 python3 -m pytest -q tests/test_relpos_attention.py tests/test_fastpath.py > /tmp/runs/pytest_gpu.log 2>&1
+  tail -n 3 /tmp/runs/pytest_gpu.log
+  B="benchmarks/bench.py --no-flops --no-inference --models vit_b --methods lora --batches 8 --configs fast_bf16_compile_graph"
+  NOAHEAD="import sys, runpy, common; common.compile_ahead = lambda *a, **k: None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+  TORCHINDUCTOR_CACHE_DIR=/tmp/cache_ahead TRITON_CACHE_DIR=/tmp/cache_ahead/triton timeout 100 python3 $B \
+    --out /tmp/runs/compile_ahead > /tmp/runs/compile_ahead.log 2>&1
+  TORCHINDUCTOR_CACHE_DIR=/tmp/cache_noahead TRITON_CACHE_DIR=/tmp/cache_noahead/triton timeout 100 python3 -c "$NOAHEAD" $B \
+    --out /tmp/runs/compile_noahead > /tmp/runs/compile_noahead.log 2>&1
+  for r in compile_ahead compile_noahead; do echo $r; tail -n 1 /tmp/runs/$r/bench.md | cut -d'|' -f2-9; done
+  TORCHINDUCTOR_CACHE_DIR=/tmp/cache_ahead TRITON_CACHE_DIR=/tmp/cache_ahead/triton timeout 120 python3 $B,fast_bf16_compile_graph_fp32w \
+    --out /tmp/runs/speed_vit_b > /tmp/runs/speed_vit_b.log 2>&1
+  timeout 90 python3 benchmarks/bench.py --no-flops --no-inference --models mobile_sam --methods lora --batches 8 \
+    --configs fast_bf16_graph,fast_bf16_graph_fp32w --out /tmp/runs/speed_mobile_sam > /tmp/runs/speed_mobile_sam.log 2>&1
+  for r in speed_vit_b speed_mobile_sam; do tail -n 2 /tmp/runs/$r/bench.md | cut -d'|' -f2-9; done
+  python3 -c "import common, lora, data, matplotlib.pyplot as plt; plt.plot([0, 1]); plt.title('x'); plt.savefig('/tmp/x.png')"
+  timeout 60 python3 lora.py --data drive --data-root $DRIVE --split salt --steps 10 --out /tmp/warm --run-name warm > /dev/null 2>&1
+  for i in 1 2; do
+    ( time timeout 100 python3 lora.py --data drive --data-root $DRIVE --split salt --out /tmp/runs --run-name solo_$i ) \
+      > /tmp/runs/solo_$i.log 2>&1
+    echo $i; tr '\r' '\n' < /tmp/runs/solo_$i.log | grep -E "^before|^test|^real|Error"
+  done
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+ab)
+  # Speed issue: the GPU tests of aa's changes (the precompile test mended); where a cold ViT-B LoRA compile spends
+  # its time (cProfile of the main process, fresh caches); what compilation adds to a whole ViT-B run (random
+  # weights, DRIVE, 20 steps, one evaluation; fresh caches each) with common.compile_ahead, without it, and
+  # against the same run uncompiled.
+  timeout 120 python3 -m pytest -q tests/test_relpos_attention.py tests/test_fastpath.py -k "precompile or bf16" \
+    > /tmp/runs/pytest_gpu.log 2>&1
+  tail -n 3 /tmp/runs/pytest_gpu.log
+  TORCHINDUCTOR_CACHE_DIR=/tmp/cache_prof TRITON_CACHE_DIR=/tmp/cache_prof/triton timeout 120 python3 -m cProfile \
+    -o /tmp/runs/compile.prof benchmarks/bench.py --no-flops --no-inference --models vit_b --methods lora --batches 8 \
+    --configs fast_bf16_compile_graph --out /tmp/runs/compile_prof > /tmp/runs/compile_prof.log 2>&1
+  tail -n 1 /tmp/runs/compile_prof/bench.md | cut -d'|' -f2-9
+  python3 -c "import pstats; pstats.Stats('/tmp/runs/compile.prof').sort_stats('cumulative').print_stats(45)" \
+    > /tmp/runs/compile_prof_cumulative.txt 2>&1
+  python3 -c "import pstats; pstats.Stats('/tmp/runs/compile.prof').sort_stats('tottime').print_stats(30)" \
+    > /tmp/runs/compile_prof_tottime.txt 2>&1
+  NOAHEAD="import sys, runpy, common; common.compile_ahead = lambda *a, **k: None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+  L="lora.py --model vit_b --checkpoint none --data drive --data-root $DRIVE --split salt --steps 20 --eval-every 20 --out /tmp/runs"
+  for v in ahead noahead nocompile; do
+    export TORCHINDUCTOR_CACHE_DIR=/tmp/cache_run_$v TRITON_CACHE_DIR=/tmp/cache_run_$v/triton
+    case $v in
+      ahead) ( time timeout 150 python3 $L --run-name run_$v ) > /tmp/runs/run_$v.log 2>&1 ;;
+      noahead) ( time timeout 150 python3 -c "$NOAHEAD" $L --run-name run_$v ) > /tmp/runs/run_$v.log 2>&1 ;;
+      nocompile) ( time timeout 150 python3 $L --no-compile --run-name run_$v ) > /tmp/runs/run_$v.log 2>&1 ;;
+    esac
+    echo $v; tr '\r' '\n' < /tmp/runs/run_$v.log | grep -E "^step 20|^test|^real|Error" | cut -c1-150
+  done
+  unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+ac)
+  # Speed issue: call ab's profile showed the main process compiling ~2400 modules from source (builtins.compile,
+  # 8.7 s under cProfile): this machine's PyTorch has no bytecode cache. Check that; then write one, as pip does when
+  # it installs a package, into PYTHONPYCACHEPREFIX (compileall), and measure as a user's installed PyTorch runs:
+  # two default runs (aa ran them without it), the cold compile of the ViT-B bench row, and the ViT-B run of ab
+  # compiled and uncompiled.
+  python3 -c "import sys, os, torch; print('dont_write_bytecode', sys.flags.dont_write_bytecode, 'prefix', sys.pycache_prefix, 'torch dir writable', os.access(os.path.dirname(torch.__file__), os.W_OK))"
+  ls /opt/torch/.venv/lib/python3.12/site-packages/torch/__pycache__ 2>&1 | head -n 3; env | grep -E "^PYTHON" | cut -c1-120
+  export PYTHONPYCACHEPREFIX=/tmp/pycache
+  SP=$(python3 -c "import site; print(site.getsitepackages()[0])")
+  ( time timeout 200 python3 -m compileall -q -j 16 $SP /tmp/site > /dev/null 2>&1 ) 2>&1 | grep real
+  python3 -c "import common, lora, data, matplotlib.pyplot as plt; plt.plot([0, 1]); plt.title('x'); plt.savefig('/tmp/x.png')"
+  timeout 60 python3 lora.py --data drive --data-root $DRIVE --split salt --steps 10 --out /tmp/warm --run-name warm > /dev/null 2>&1
+  for i in 1 2; do
+    ( time timeout 100 python3 lora.py --data drive --data-root $DRIVE --split salt --out /tmp/runs --run-name cached_$i ) \
+      > /tmp/runs/cached_$i.log 2>&1
+    echo cached_$i; tr '\r' '\n' < /tmp/runs/cached_$i.log | grep -E "^test|^real|Error"
+  done
+  TORCHINDUCTOR_CACHE_DIR=/tmp/cache_c TRITON_CACHE_DIR=/tmp/cache_c/triton timeout 100 python3 benchmarks/bench.py --no-flops \
+    --no-inference --models vit_b --methods lora --batches 8 --configs fast_bf16_compile_graph --out /tmp/runs/compile_cached \
+    > /tmp/runs/compile_cached.log 2>&1
+  tail -n 1 /tmp/runs/compile_cached/bench.md | cut -d'|' -f2-9
+  L="lora.py --model vit_b --checkpoint none --data drive --data-root $DRIVE --split salt --steps 20 --eval-every 20 --out /tmp/runs"
+  for v in compiled nocompile; do
+    export TORCHINDUCTOR_CACHE_DIR=/tmp/cache_run_$v TRITON_CACHE_DIR=/tmp/cache_run_$v/triton
+    F=""; [ $v = nocompile ] && F="--no-compile"
+    ( time timeout 120 python3 $L $F --run-name run_$v ) > /tmp/runs/run_$v.log 2>&1
+    echo $v; tr '\r' '\n' < /tmp/runs/run_$v.log | grep -E "^test|^real|Error" | cut -c1-150
+  done
+  unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac"; exit 2 ;;
 esac
