@@ -396,5 +396,19 @@ ac)
   unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac"; exit 2 ;;
+ad)
+  # Speed issue: every method trains on DRIVE with the frozen base weights in bf16: MobileSAM 100 steps each, and
+  # ViT-B (random weights, uncompiled) 10 steps each (SAMora's stage 1: 30 steps per expert); the runs must finish and write their metrics.
+  for m in lora atrous_lora salt balr_sam samora; do
+    for model in mobile_sam vit_b; do
+      if [ $model = mobile_sam ]; then F="--steps 100"; else F="--model vit_b --checkpoint none --no-compile --steps 10"; fi
+      [ $m = samora ] && F="$F --stage1-steps 30"
+      ( time timeout 120 python3 $m.py --data drive --data-root $DRIVE --split salt $F --out /tmp/runs --run-name ${m}_$model ) \
+        > /tmp/runs/${m}_$model.log 2>&1
+      echo "$m $model"; tr '\r' '\n' < /tmp/runs/${m}_$model.log | grep -E "^test|^real|Error|error" | head -4
+    done
+  done
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad"; exit 2 ;;
 esac
