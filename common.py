@@ -687,9 +687,9 @@ def compile_model(model):
     Measured on the H100, ViT-B LoRA, batch 8, steps replayed from a CUDA graph (bench.py, fresh caches,
     compilation of the training steps): 27.4 s for 72.5 images/s (32.5 s for 72.6 with pointwise timing);
     4.6 s when the caches of an earlier run are there. With relpos_attention.py's kernels and compile_ahead
-    (which load_sam starts): a whole 20-step ViT-B run took 22.7 and 28.1 s longer compiled than with
-    --no-compile on fresh caches (31.3 s without compile_ahead), for 85.5 images/s; 5 s on the caches of an
-    earlier run. Compiling every block and the decoder (and eval graphs), before step graphs: 64.4 s for
+    (which load_sam starts): a whole 20-step ViT-B run took 22.7-36.2 s longer compiled than with
+    --no-compile on fresh caches (four runs; 31.3 s without compile_ahead where that run took 22.7 s), for
+    85.5 images/s; 5 s on the caches of an earlier run. Compiling every block and the decoder (and eval graphs), before step graphs: 64.4 s for
     training, 21.6 s more for evaluation, 74.7 images/s."""
     import torch._inductor.config
     torch._inductor.config.triton.autotune_pointwise = False

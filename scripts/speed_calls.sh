@@ -9,7 +9,7 @@
 # stock base; u: final ViT-B rows; v: compile-time probe; w: GPU tests and ViT-B on DRIVE; x, y: default runs and
 # their phases; z: compile time cold and warm). aa-ac: frozen weights in bf16 and common.compile_ahead (aa: GPU
 # tests, bench rows, default runs; ab: cProfile of a cold compile, whole ViT-B runs compiled or not; ac: the same
-# with a bytecode cache). Results: results/h100/*.json (each names its call).
+# with a bytecode cache; ad: every method on DRIVE with the cast; ae: whole ViT-B runs again). Results: results/h100/*.json (each names its call).
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 case "$1" in
@@ -410,5 +410,20 @@ ad)
   done
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad"; exit 2 ;;
+ae)
+  # Speed issue: what compilation adds to a whole ViT-B run, twice more (as ab: 20 steps, one evaluation, fresh
+  # inductor and Triton caches for every run, compiled against --no-compile).
+  L="lora.py --model vit_b --checkpoint none --data drive --data-root $DRIVE --split salt --steps 20 --eval-every 20 --out /tmp/runs"
+  for i in 1 2; do
+    for v in compiled nocompile; do
+      export TORCHINDUCTOR_CACHE_DIR=/tmp/cache_run_${v}_$i TRITON_CACHE_DIR=/tmp/cache_run_${v}_$i/triton
+      F=""; [ $v = nocompile ] && F="--no-compile"
+      ( time timeout 120 python3 $L $F --run-name run_${v}_$i ) > /tmp/runs/run_${v}_$i.log 2>&1
+      echo ${v}_$i; tr '\r' '\n' < /tmp/runs/run_${v}_$i.log | grep -E "^real|Error" | cut -c1-150
+    done
+  done
+  unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae"; exit 2 ;;
 esac
