@@ -12,6 +12,26 @@
 # with a bytecode cache; ad: every method on DRIVE with the cast; ae: whole ViT-B runs again). Results: results/h100/*.json (each names its call).
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
+
+# What the default-run timings of x, y, aa and ac come after: a process that writes Python's bytecode and matplotlib's
+# font caches, then a 10-step default run that reads the data and weights once. $1: that run's time limit in seconds.
+warm_up_default_run() {
+  python3 -c "import common, lora, data, matplotlib.pyplot as plt; plt.plot([0, 1]); plt.title('x'); plt.savefig('/tmp/x.png')"
+  timeout $1 python3 lora.py --data drive --data-root $DRIVE --split salt --steps 10 --out /tmp/warm --run-name warm > /dev/null 2>&1
+}
+# A whole 20-step ViT-B LoRA run (random weights, DRIVE, one evaluation), timed, on fresh inductor and Triton caches of
+# its own (/tmp/cache_NAME): what compilation adds to a run (ab, ac, ae). $1: run name; $2: time limit in seconds;
+# then the interpreter (python3, or python3 -c "$NOAHEAD"), and --no-compile for the uncompiled run.
+vit_b_run() {
+  local name=$1 limit=$2 flag=""; shift 2
+  [ "${!#}" = --no-compile ] && { flag=--no-compile; set -- "${@:1:$#-1}"; }
+  ( time TORCHINDUCTOR_CACHE_DIR=/tmp/cache_$name TRITON_CACHE_DIR=/tmp/cache_$name/triton timeout $limit "$@" lora.py \
+    --model vit_b --checkpoint none --data drive --data-root $DRIVE --split salt --steps 20 --eval-every 20 --out /tmp/runs \
+    $flag --run-name $name ) > /tmp/runs/$name.log 2>&1
+  echo $name; tr '\r' '\n' < /tmp/runs/$name.log | grep -E "^step 20|^test|^real|Error" | cut -c1-150
+}
+# python3 -c "$NOAHEAD" SCRIPT ARGS...: SCRIPT with common.compile_ahead switched off (calls aa and ab).
+NOAHEAD="import sys, runpy, common; common.compile_ahead = lambda *a, **k: None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 case "$1" in
 g)
   # Speed issue, step graphs: a solo default lora run (end to end), ViT-B LoRA configs with the whole step as a
@@ -259,8 +279,7 @@ w)
 x)
   # Speed issue: the default lora run end to end three times on the final code, after a process that writes Python's
   # bytecode and matplotlib's font caches and reads the data and weights once.
-  python3 -c "import common, lora, data, matplotlib.pyplot as plt; plt.plot([0, 1]); plt.title('x'); plt.savefig('/tmp/x.png')"
-  timeout 100 python3 lora.py --data drive --data-root $DRIVE --split salt --steps 10 --out /tmp/warm --run-name warm > /dev/null 2>&1
+  warm_up_default_run 100
   for i in 1 2 3; do
     ( time timeout 150 python3 lora.py --data drive --data-root $DRIVE --split salt --out /tmp/runs --run-name solo_$i ) \
       > /tmp/runs/solo_$i.log 2>&1
@@ -271,8 +290,7 @@ x)
 y)
   # Speed issue: where the default lora run's time outside the training steps goes, each phase timed from outside
   # (wall clock around common's functions, CUDA synchronised), after a warm-up process as in x.
-  python3 -c "import common, lora, data, matplotlib.pyplot as plt; plt.plot([0, 1]); plt.title('x'); plt.savefig('/tmp/x.png')"
-  timeout 100 python3 lora.py --data drive --data-root $DRIVE --split salt --steps 10 --out /tmp/warm --run-name warm > /dev/null 2>&1
+  warm_up_default_run 100
   ( time timeout 150 python3 -c "
 import time, sys, runpy; T0 = time.perf_counter(); import torch; print('import torch %.2f' % (time.perf_counter() - T0))
 t = time.perf_counter(); import common, lora, data; print('import common, lora, data %.2f' % (time.perf_counter() - t))
@@ -314,7 +332,6 @@ aa)
   timeout 150 python3 -m pytest -q tests/test_relpos_attention.py tests/test_fastpath.py > /tmp/runs/pytest_gpu.log 2>&1
   tail -n 3 /tmp/runs/pytest_gpu.log
   B="benchmarks/bench.py --no-flops --no-inference --models vit_b --methods lora --batches 8 --configs fast_bf16_compile_graph"
-  NOAHEAD="import sys, runpy, common; common.compile_ahead = lambda *a, **k: None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
   TORCHINDUCTOR_CACHE_DIR=/tmp/cache_ahead TRITON_CACHE_DIR=/tmp/cache_ahead/triton timeout 100 python3 $B \
     --out /tmp/runs/compile_ahead > /tmp/runs/compile_ahead.log 2>&1
   TORCHINDUCTOR_CACHE_DIR=/tmp/cache_noahead TRITON_CACHE_DIR=/tmp/cache_noahead/triton timeout 100 python3 -c "$NOAHEAD" $B \
@@ -325,8 +342,7 @@ aa)
   timeout 90 python3 benchmarks/bench.py --no-flops --no-inference --models mobile_sam --methods lora --batches 8 \
     --configs fast_bf16_graph,fast_bf16_graph_fp32w --out /tmp/runs/speed_mobile_sam > /tmp/runs/speed_mobile_sam.log 2>&1
   for r in speed_vit_b speed_mobile_sam; do tail -n 2 /tmp/runs/$r/bench.md | cut -d'|' -f2-9; done
-  python3 -c "import common, lora, data, matplotlib.pyplot as plt; plt.plot([0, 1]); plt.title('x'); plt.savefig('/tmp/x.png')"
-  timeout 60 python3 lora.py --data drive --data-root $DRIVE --split salt --steps 10 --out /tmp/warm --run-name warm > /dev/null 2>&1
+  warm_up_default_run 60
   for i in 1 2; do
     ( time timeout 100 python3 lora.py --data drive --data-root $DRIVE --split salt --out /tmp/runs --run-name solo_$i ) \
       > /tmp/runs/solo_$i.log 2>&1
@@ -350,18 +366,9 @@ ab)
     > /tmp/runs/compile_prof_cumulative.txt 2>&1
   python3 -c "import pstats; pstats.Stats('/tmp/runs/compile.prof').sort_stats('tottime').print_stats(30)" \
     > /tmp/runs/compile_prof_tottime.txt 2>&1
-  NOAHEAD="import sys, runpy, common; common.compile_ahead = lambda *a, **k: None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-  L="lora.py --model vit_b --checkpoint none --data drive --data-root $DRIVE --split salt --steps 20 --eval-every 20 --out /tmp/runs"
-  for v in ahead noahead nocompile; do
-    export TORCHINDUCTOR_CACHE_DIR=/tmp/cache_run_$v TRITON_CACHE_DIR=/tmp/cache_run_$v/triton
-    case $v in
-      ahead) ( time timeout 150 python3 $L --run-name run_$v ) > /tmp/runs/run_$v.log 2>&1 ;;
-      noahead) ( time timeout 150 python3 -c "$NOAHEAD" $L --run-name run_$v ) > /tmp/runs/run_$v.log 2>&1 ;;
-      nocompile) ( time timeout 150 python3 $L --no-compile --run-name run_$v ) > /tmp/runs/run_$v.log 2>&1 ;;
-    esac
-    echo $v; tr '\r' '\n' < /tmp/runs/run_$v.log | grep -E "^step 20|^test|^real|Error" | cut -c1-150
-  done
-  unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
+  vit_b_run run_ahead 150 python3
+  vit_b_run run_noahead 150 python3 -c "$NOAHEAD"
+  vit_b_run run_nocompile 150 python3 --no-compile
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
 ac)
@@ -375,8 +382,7 @@ ac)
   export PYTHONPYCACHEPREFIX=/tmp/pycache
   SP=$(python3 -c "import site; print(site.getsitepackages()[0])")
   ( time timeout 200 python3 -m compileall -q -j 16 $SP /tmp/site > /dev/null 2>&1 ) 2>&1 | grep real
-  python3 -c "import common, lora, data, matplotlib.pyplot as plt; plt.plot([0, 1]); plt.title('x'); plt.savefig('/tmp/x.png')"
-  timeout 60 python3 lora.py --data drive --data-root $DRIVE --split salt --steps 10 --out /tmp/warm --run-name warm > /dev/null 2>&1
+  warm_up_default_run 60
   for i in 1 2; do
     ( time timeout 100 python3 lora.py --data drive --data-root $DRIVE --split salt --out /tmp/runs --run-name cached_$i ) \
       > /tmp/runs/cached_$i.log 2>&1
@@ -386,14 +392,8 @@ ac)
     --no-inference --models vit_b --methods lora --batches 8 --configs fast_bf16_compile_graph --out /tmp/runs/compile_cached \
     > /tmp/runs/compile_cached.log 2>&1
   tail -n 1 /tmp/runs/compile_cached/bench.md | cut -d'|' -f2-9
-  L="lora.py --model vit_b --checkpoint none --data drive --data-root $DRIVE --split salt --steps 20 --eval-every 20 --out /tmp/runs"
-  for v in compiled nocompile; do
-    export TORCHINDUCTOR_CACHE_DIR=/tmp/cache_run_$v TRITON_CACHE_DIR=/tmp/cache_run_$v/triton
-    F=""; [ $v = nocompile ] && F="--no-compile"
-    ( time timeout 120 python3 $L $F --run-name run_$v ) > /tmp/runs/run_$v.log 2>&1
-    echo $v; tr '\r' '\n' < /tmp/runs/run_$v.log | grep -E "^test|^real|Error" | cut -c1-150
-  done
-  unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
+  vit_b_run run_compiled 120 python3
+  vit_b_run run_nocompile 120 python3 --no-compile
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
 ad)
@@ -413,16 +413,10 @@ ad)
 ae)
   # Speed issue: what compilation adds to a whole ViT-B run, twice more (as ab: 20 steps, one evaluation, fresh
   # inductor and Triton caches for every run, compiled against --no-compile).
-  L="lora.py --model vit_b --checkpoint none --data drive --data-root $DRIVE --split salt --steps 20 --eval-every 20 --out /tmp/runs"
   for i in 1 2; do
-    for v in compiled nocompile; do
-      export TORCHINDUCTOR_CACHE_DIR=/tmp/cache_run_${v}_$i TRITON_CACHE_DIR=/tmp/cache_run_${v}_$i/triton
-      F=""; [ $v = nocompile ] && F="--no-compile"
-      ( time timeout 120 python3 $L $F --run-name run_${v}_$i ) > /tmp/runs/run_${v}_$i.log 2>&1
-      echo ${v}_$i; tr '\r' '\n' < /tmp/runs/run_${v}_$i.log | grep -E "^real|Error" | cut -c1-150
-    done
+    vit_b_run run_compiled_$i 120 python3
+    vit_b_run run_nocompile_$i 120 python3 --no-compile
   done
-  unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
 *) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae"; exit 2 ;;
