@@ -510,6 +510,21 @@ def fast_tinyvit_block(self, x):
     return x + self.mlp(x)
 
 
+def layer_norm_in_compute_dtype(self, x):
+    """forward of TinyViT's LayerNorms (nn.LayerNorm) under bf16 autocast: bf16 in, bf16 out, the statistics
+    in fp32 inside the kernel. Autocast runs layer_norm in fp32: it copies the bf16 input to fp32, writes
+    the output in fp32 (twice the bytes), the linear layer that reads it copies it back to bf16, and the
+    backward pass does the same the other way. That layer reads bf16 either way, so the only difference is
+    that gamma and beta are rounded to bf16 (C numbers, cast per call). A norm that trains (SALT's) or an
+    fp32 input (the CPU trains in fp32) keeps the stock path. MobileSAM LoRA at batch 8 on the H100 (graphed
+    step): 41.2 -> 37.8 ms, peak 4.9 -> 4.5 GiB; the default DRIVE run 65.8 / 66.5 -> 64.4 / 63.3 s, Dice
+    unchanged (scripts/speed_calls.sh ag)."""
+    if x.dtype == torch.float32 or self.weight is None or self.weight.requires_grad:
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
 def folded_conv_bn(self, x):
     """forward of MobileSAM's Conv2d_BN (conv, then BatchNorm) with the BatchNorm, frozen in eval mode,
     folded into the convolution: w * gamma / sigma, beta - mu * gamma / sigma. One kernel instead of two
@@ -564,7 +579,7 @@ def use_fast_attention(image_encoder, pad_v=True, relpos_kernel=True):
     of relpos_attention.py (relpos_kernel=False: the folded SDPA form there too). In TinyViT also fold the
     frozen BatchNorms and run the convolutions channels-last (fast_tinyvit_block, folded_conv_bn,
     channels_last_patch_embed; the three took a graphed MobileSAM LoRA step at batch 8 from 49.4 to 42.1 ms
-    on the H100).
+    on the H100), and run its frozen LayerNorms in bf16 (layer_norm_in_compute_dtype: 41.2 -> 37.8 ms).
     Works before or after an adapter replaced `attn.qkv`.
     pad_v=False leaves v at its own width (fewer FLOPs where the kernel accepts it)."""
     for attn, heads in encoder_attentions(image_encoder):
@@ -579,7 +594,9 @@ def use_fast_attention(image_encoder, pad_v=True, relpos_kernel=True):
     if isinstance(image_encoder, nn.Module) and not hasattr(image_encoder, "blocks"):  # TinyViT: its convolutions
         from mobile_sam.modeling.tiny_vit_sam import Conv2d_BN, PatchEmbed, TinyViTBlock
         for m in image_encoder.modules():
-            if type(m) is TinyViTBlock:
+            if type(m) is nn.LayerNorm:
+                _swap_class(m, "ComputeDtypeLayerNorm", forward=layer_norm_in_compute_dtype)
+            elif type(m) is TinyViTBlock:
                 _swap_class(m, "FastTinyViTBlock", forward=fast_tinyvit_block)
             elif type(m) is Conv2d_BN:
                 _swap_class(m, "FoldedConv2d_BN", forward=folded_conv_bn)
@@ -671,7 +688,9 @@ def use_grad_checkpointing(image_encoder):
 def should_compile(args, device):
     """Compile on CUDA unless --no-compile, and not MobileSAM: its TinyViT stages come in several shapes
     (and again for evaluation tiles), and the recompilations cost more than they save in a 1000-step run
-    (measured on the H100, default DRIVE lora.py run end to end: 217 s compiled, 86 s eager)."""
+    (measured on the H100, default DRIVE lora.py run end to end: 217 s compiled, 86 s eager). With today's
+    per-block compilation the graphed step is faster (32.0 against 41.3 ms) but the run is not: 90.6 s on
+    fresh caches and 65.5 s on warm ones, against 61.1 s uncompiled (scripts/speed_calls.sh af)."""
     return device.type == "cuda" and not args.no_compile and args.model != "mobile_sam"
 
 

@@ -9,7 +9,8 @@
 # stock base; u: final ViT-B rows; v: compile-time probe; w: GPU tests and ViT-B on DRIVE; x, y: default runs and
 # their phases; z: compile time cold and warm). aa-ac: frozen weights in bf16 and common.compile_ahead (aa: GPU
 # tests, bench rows, default runs; ab: cProfile of a cold compile, whole ViT-B runs compiled or not; ac: the same
-# with a bytecode cache; ad: every method on DRIVE with the cast; ae: whole ViT-B runs again). Results: results/h100/*.json (each names its call).
+# with a bytecode cache; ad: every method on DRIVE with the cast; ae: whole ViT-B runs again). af, ag: MobileSAM's step (af: TinyViT compiled;
+# ag: TinyViT's LayerNorms in bf16). Results: results/h100/*.json (each names its call).
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 
@@ -32,6 +33,18 @@ vit_b_run() {
 }
 # python3 -c "$NOAHEAD" SCRIPT ARGS...: SCRIPT with common.compile_ahead switched off (calls aa and ab).
 NOAHEAD="import sys, runpy, common; common.compile_ahead = lambda *a, **k: None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+# python3 -c "$LNFP32" SCRIPT ARGS...: SCRIPT with TinyViT's LayerNorms as stock runs them (call ag).
+LNFP32="import sys, runpy, common, torch; common.layer_norm_in_compute_dtype = torch.nn.LayerNorm.forward; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+# A timed default run (lora.py --data drive --split salt) and its figures. $1: run name; $2: time limit in seconds; then
+# the interpreter (python3, or python3 -c "$WRAPPER").
+default_run() {
+  local name=$1 limit=$2; shift 2
+  ( time timeout $limit "$@" lora.py --data drive --data-root $DRIVE --split salt --out /tmp/runs --run-name $name ) \
+    > /tmp/runs/$name.log 2>&1
+  echo $name; tr '\r' '\n' < /tmp/runs/$name.log | grep -E "^step 1000|^test|^real|Error" | cut -c1-150
+}
+# python3 -c "$MSAMCOMPILE" SCRIPT ARGS...: SCRIPT with MobileSAM's blocks compiled as ViT's are (call af).
+MSAMCOMPILE="import sys, runpy, common; common.should_compile = lambda args, device: device.type == 'cuda' and not args.no_compile; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 case "$1" in
 g)
   # Speed issue, step graphs: a solo default lora run (end to end), ViT-B LoRA configs with the whole step as a
@@ -419,5 +432,40 @@ ae)
   done
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae"; exit 2 ;;
+af)
+  # Speed issue, the default run's MobileSAM step (42 ms, mostly eager elementwise work and copies): the step as
+  # common.run trains it, then with TinyViT's LayerNorms in bf16, then with the TinyViT blocks compiled (fresh
+  # caches: the cold compilation is in first_steps_s); then whole default runs with the blocks compiled, on fresh
+  # caches and again on the caches that run wrote, beside one as committed.
+  TORCHINDUCTOR_CACHE_DIR=/tmp/cache_af_probe TRITON_CACHE_DIR=/tmp/cache_af_probe/triton timeout 240 \
+    python3 scripts/speed_probe.py msam2 --out /tmp/runs/msam2 > /tmp/runs/msam2.log 2>&1
+  grep -E "^msam2|Error" /tmp/runs/msam2.log | cut -c1-400
+  warm_up_default_run 60
+  for name in compiled_cold compiled_warm; do
+    ( time TORCHINDUCTOR_CACHE_DIR=/tmp/cache_af TRITON_CACHE_DIR=/tmp/cache_af/triton timeout 110 python3 -c "$MSAMCOMPILE" \
+      lora.py --data drive --data-root $DRIVE --split salt --out /tmp/runs --run-name $name ) > /tmp/runs/$name.log 2>&1
+    echo $name; tr '\r' '\n' < /tmp/runs/$name.log | grep -E "^step 1000|^training|^test|^real|Error" | cut -c1-150
+  done
+  ( time timeout 100 python3 lora.py --data drive --data-root $DRIVE --split salt --out /tmp/runs --run-name committed ) \
+    > /tmp/runs/committed.log 2>&1
+  echo committed; tr '\r' '\n' < /tmp/runs/committed.log | grep -E "^step 1000|^training|^test|^real|Error" | cut -c1-150
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+ag)
+  # Speed issue: TinyViT's LayerNorms in bf16 (common.layer_norm_in_compute_dtype) against autocast's fp32 ones: the
+  # graphed MobileSAM LoRA step, its profile and its ops by input shape; the CUDA tests; default runs, alternating
+  # committed and LNFP32 (the norms as stock runs them); the compiled ViT-B step's kernel profile as it trains now.
+  timeout 180 python3 scripts/speed_probe.py msam2 --out /tmp/runs/msam2 > /tmp/runs/msam2.log 2>&1
+  grep -E "^msam2|Error" /tmp/runs/msam2.log | cut -c1-400
+  timeout 120 python3 -m pytest -q -x tests/test_fastpath.py 2>&1 | tail -n 2
+  warm_up_default_run 60
+  for i in 1 2; do
+    default_run committed_$i 100 python3
+    default_run lnfp32_$i 100 python3 -c "$LNFP32"
+  done
+  timeout 120 python3 scripts/speed_probe.py vitb --out /tmp/runs/vitb > /tmp/runs/vitb.log 2>&1
+  grep -E "^vitb|Error" /tmp/runs/vitb.log | cut -c1-300
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag"; exit 2 ;;
 esac

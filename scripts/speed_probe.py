@@ -3,7 +3,9 @@ graphs give. Sections: attn (kernels alone, global and windowed ViT-B shapes: re
 speed_probe_attention_and_mobile_sam_step.json), relpos (relpos_attention.py's kernels: launch settings,
 time beside the folded form: results/h100/speed_probe_relpos.json), msam (MobileSAM LoRA step, graphed, with TinyViT layout
 variants applied one after another: results/h100/speed_probe_tinyvit_layout.json), vitb (ViT-B LoRA step:
-compile time, recompiles, kernel profile: results/h100/speed_probe_vit_b_profile.json).
+compile time, recompiles, kernel profile: results/h100/speed_probe_vit_b_profile.json), msam2 (MobileSAM LoRA
+step as common.run trains it, TinyViT's LayerNorms as stock runs them under autocast and in bf16:
+results/h100/speed_probe_mobile_sam_layer_norm.json).
     python scripts/speed_probe.py attn msam vitb --out runs/probe
 The msam variants are the prototypes of what common.use_fast_attention now does itself (bnfold, cl_block,
 cl_stage1; bias4d was dropped), so with today's code its "default" row already includes them. The vitb
@@ -404,6 +406,55 @@ def probe_msam():
     RESULTS["msam"] = out
 
 
+# ---------------------------------------------------------------------------------------------------- msam2
+
+def ops_by_shape(prof, names=("aten::add", "aten::add_", "aten::copy_", "aten::cat", "aten::_to_copy",
+                                "aten::clone", "aten::fill_", "aten::native_layer_norm"), n=60):
+    """The device time of the named ops, grouped by their input shapes (which of them are which tensors)."""
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key in names:
+            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+            rows.append((t / 1e3, e.count, e.key, str(e.input_shapes)[:150]))
+    rows.sort(reverse=True)
+    return rows[:n]
+
+
+def probe_msam2():
+    """MobileSAM LoRA step at batch 8 as common.run trains it (fast path, frozen weights in bf16, graphed):
+    first with TinyViT's LayerNorms as stock runs them under autocast (ln_fp32), then as the fast path runs
+    them (now: common.layer_norm_in_compute_dtype); an eager profile of each, and the copies, adds and casts
+    of the step by input shape. Call af ran this with a third variant, the TinyViT blocks compiled."""
+    from torch.profiler import ProfilerActivity, profile
+    out = {}
+    args, dev, model, x, y = build_lora("mobile_sam", 8)
+    common.frozen_weights_to_bf16(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms = [m for m in model.image_encoder.modules() if type(m).__name__ == "ComputeDtypeLayerNorm"]
+    out["norms_swapped"] = len(norms)
+    fast_norm = type(norms[0]) if norms else None
+    for name in ("ln_fp32", "now"):
+        try:
+            for m in norms:
+                m.__class__ = torch.nn.LayerNorm if name == "ln_fp32" else fast_norm
+            model.train()
+            opt = torch.optim.AdamW(params, lr=torch.tensor(1e-4, device=dev), fused=True, capturable=True)
+            step = common.TrainStep(model, common.default_loss, opt, dev, True)
+            out[f"{name}_graph_ms"] = time_ms(lambda: step(x, y), 30, 5)
+            eager = common.TrainStep(model, common.default_loss, opt, dev, False)
+            out[f"{name}_profile"] = profile_steps(lambda: eager(x, y), 3)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+                eager(x, y)
+                torch.cuda.synchronize()
+            out[f"{name}_ops_by_shape"] = ops_by_shape(prof)
+        except Exception as e:
+            import traceback
+            traceback.print_exc()
+            out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print("msam2", name, {k: v for k, v in out.items() if k.startswith(name) and "profile" not in k
+                              and "shape" not in k}, flush=True)
+    RESULTS["msam2"] = out
+
 # ---------------------------------------------------------------------------------------------------- vitb
 
 def probe_vitb():
@@ -413,6 +464,7 @@ def probe_vitb():
     torch._logging.set_logs(recompiles=True, graph_breaks=True)
     args, dev, model, x, y = build_lora("vit_b", 8)
     common.use_fast_attention(model.image_encoder)  # (load_sam applied it already)
+    common.frozen_weights_to_bf16(model)
     t = time.perf_counter()
     common.compile_model(model)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import common
@@ -186,7 +187,8 @@ def test_mobile_sam_fast_path_matches_stock():
     fast = copy.deepcopy(stock)
     use_fast_attention(fast.image_encoder)
     kinds = {type(m).__name__ for m in fast.image_encoder.modules()}
-    assert {"FastTinyViTBlock", "FoldedConv2d_BN", "ChannelsLastPatchEmbed", "FastTinyViTAttention"} <= kinds
+    assert {"FastTinyViTBlock", "FoldedConv2d_BN", "ChannelsLastPatchEmbed", "FastTinyViTAttention",
+            "ComputeDtypeLayerNorm"} <= kinds
     x = torch.rand(1, 3, 1024, 1024, generator=g)
     masks = (torch.rand(1, 1024, 1024, generator=g) < 0.2).to(torch.uint8)
     logits = []
@@ -199,6 +201,65 @@ def test_mobile_sam_fast_path_matches_stock():
     for (n, a), (_, b) in zip(stock.named_parameters(), fast.named_parameters()):
         if "lora_" in n:
             assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-6), n
+
+
+class LayerNormDtypes(TorchDispatchMode):
+    """Records the dtypes of input, weight and output of every layer-norm kernel that runs."""
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.native_layer_norm.default:
+            self.calls.append((args[0].dtype, args[2].dtype, out[0].dtype))
+        return out
+
+
+def _frozen_layer_norms(device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    stock = torch.nn.LayerNorm(160)
+    with torch.no_grad():
+        stock.weight.copy_(torch.randn(160, generator=g))
+        stock.bias.copy_(torch.randn(160, generator=g))
+    stock.requires_grad_(False).to(device)
+    fast = copy.deepcopy(stock)
+    common._swap_class(fast, "ComputeDtypeLayerNorm", forward=common.layer_norm_in_compute_dtype)
+    x = (torch.randn(4, 49, 160, generator=g) * 3 + 1).to(device, torch.bfloat16)
+    return stock, fast, x
+
+
+def test_tinyvit_layer_norm_runs_in_the_input_dtype():
+    """A frozen TinyViT LayerNorm given bf16 runs one bf16 kernel (bf16 gamma; CUDA's autocast would
+    run it in fp32, see the CUDA test below), and its gradient reaches the input. A norm that trains
+    (SALT's) and an fp32 input take stock's path, bit for bit."""
+    stock, fast, x = _frozen_layer_norms()
+    x.requires_grad_()
+    with LayerNormDtypes() as seen:
+        out = fast(x)
+    assert seen.calls == [(torch.bfloat16, torch.bfloat16, torch.bfloat16)]
+    expected = F.layer_norm(x.detach().float(), (160,), stock.weight, stock.bias, stock.eps)
+    assert (out.float() - expected).abs().max() < 2 ** -7 * expected.abs().max()  # bf16 output, gamma, beta
+    out.float().square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    x32 = x.detach().float()
+    assert torch.equal(fast(x32), stock(x32))
+    fast.requires_grad_(True)
+    stock.requires_grad_(True)
+    with LayerNormDtypes() as seen:
+        assert torch.equal(fast(x.detach()), stock(x.detach()))  # a trainable norm: stock's own forward
+    assert seen.calls[0][1] == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's autocast runs layer_norm in fp32; the CPU's does not")
+def test_tinyvit_layer_norm_matches_cuda_autocast():
+    """On CUDA under bf16 autocast, stock's norm returns fp32, which the next linear layer rounds to bf16;
+    ours returns bf16 directly. They differ by the rounding of gamma and beta to bf16 at most."""
+    stock, fast, x = _frozen_layer_norms("cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        expected, out = stock(x), fast(x)
+    assert expected.dtype == torch.float32 and out.dtype == torch.bfloat16
+    assert (out.float() - expected.to(torch.bfloat16).float()).abs().max() < 2 ** -7 * expected.abs().max()
 
 
 def test_grad_checkpointing_gives_the_same_gradients():
