@@ -370,7 +370,7 @@ def main(argv=None):
     if common.predict_or_export(model, args, device):  # CDEN runs at inference: no merged export
         return None
     if common.should_compile(args, device):
-        model.cden.compile()  # common.compile_model compiles the encoder blocks and decoder transformer
+        model.cden.compile()  # common.run's compile_model compiles the encoder blocks, not the CDEN
     train_set, test_set = load_data(args, device)
     return common.run(model, train_set, test_set, args, device,
                       extra_metrics=dict(trainable_by_part=trainable_by_part(model)), cuda_graph=True)

@@ -77,8 +77,8 @@ def base_parser(description):
                    help="do not torch.compile (on CUDA the ViT models compile by default; MobileSAM does not: "
                         "its TinyViT stages of different shapes recompile so often that a 1000-step run is slower)")
     g.add_argument("--stock-attention", action="store_true",
-                   help="run stock segment_anything: its own attention instead of the exact fused-kernel path, and "
-                        "frozen weights in fp32 (cast by autocast at every use) instead of stored in bf16")
+                   help="run stock segment_anything: its own attention and norms instead of the exact fused-kernel "
+                        "path, and frozen weights in fp32 (cast by autocast at every use) instead of stored in bf16")
     g.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute each encoder block's activations in the backward pass (for small GPUs)")
     g.add_argument("--no-cuda-graph", action="store_true",
@@ -337,6 +337,7 @@ def load_sam(args, device):
     model.requires_grad_(False)
     if not args.stock_attention:
         use_fast_attention(model.image_encoder)
+        use_one_kernel_layer_norm_2d(model)
     if args.grad_checkpoint:
         use_grad_checkpointing(model.image_encoder)
     model.to(device)
@@ -527,14 +528,42 @@ def layer_norm_in_compute_dtype(self, x):
 
 def folded_conv_bn(self, x):
     """forward of MobileSAM's Conv2d_BN (conv, then BatchNorm) with the BatchNorm, frozen in eval mode,
-    folded into the convolution: w * gamma / sigma, beta - mu * gamma / sigma. One kernel instead of two
-    passes over the output; exact up to rounding. BatchNorm in training mode: as stock."""
+    folded into the convolution: w * gamma / sigma, beta - mu * gamma / sigma. One convolution instead of
+    a convolution and a normalisation pass over the output; exact up to rounding. BatchNorm in training
+    mode: as stock.
+    A 1x1 convolution of a channels-last image (B, C, H, W) is a matmul over its pixels: on the (B, H, W, C)
+    view it runs as F.linear, whose cuBLAS kernel adds the bias as it writes the output, where PyTorch's
+    cuDNN convolution adds it in a separate broadcast pass (0.4 ms per (8, 256, 256, 256) output of TinyViT's
+    first stage on the H100). MobileSAM LoRA graphed step at batch 8: 37.9 -> 36.7 ms (call ah)."""
     conv, bn = self.c, self.bn
     if bn.training:
         return nn.Sequential.forward(self, x)
     scale = bn.weight * (bn.running_var + bn.eps).rsqrt()  # (C_out,)
-    return F.conv2d(x, conv.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale,
-                    conv.stride, conv.padding, conv.dilation, conv.groups)
+    weight, bias = conv.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale
+    if (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        # (B, H, W, C_in) @ (C_in, C_out) + bias: output (B, H, W, C_out), seen as channels-last (B, C_out, H, W)
+        return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def layer_norm_2d_one_kernel(self, x):
+    """forward of LayerNorm2d (segment_anything's and TinyViT's: a LayerNorm over the channels of
+    (B, C, H, W), in the neck of both encoders and in the mask decoder's upscaling) as one layer-norm kernel
+    over the channels-last view (B, H, W, C), instead of stock's eight elementwise and reduction passes
+    (mean, subtract, square, mean, add, sqrt, divide, scale and shift) and their backward. The output is
+    channels-last, which the following convolution takes as it is and the decoder flattens to tokens
+    without a copy. Stock computes in the input's dtype (bf16 under autocast) and returns fp32 (its fp32
+    weight promotes the result); under autocast layer_norm computes in fp32 and returns fp32. H100, graphed
+    step at batch 8 (call ah): MobileSAM LoRA 36.7 -> 34.9 ms, ViT-B LoRA 93.5 -> 91.9 ms."""
+    return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+def use_one_kernel_layer_norm_2d(model):
+    """Every LayerNorm2d of `model` (encoder neck, decoder) through layer_norm_2d_one_kernel."""
+    for m in model.modules():
+        if type(m).__name__ == "LayerNorm2d":
+            _swap_class(m, "OneKernelLayerNorm2d", forward=layer_norm_2d_one_kernel)
 
 
 def channels_last_patch_embed(self, x):
@@ -694,14 +723,35 @@ def should_compile(args, device):
     return device.type == "cuda" and not args.no_compile and args.model != "mobile_sam"
 
 
+def _input_needs_grad(module, args, out):
+    """Forward hook on a ViT's patch embedding (see compile_model): in training, an output that needs no
+    gradient is handed on as a leaf that does."""
+    if torch.is_grad_enabled() and not out.requires_grad:
+        return out.detach().requires_grad_()
+
+
+def share_first_block_graph(image_encoder):
+    """Make a ViT's first block take an input that requires grad, as every other block's does, so that it
+    runs the same compiled graph as the other windowed blocks instead of a graph of its own (or eagerly).
+    Nothing before it trains in our methods, so its input needs no gradient: autograd would skip the
+    gradient of that input, which makes its backward a different graph. The price is that gradient,
+    computed and dropped (about a block's input-gradient matmuls); a method that trains something before
+    the first block already gets an input that requires grad, and the hook leaves it as it is."""
+    if getattr(image_encoder.patch_embed, "shares_first_block_graph", False):
+        return
+    image_encoder.patch_embed.register_forward_hook(_input_needs_grad)
+    image_encoder.patch_embed.shares_first_block_graph = True
+
+
 def compile_model(model):
     """Compile the repeated piece, the encoder block, rather than the whole model: identical blocks share
     one compiled graph, so compilation is paid once per block kind (windowed, global) rather than once
     per block, and a method's own code paths (extra losses, other stages) still run through compiled
-    blocks. Not compiled, because each would cost a graph of its own for little: the first block (its
-    input never requires grad, so its backward differs from the others'), the mask decoder (small
-    kernels, whose launch cost the step's CUDA graph removes) and anything under evaluation (see
-    predict: eval mode and no_grad would be two more graphs per block kind).
+    blocks. The first block shares the windowed blocks' graph (share_first_block_graph: ViT-B LoRA graphed
+    step 91.9 -> 89.0 ms on the H100, no compilation added; call ah). Not compiled, because each would cost
+    a graph of its own for little: the mask decoder (small kernels, whose launch cost the step's CUDA graph
+    removes) and anything under evaluation (see predict: eval mode and no_grad would be two more graphs
+    per block kind).
     Pointwise kernels take inductor's default launch configuration instead of timing several.
     Measured on the H100, ViT-B LoRA, batch 8, steps replayed from a CUDA graph (bench.py, fresh caches,
     compilation of the training steps): 27.4 s for 72.5 images/s (32.5 s for 72.6 with pointwise timing);
@@ -714,7 +764,9 @@ def compile_model(model):
     torch._inductor.config.triton.autotune_pointwise = False
     # One code object serves blocks of several shapes (TinyViT stages, windowed and global): allow recompiles.
     torch._dynamo.config.recompile_limit = 64
-    for blk in encoder_blocks(model.image_encoder)[1:]:
+    if hasattr(model.image_encoder, "patch_embed") and hasattr(model.image_encoder, "blocks"):  # SAM's ViT
+        share_first_block_graph(model.image_encoder)
+    for blk in encoder_blocks(model.image_encoder):
         blk.compile()
 
 

@@ -10,7 +10,7 @@
 # their phases; z: compile time cold and warm). aa-ac: frozen weights in bf16 and common.compile_ahead (aa: GPU
 # tests, bench rows, default runs; ab: cProfile of a cold compile, whole ViT-B runs compiled or not; ac: the same
 # with a bytecode cache; ad: every method on DRIVE with the cast; ae: whole ViT-B runs again). af, ag: MobileSAM's step (af: TinyViT compiled;
-# ag: TinyViT's LayerNorms in bf16). Results: results/h100/*.json (each names its call).
+# ag: TinyViT's LayerNorms in bf16); ah: more prototypes (1x1 convolutions, LayerNorm2d, ViT-B's first block). Results: results/h100/*.json (each names its call).
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 
@@ -467,5 +467,15 @@ ag)
   grep -E "^vitb|Error" /tmp/runs/vitb.log | cut -c1-300
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag"; exit 2 ;;
+ah)
+  # Speed issue: prototypes measured before they go into common.py: MobileSAM's 1x1 convolutions as matmuls and
+  # LayerNorm2d as one kernel (msam3); ViT-B with LayerNorm2d as one kernel and its first block compiled (vitb2).
+  timeout 150 python3 scripts/speed_probe.py msam3 --out /tmp/runs/msam3 > /tmp/runs/msam3.log 2>&1
+  grep -E "^msam3|Error" /tmp/runs/msam3.log | cut -c1-400
+  TORCHINDUCTOR_CACHE_DIR=/tmp/cache_ah TRITON_CACHE_DIR=/tmp/cache_ah/triton timeout 300 \
+    python3 scripts/speed_probe.py vitb2 --out /tmp/runs/vitb2 > /tmp/runs/vitb2.log 2>&1
+  grep -E "^vitb2|Error" /tmp/runs/vitb2.log | cut -c1-400
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah"; exit 2 ;;
 esac

@@ -455,6 +455,115 @@ def probe_msam2():
                               and "shape" not in k}, flush=True)
     RESULTS["msam2"] = out
 
+
+def conv_bn_1x1_as_linear(self, x):
+    """folded_conv_bn with 1x1 convolutions of channels-last images as matmuls over pixels (cuBLAS adds
+    the bias in its epilogue; cuDNN's convolution leaves it to a broadcast pass over the output)."""
+    conv, bn = self.c, self.bn
+    if bn.training:
+        return torch.nn.Sequential.forward(self, x)
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    weight, bias = conv.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale
+    if (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def layer_norm_2d_one_kernel(self, x):
+    """LayerNorm2d (SAM's and TinyViT's) as one layer-norm kernel over a channels-last view."""
+    return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+def swap_layer_norm_2d(model):
+    n = 0
+    for m in model.modules():
+        if type(m).__name__ == "LayerNorm2d":
+            m.__class__ = type("LN2dOne", (type(m),), dict(forward=layer_norm_2d_one_kernel))
+            n += 1
+    return n
+
+
+def probe_msam3():
+    """MobileSAM LoRA step (as common.run trains it, graphed), then cumulatively: 1x1 Conv2d_BN as matmuls
+    (conv1x1), LayerNorm2d as one kernel (ln2d)."""
+    out = {}
+    args, dev, model, x, y = build_lora("mobile_sam", 8)
+    common.frozen_weights_to_bf16(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.eval()
+    with torch.no_grad(), common.autocast(dev):
+        ref = model(x[:2]).float()
+    for name in ("now", "conv1x1", "ln2d"):
+        try:
+            if name == "conv1x1":
+                for m in model.image_encoder.modules():
+                    if type(m).__name__ == "FoldedConv2d_BN":
+                        m.__class__ = type("CBNlin", (type(m),), dict(forward=conv_bn_1x1_as_linear))
+            if name == "ln2d":
+                out["ln2d_swapped"] = swap_layer_norm_2d(model)
+            model.eval()
+            with torch.no_grad(), common.autocast(dev):
+                out[f"{name}_maxdiff"] = (model(x[:2]).float() - ref).abs().max().item()
+            model.train()
+            opt = torch.optim.AdamW(params, lr=torch.tensor(1e-4, device=dev), fused=True, capturable=True)
+            step = common.TrainStep(model, common.default_loss, opt, dev, True)
+            out[f"{name}_graph_ms"] = time_ms(lambda: step(x, y), 30, 5)
+            eager = common.TrainStep(model, common.default_loss, opt, dev, False)
+            out[f"{name}_profile"] = profile_steps(lambda: eager(x, y), 3)
+        except Exception as e:
+            import traceback
+            traceback.print_exc()
+            out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print("msam3", name, {k: v for k, v in out.items() if k.startswith(name) and "profile" not in k}, flush=True)
+    RESULTS["msam3"] = out
+
+
+def probe_vitb2():
+    """ViT-B LoRA step as common.run trains it (compiled blocks[1:], graphed, frozen weights in bf16), then:
+    LayerNorm2d as one kernel (ln2d), then the first block compiled too, its input made to require grad so
+    that it shares the other windowed blocks' graph (block0). Profiles: eager steps through the compiled
+blocks. first_steps_s: warm-up and capture (this
+    process's inductor cache is fresh for the first variant only)."""
+    out = {}
+    args, dev, model, x, y = build_lora("vit_b", 8)
+    common.frozen_weights_to_bf16(model)
+    common.compile_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    enc = model.image_encoder
+    for name in ("now", "ln2d", "block0"):
+        try:
+            if name == "ln2d":
+                out["ln2d_swapped"] = swap_layer_norm_2d(model)
+            if name == "block0":
+                def needs_grad(module, args, h):  # on the (uncompiled) patch embedding's output
+                    if torch.is_grad_enabled() and not h.requires_grad:
+                        return h.detach().requires_grad_()
+                enc.patch_embed.register_forward_hook(needs_grad)
+                enc.blocks[0].compile()
+            model.train()
+            opt = torch.optim.AdamW(params, lr=torch.tensor(1e-4, device=dev), fused=True, capturable=True)
+            step = common.TrainStep(model, common.default_loss, opt, dev, True)
+            firsts = []
+            for _ in range(5):
+                t = time.perf_counter()
+                step(x, y)
+                torch.cuda.synchronize()
+                firsts.append(round(time.perf_counter() - t, 3))
+            out[f"{name}_first_steps_s"] = firsts
+            out[f"{name}_graph_ms"] = time_ms(lambda: step(x, y), 20, 3)
+            out[f"{name}_imgs_per_s"] = 8e3 / out[f"{name}_graph_ms"]
+            if name != "ln2d":
+                eager = common.TrainStep(model, common.default_loss, opt, dev, False)
+                out[f"{name}_profile"] = profile_steps(lambda: eager(x, y), 3)
+        except Exception as e:
+            import traceback
+            traceback.print_exc()
+            out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print("vitb2", name, {k: v for k, v in out.items() if k.startswith(name) and "profile" not in k}, flush=True)
+    out["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    RESULTS["vitb2"] = out
+
 # ---------------------------------------------------------------------------------------------------- vitb
 
 def probe_vitb():

@@ -262,6 +262,105 @@ def test_tinyvit_layer_norm_matches_cuda_autocast():
     assert (out.float() - expected.to(torch.bfloat16).float()).abs().max() < 2 ** -7 * expected.abs().max()
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_layer_norm_2d_one_kernel_matches_stock(channels_last):
+    """LayerNorm2d as one layer-norm kernel over the channels-last view: stock's output and gradients (fp32),
+    for a contiguous input and a channels-last one (the ViT neck's permuted tokens)."""
+    from segment_anything.modeling.common import LayerNorm2d
+    g = torch.Generator().manual_seed(0)
+    stock = LayerNorm2d(24)
+    with torch.no_grad():
+        stock.weight.copy_(torch.randn(24, generator=g))
+        stock.bias.copy_(torch.randn(24, generator=g))
+    fast = copy.deepcopy(stock)
+    common.use_one_kernel_layer_norm_2d(torch.nn.Sequential(fast))
+    assert type(fast).__name__ == "OneKernelLayerNorm2d"
+    x = torch.randn(2, 24, 5, 7, generator=g) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(2, 24, 5, 7, generator=g)
+    results = []
+    for m in (stock, fast):
+        xi = x.clone().requires_grad_()
+        out = m(xi)
+        out.backward(grad_out)
+        results.append((out.detach(), xi.grad, m.weight.grad, m.bias.grad))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert results[1][0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_load_sam_swaps_every_layer_norm_2d_unless_stock():
+    for extra in ((), ("--stock-attention",)):
+        _, model = tiny_model(extra)
+        kinds = [type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.Module)
+                 and type(m).__name__.endswith("LayerNorm2d")]
+        assert len(kinds) == 5  # encoder neck 2, decoder upscaling 1, prompt encoder's mask downscaling 2
+        assert set(kinds) == ({"LayerNorm2d"} if extra else {"OneKernelLayerNorm2d"})
+
+
+def test_1x1_conv_bn_as_matmul_matches_stock():
+    """MobileSAM's Conv2d_BN folded: a 1x1 convolution of a channels-last image runs as a matmul over its
+    pixels, other convolutions and layouts as F.conv2d; both give stock's conv + BatchNorm (eval, fp32)."""
+    from mobile_sam.modeling.tiny_vit_sam import Conv2d_BN
+    g = torch.Generator().manual_seed(0)
+    for ks, groups, channels_last in ((1, 1, True), (1, 1, False), (3, 8, True)):
+        stock = Conv2d_BN(8, 8 if groups > 1 else 16, ks, 1, ks // 2, groups=groups)
+        with torch.no_grad():
+            stock.c.weight.copy_(torch.randn(stock.c.weight.shape, generator=g))
+            for t in (stock.bn.weight, stock.bn.bias, stock.bn.running_mean):
+                t.copy_(torch.randn(t.shape, generator=g))
+            stock.bn.running_var.copy_(torch.rand(stock.bn.running_var.shape, generator=g) + 0.5)
+        stock.eval()
+        fast = copy.deepcopy(stock)
+        common._swap_class(fast, "FoldedConv2d_BN", forward=common.folded_conv_bn)
+        x = torch.randn(2, 8, 6, 6, generator=g)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with LinearCalls() as seen:
+            out = fast(x)
+        assert seen.linear == (ks == 1 and channels_last)
+        assert torch.allclose(out, stock(x), rtol=1e-4, atol=1e-4)
+
+
+class LinearCalls(TorchDispatchMode):
+    """Whether a matmul (F.linear: addmm / mm) or a convolution ran."""
+    def __init__(self):
+        super().__init__()
+        self.linear = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default, torch.ops.aten.bmm.default):
+            self.linear = True
+        return func(*args, **(kwargs or {}))
+
+
+def test_first_block_input_requires_grad_and_gradients_stay():
+    """share_first_block_graph hands the first ViT block an input that requires grad in training (so that
+    its compiled graph is the other windowed blocks'); the adapter's gradients do not change, and under
+    no_grad nothing does."""
+    args, stock = tiny_model()
+    lora.inject(stock, rank=4)
+    randomise(stock)
+    shared = copy.deepcopy(stock)
+    common.share_first_block_graph(shared.image_encoder)
+    common.share_first_block_graph(shared.image_encoder)  # a second call adds no second hook
+    assert len(shared.image_encoder.patch_embed._forward_hooks) == 1
+    seen = []
+    shared.image_encoder.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].requires_grad))
+    x = torch.rand(2, 3, args.img_size, args.img_size)
+    masks = (torch.rand(2, args.img_size, args.img_size) < 0.2).to(torch.uint8)
+    for m in (stock, shared):
+        common.segmentation_loss(m(x), masks).backward()
+    assert seen == [True]
+    for (n, a), (_, b) in zip(stock.named_parameters(), shared.named_parameters()):
+        if a.grad is not None or b.grad is not None:
+            assert torch.equal(a.grad, b.grad), n
+    with torch.no_grad():
+        shared(x)
+    assert seen == [True, False]
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     args, stock = tiny_model()
     lora.inject(stock, rank=4)
