@@ -10,7 +10,8 @@
 # their phases; z: compile time cold and warm). aa-ac: frozen weights in bf16 and common.compile_ahead (aa: GPU
 # tests, bench rows, default runs; ab: cProfile of a cold compile, whole ViT-B runs compiled or not; ac: the same
 # with a bytecode cache; ad: every method on DRIVE with the cast; ae: whole ViT-B runs again). af, ag: MobileSAM's step (af: TinyViT compiled;
-# ag: TinyViT's LayerNorms in bf16); ah: more prototypes (1x1 convolutions, LayerNorm2d, ViT-B's first block). Results: results/h100/*.json (each names its call).
+# ag: TinyViT's LayerNorms in bf16); ah: more prototypes (1x1 convolutions, LayerNorm2d, ViT-B's first block); ai-ak:
+# them in common.py (GPU tests, default runs, bench rows, compile time); al-an: a whole compiled run's phases timed. Results: results/h100/*.json (each names its call).
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 
@@ -43,6 +44,9 @@ default_run() {
     > /tmp/runs/$name.log 2>&1
   echo $name; tr '\r' '\n' < /tmp/runs/$name.log | grep -E "^step 1000|^test|^real|Error" | cut -c1-150
 }
+# python3 -c "$POOLLATE" SCRIPT ARGS... (after scripts/timed_run.py): inductor's compile workers started by compile_model,
+# after the evaluation before training, instead of by load_sam's compile_ahead (call am).
+POOLLATE="import sys, runpy, common; ahead, comp = common.compile_ahead, common.compile_model; common.compile_ahead = lambda model, compiling: ahead(model, False); common.compile_model = lambda model: (ahead(model, True), comp(model)); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 # python3 -c "$MSAMCOMPILE" SCRIPT ARGS...: SCRIPT with MobileSAM's blocks compiled as ViT's are (call af).
 MSAMCOMPILE="import sys, runpy, common; common.should_compile = lambda args, device: device.type == 'cuda' and not args.no_compile; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 case "$1" in
@@ -477,5 +481,74 @@ ah)
   grep -E "^vitb2|Error" /tmp/runs/vitb2.log | cut -c1-400
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah"; exit 2 ;;
+ai)
+  # Speed issue, commit 9660f65 (TinyViT's LayerNorms in bf16, 1x1 convolutions as matmuls, LayerNorm2d as one kernel,
+  # ViT's first block compiled): the GPU tests, three default runs, every method on MobileSAM beside stock.
+  timeout 150 python3 -m pytest -q tests/test_fastpath.py tests/test_relpos_attention.py 2>&1 | tail -n 2
+  warm_up_default_run 60
+  for i in 1 2 3; do default_run default_$i 100 python3; done
+  B="python3 benchmarks/bench.py --no-flops --no-inference --models mobile_sam --batches 8"
+  timeout 200 $B --methods lora,atrous_lora,salt,balr_sam,samora --configs stock_bf16,fast_bf16_graph \
+    --out /tmp/runs/bench_mobile_sam > /tmp/runs/bench_mobile_sam.log 2>&1
+  tail -n 10 /tmp/runs/bench_mobile_sam/bench.md | cut -d'|' -f2-9; grep -E "Error" /tmp/runs/bench_mobile_sam.log | head -3
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+aj)
+  # Speed issue, commit 9660f65 on ViT-B: the GPU tests (ai printed no summary), then as call u: every method compiled
+  # and graphed beside its own stock-bf16 baseline, LoRA also checkpointed; the LoRA rows first, on fresh caches.
+  timeout 100 python3 -m pytest -q tests/test_fastpath.py tests/test_relpos_attention.py > /tmp/runs/gpu_tests.log 2>&1
+  grep -E "passed|failed" /tmp/runs/gpu_tests.log
+  B="python3 benchmarks/bench.py --no-flops --no-inference --models vit_b --batches 8"
+  timeout 150 $B --methods lora --configs fast_bf16_compile_graph,fast_bf16_compile_ckpt_graph,stock_bf16 \
+    --out /tmp/runs/bench_vit_b_lora > /tmp/runs/bench_vit_b_lora.log 2>&1
+  tail -n 3 /tmp/runs/bench_vit_b_lora/bench.md | cut -d'|' -f2-10
+  timeout 320 $B --methods atrous_lora,salt,balr_sam,samora --configs fast_bf16_compile_graph,stock_bf16 \
+    --out /tmp/runs/bench_vit_b_methods > /tmp/runs/bench_vit_b_methods.log 2>&1
+  tail -n 8 /tmp/runs/bench_vit_b_methods/bench.md | cut -d'|' -f2-10; grep -E "Error" /tmp/runs/bench_vit_b_*.log | head -3
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+ak)
+  # Speed issue, commit 9660f65 again: two default runs on another machine, and what compilation adds to a whole ViT-B
+  # run (as ab, ac, ae; the first block now compiled too, on the windowed blocks' graph).
+  warm_up_default_run 60
+  for i in 1 2; do default_run default_$i 100 python3; done
+  for i in 1 2; do
+    vit_b_run run_compiled_$i 120 python3
+    vit_b_run run_nocompile_$i 120 python3 --no-compile
+  done
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+al)
+  # Speed issue: call ak's compiled ViT-B runs spent ~9 s more than the uncompiled ones outside the training loop; where
+  # (scripts/timed_run.py's timestamps: run, train_loop, exit handlers), compiled and not, fresh caches.
+  vit_b_run timed_compiled 120 python3 scripts/timed_run.py
+  vit_b_run timed_nocompile 120 python3 scripts/timed_run.py --no-compile
+  for n in timed_compiled timed_nocompile; do echo $n; tr '\r' '\n' < /tmp/runs/$n.log | grep -E "^\[t\]"; done
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+am)
+  # Speed issue: common.release_compile_workers (compile workers shut down after training, in a thread), timed as al;
+  # and, as a variant, the workers started after the evaluation before training rather than at load_sam (POOLLATE),
+  # since al's compiled run spent 4.4 s more in that evaluation while the workers started. Fresh caches every run.
+  vit_b_run am_nocompile 120 python3 scripts/timed_run.py --no-compile
+  for i in 1 2; do
+    vit_b_run am_compiled_$i 120 python3 scripts/timed_run.py
+    vit_b_run am_poollate_$i 120 python3 -c "$POOLLATE" scripts/timed_run.py
+  done
+  for n in am_nocompile am_compiled_1 am_poollate_1 am_compiled_2 am_poollate_2; do
+    echo $n; tr '\r' '\n' < /tmp/runs/$n.log | grep -E "^\[t\]" | tr '\n' ' '; echo
+  done
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+an)
+  # Speed issue: what compilation adds to a whole ViT-B run, with the order effects of earlier calls removed: a warm-up
+  # run first (uncompiled, its own caches), then three pairs alternating uncompiled and compiled, fresh caches each.
+  vit_b_run an_warmup 120 python3 --no-compile > /dev/null
+  for i in 1 2 3; do
+    vit_b_run an_nocompile_$i 120 python3 scripts/timed_run.py --no-compile
+    vit_b_run an_compiled_$i 120 python3 scripts/timed_run.py
+  done
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an"; exit 2 ;;
 esac
