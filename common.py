@@ -772,7 +772,9 @@ def compile_model(model):
     4.6 s when the caches of an earlier run are there. With relpos_attention.py's kernels and compile_ahead
     (which load_sam starts): a whole 20-step ViT-B run took 22.7-36.2 s longer compiled than with
     --no-compile on fresh caches (four runs; 31.3 s without compile_ahead where that run took 22.7 s), for
-    85.5 images/s; 5 s on the caches of an earlier run. Compiling every block and the decoder (and eval
+    85.5 images/s; 5 s on the caches of an earlier run. With the first block compiled too: 30.6-32.0 s on
+    two machines (calls ak, al), and with the workers also released after training, 21.8-23.1 s on a third
+    (call an, three runs); 89.9 images/s (call aj). Compiling every block and the decoder (and eval
     graphs), before step graphs: 64.4 s for training, 21.6 s more for evaluation, 74.7 images/s."""
     import torch._inductor.config
     torch._inductor.config.triton.autotune_pointwise = False
