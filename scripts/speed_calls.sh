@@ -1,17 +1,17 @@
 # The GPU calls behind the speed figures of the README (issue 7), as they ran on the lent H100, one per letter:
 #   bash scripts/speed_calls.sh o      (each writes a tarball of its logs and JSON to $OUT)
-# g: step graphs first measured; h: cProfile of a default run and a kernel profile of ViT-B; i, k, m, n: default
-# runs end to end and the final benchmark rows; o: compile time on fresh and warm caches. j ran with in-place
-# q/v adds, since reverted; m and n compared switches (PEFT_SAM_EAGER_EVAL, PEFT_SAM_NO_CUDNN_BENCHMARK) and g, h
-# PROBE_SKIP_* settings of the code of the time: the committed compile_model always skips the first block and
-# the decoder, and evaluation runs eagerly. q-z: relpos_attention.py's kernels (q ran before their fixes; r tuned
-# their launch settings; s: default-run profile and compile times; t: default runs and MobileSAM rows from a
-# stock base; u: final ViT-B rows; v: compile-time probe; w: GPU tests and ViT-B on DRIVE; x, y: default runs and
-# their phases; z: compile time cold and warm). aa-ac: frozen weights in bf16 and common.compile_ahead (aa: GPU
-# tests, bench rows, default runs; ab: cProfile of a cold compile, whole ViT-B runs compiled or not; ac: the same
-# with a bytecode cache; ad: every method on DRIVE with the cast; ae: whole ViT-B runs again). af, ag: MobileSAM's step (af: TinyViT compiled;
-# ag: TinyViT's LayerNorms in bf16); ah: more prototypes (1x1 convolutions, LayerNorm2d, ViT-B's first block); ai-ak:
-# them in common.py (GPU tests, default runs, bench rows, compile time); al-an: a whole compiled run's phases timed. Results: results/h100/*.json (each names its call).
+# g: step graphs first measured; h: cProfile of a default run and a kernel profile of ViT-B; i, k, m, n: default runs
+# end to end and the final benchmark rows; o: compile time on fresh and warm caches. j ran with in-place q/v adds, since
+# reverted; m and n compared switches (PEFT_SAM_EAGER_EVAL, PEFT_SAM_NO_CUDNN_BENCHMARK) and g, h PROBE_SKIP_* settings of
+# the code of the time, whose compile_model skipped the first block and the decoder; evaluation runs eagerly. q-z:
+# relpos_attention.py's kernels (q ran before their fixes; r tuned their launch settings; s: default-run profile and
+# compile times; t: default runs and MobileSAM rows from a stock base; u: final ViT-B rows; v: compile-time probe; w: GPU
+# tests and ViT-B on DRIVE; x, y: default runs and their phases; z: compile time cold and warm). aa-ac: frozen weights in
+# bf16 and common.compile_ahead (aa: GPU tests, bench rows, default runs; ab: cProfile of a cold compile, whole ViT-B runs
+# compiled or not; ac: the same with a bytecode cache; ad: every method on DRIVE with the cast; ae: whole ViT-B runs
+# again). af, ag: MobileSAM's step (af: TinyViT compiled; ag: TinyViT's LayerNorms in bf16); ah: more prototypes (1x1
+# convolutions, LayerNorm2d, ViT-B's first block); ai-ak: them in common.py (GPU tests, default runs, bench rows, compile
+# time); al-an: a whole compiled run's phases timed. Results: results/h100/*.json (each names its call).
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 
@@ -31,6 +31,24 @@ vit_b_run() {
     --model vit_b --checkpoint none --data drive --data-root $DRIVE --split salt --steps 20 --eval-every 20 --out /tmp/runs \
     $flag --run-name $name ) > /tmp/runs/$name.log 2>&1
   echo $name; tr '\r' '\n' < /tmp/runs/$name.log | grep -E "^step 20|^test|^real|Error" | cut -c1-150
+}
+# $1 pairs of vit_b_run, compiled then uncompiled (run_compiled_I, run_nocompile_I), 120 s each (calls ae, ak).
+vit_b_pairs() {
+  for i in $(seq $1); do
+    vit_b_run run_compiled_$i 120 python3
+    vit_b_run run_nocompile_$i 120 python3 --no-compile
+  done
+}
+# The ViT-B bench rows of calls u and aj: LoRA compiled and graphed, also checkpointed, beside stock bf16 (150 s), then
+# the other methods compiled beside stock. $1: the second command's time limit in seconds; $2: the table columns printed.
+vit_b_rows() {
+  local B="python3 benchmarks/bench.py --no-flops --no-inference --models vit_b --batches 8"
+  timeout 150 $B --methods lora --configs fast_bf16_compile_graph,fast_bf16_compile_ckpt_graph,stock_bf16 \
+    --out /tmp/runs/bench_vit_b_lora > /tmp/runs/bench_vit_b_lora.log 2>&1
+  tail -n 3 /tmp/runs/bench_vit_b_lora/bench.md | cut -d'|' -f$2
+  timeout $1 $B --methods atrous_lora,salt,balr_sam,samora --configs fast_bf16_compile_graph,stock_bf16 \
+    --out /tmp/runs/bench_vit_b_methods > /tmp/runs/bench_vit_b_methods.log 2>&1
+  tail -n 8 /tmp/runs/bench_vit_b_methods/bench.md | cut -d'|' -f$2; grep -E "Error" /tmp/runs/bench_vit_b_*.log | head -3
 }
 # python3 -c "$NOAHEAD" SCRIPT ARGS...: SCRIPT with common.compile_ahead switched off (calls aa and ab).
 NOAHEAD="import sys, runpy, common; common.compile_ahead = lambda *a, **k: None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
@@ -245,13 +263,7 @@ sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 u)
   # Speed issue, final ViT-B rows with relpos_attention.py's kernels: every method compiled and graphed beside its
   # own stock-bf16 baseline, LoRA also checkpointed (selective: the kernels' output kept).
-  B="python3 benchmarks/bench.py --no-flops --no-inference --models vit_b --batches 8"
-  timeout 150 $B --methods lora --configs fast_bf16_compile_graph,fast_bf16_compile_ckpt_graph,stock_bf16 \
-    --out /tmp/runs/bench_vit_b_lora > /tmp/runs/bench_vit_b_lora.log 2>&1
-  tail -n 3 /tmp/runs/bench_vit_b_lora/bench.md | cut -d'|' -f2-9
-  timeout 330 $B --methods atrous_lora,salt,balr_sam,samora --configs fast_bf16_compile_graph,stock_bf16 \
-    --out /tmp/runs/bench_vit_b_methods > /tmp/runs/bench_vit_b_methods.log 2>&1
-  tail -n 8 /tmp/runs/bench_vit_b_methods/bench.md | cut -d'|' -f2-9; grep -E "Error" /tmp/runs/bench_vit_b_*.log | head -3
+  vit_b_rows 330 2-9
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
 v)
@@ -430,10 +442,7 @@ ad)
 ae)
   # Speed issue: what compilation adds to a whole ViT-B run, twice more (as ab: 20 steps, one evaluation, fresh
   # inductor and Triton caches for every run, compiled against --no-compile).
-  for i in 1 2; do
-    vit_b_run run_compiled_$i 120 python3
-    vit_b_run run_nocompile_$i 120 python3 --no-compile
-  done
+  vit_b_pairs 2
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
 af)
@@ -498,24 +507,15 @@ aj)
   # and graphed beside its own stock-bf16 baseline, LoRA also checkpointed; the LoRA rows first, on fresh caches.
   timeout 100 python3 -m pytest -q tests/test_fastpath.py tests/test_relpos_attention.py > /tmp/runs/gpu_tests.log 2>&1
   grep -E "passed|failed" /tmp/runs/gpu_tests.log
-  B="python3 benchmarks/bench.py --no-flops --no-inference --models vit_b --batches 8"
-  timeout 150 $B --methods lora --configs fast_bf16_compile_graph,fast_bf16_compile_ckpt_graph,stock_bf16 \
-    --out /tmp/runs/bench_vit_b_lora > /tmp/runs/bench_vit_b_lora.log 2>&1
-  tail -n 3 /tmp/runs/bench_vit_b_lora/bench.md | cut -d'|' -f2-10
-  timeout 320 $B --methods atrous_lora,salt,balr_sam,samora --configs fast_bf16_compile_graph,stock_bf16 \
-    --out /tmp/runs/bench_vit_b_methods > /tmp/runs/bench_vit_b_methods.log 2>&1
-  tail -n 8 /tmp/runs/bench_vit_b_methods/bench.md | cut -d'|' -f2-10; grep -E "Error" /tmp/runs/bench_vit_b_*.log | head -3
+  vit_b_rows 320 2-10
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
 ak)
-  # Speed issue, commit 9660f65 again: two default runs on another machine, and what compilation adds to a whole ViT-B
-  # run (as ab, ac, ae; the first block now compiled too, on the windowed blocks' graph).
+  # Speed issue, commit 9660f65 again: two more default runs (the machine of ai and aj, still held), and what
+  # compilation adds to a whole ViT-B run (as ab, ac, ae; the first block now compiled too, on the windowed blocks' graph).
   warm_up_default_run 60
   for i in 1 2; do default_run default_$i 100 python3; done
-  for i in 1 2; do
-    vit_b_run run_compiled_$i 120 python3
-    vit_b_run run_nocompile_$i 120 python3 --no-compile
-  done
+  vit_b_pairs 2
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
 al)

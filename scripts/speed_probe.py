@@ -376,6 +376,48 @@ def apply_variant(model, name):
         enc.patch_embed.register_forward_hook(lambda mod, inp, out: out.contiguous(memory_format=torch.channels_last))
 
 
+def measure_variant(section, out, name, model, params, x, y, dev, apply=None, ref=None, reps=30, profile=True,
+                    shapes=False, firsts=0):
+    """One variant of a step probe, into out[f"{name}_..."]: apply() changes the model; then max |logits - ref|
+    in eval mode (ref given), `firsts` timed first steps (compilation), the graphed step's ms (reps timed
+    after 5 warm ones), an eager profile of 3 steps, and one eager step's copies, adds and casts by input
+    shape. An error is recorded and the next variant runs."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    try:
+        if apply is not None:
+            apply()
+        if ref is not None:
+            model.eval()
+            with torch.no_grad(), common.autocast(dev):
+                out[f"{name}_maxdiff"] = (model(x[:2]).float() - ref).abs().max().item()
+        model.train()
+        opt = torch.optim.AdamW(params, lr=torch.tensor(1e-4, device=dev), fused=True, capturable=True)
+        step = common.TrainStep(model, common.default_loss, opt, dev, True)
+        if firsts:
+            times = []
+            for _ in range(firsts):
+                t = time.perf_counter()
+                step(x, y)
+                torch.cuda.synchronize()
+                times.append(round(time.perf_counter() - t, 3))
+            out[f"{name}_first_steps_s"] = times
+        out[f"{name}_graph_ms"] = time_ms(lambda: step(x, y), reps, 5)
+        eager = common.TrainStep(model, common.default_loss, opt, dev, False)
+        if profile:
+            out[f"{name}_profile"] = profile_steps(lambda: eager(x, y), 3)
+        if shapes:
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+                eager(x, y)
+                torch.cuda.synchronize()
+            out[f"{name}_ops_by_shape"] = ops_by_shape(prof)
+    except Exception as e:
+        import traceback
+        traceback.print_exc()
+        out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    print(section, name, {k: v for k, v in out.items() if k.startswith(name) and "profile" not in k
+                          and "shape" not in k}, flush=True)
+
+
 def probe_msam():
     out = {}
     args, dev, model, x, y = build_lora("mobile_sam", 8)
@@ -386,23 +428,8 @@ def probe_msam():
         ref = model(x[:2]).float()
     model.train()
     for name in ("default", "bias4d", "bnfold", "cl_block", "cl_stage1"):  # cumulative
-        try:
-            apply_variant(model, name)
-            model.eval()
-            with torch.no_grad(), common.autocast(dev):
-                out[f"{name}_maxdiff"] = (model(x[:2]).float() - ref).abs().max().item()
-            model.train()
-            opt = torch.optim.AdamW(params, lr=torch.tensor(1e-4, device=dev), fused=True, capturable=True)
-            step = common.TrainStep(model, common.default_loss, opt, dev, True)
-            out[f"{name}_graph_ms"] = time_ms(lambda: step(x, y), 20, 5)
-            if name in ("default", "cl_stage1"):
-                eager = common.TrainStep(model, common.default_loss, opt, dev, False)
-                out[f"{name}_profile"] = profile_steps(lambda: eager(x, y), 3)
-        except Exception as e:
-            import traceback
-            traceback.print_exc()
-            out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        print("msam", name, {k: v for k, v in out.items() if k.startswith(name) and "profile" not in k}, flush=True)
+        measure_variant("msam", out, name, model, params, x, y, dev, apply=lambda: apply_variant(model, name),
+                        ref=ref, reps=20, profile=name in ("default", "cl_stage1"))
     RESULTS["msam"] = out
 
 
@@ -425,7 +452,6 @@ def probe_msam2():
     first with TinyViT's LayerNorms as stock runs them under autocast (ln_fp32), then as the fast path runs
     them (now: common.layer_norm_in_compute_dtype); an eager profile of each, and the copies, adds and casts
     of the step by input shape. Call af ran this with a third variant, the TinyViT blocks compiled."""
-    from torch.profiler import ProfilerActivity, profile
     out = {}
     args, dev, model, x, y = build_lora("mobile_sam", 8)
     common.frozen_weights_to_bf16(model)
@@ -433,136 +459,94 @@ def probe_msam2():
     norms = [m for m in model.image_encoder.modules() if type(m).__name__ == "ComputeDtypeLayerNorm"]
     out["norms_swapped"] = len(norms)
     fast_norm = type(norms[0]) if norms else None
-    for name in ("ln_fp32", "now"):
-        try:
-            for m in norms:
-                m.__class__ = torch.nn.LayerNorm if name == "ln_fp32" else fast_norm
-            model.train()
-            opt = torch.optim.AdamW(params, lr=torch.tensor(1e-4, device=dev), fused=True, capturable=True)
-            step = common.TrainStep(model, common.default_loss, opt, dev, True)
-            out[f"{name}_graph_ms"] = time_ms(lambda: step(x, y), 30, 5)
-            eager = common.TrainStep(model, common.default_loss, opt, dev, False)
-            out[f"{name}_profile"] = profile_steps(lambda: eager(x, y), 3)
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
-                eager(x, y)
-                torch.cuda.synchronize()
-            out[f"{name}_ops_by_shape"] = ops_by_shape(prof)
-        except Exception as e:
-            import traceback
-            traceback.print_exc()
-            out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        print("msam2", name, {k: v for k, v in out.items() if k.startswith(name) and "profile" not in k
-                              and "shape" not in k}, flush=True)
+
+    def norms_as(cls):
+        for m in norms:
+            m.__class__ = cls
+    measure_variant("msam2", out, "ln_fp32", model, params, x, y, dev, apply=lambda: norms_as(torch.nn.LayerNorm),
+                    shapes=True)
+    measure_variant("msam2", out, "now", model, params, x, y, dev, apply=lambda: norms_as(fast_norm), shapes=True)
     RESULTS["msam2"] = out
 
 
-def conv_bn_1x1_as_linear(self, x):
-    """folded_conv_bn with 1x1 convolutions of channels-last images as matmuls over pixels (cuBLAS adds
-    the bias in its epilogue; cuDNN's convolution leaves it to a broadcast pass over the output)."""
+def conv_bn_as_conv(self, x):
+    """common.folded_conv_bn as it was before its 1x1 convolutions ran as matmuls: F.conv2d for all."""
     conv, bn = self.c, self.bn
-    if bn.training:
-        return torch.nn.Sequential.forward(self, x)
     scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-    weight, bias = conv.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale
-    if (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
-            and x.is_contiguous(memory_format=torch.channels_last)):
-        return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return F.conv2d(x, conv.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale,
+                    conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-def layer_norm_2d_one_kernel(self, x):
-    """LayerNorm2d (SAM's and TinyViT's) as one layer-norm kernel over a channels-last view."""
-    return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
-
-
-def swap_layer_norm_2d(model):
-    n = 0
-    for m in model.modules():
-        if type(m).__name__ == "LayerNorm2d":
-            m.__class__ = type("LN2dOne", (type(m),), dict(forward=layer_norm_2d_one_kernel))
-            n += 1
-    return n
+def classes_named(model, name):
+    return [m for m in model.modules() if type(m).__name__ == name]
 
 
 def probe_msam3():
-    """MobileSAM LoRA step (as common.run trains it, graphed), then cumulatively: 1x1 Conv2d_BN as matmuls
-    (conv1x1), LayerNorm2d as one kernel (ln2d)."""
+    """MobileSAM LoRA step (graphed, frozen weights in bf16) before the 1x1 convolutions ran as matmuls and
+    LayerNorm2d as one kernel (before), with the first (conv1x1), with both (ln2d: as common.py trains now).
+    Call ah measured prototypes of the two in this script, the same code as common.py's now (its "now" row
+    is this "before")."""
     out = {}
     args, dev, model, x, y = build_lora("mobile_sam", 8)
     common.frozen_weights_to_bf16(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    convs, norms = classes_named(model, "FoldedConv2d_BN"), classes_named(model, "OneKernelLayerNorm2d")
+    out["ln2d_swapped"] = len(norms)
+    conv_cls, norm_cls = type(convs[0]), type(norms[0])
+    old_conv = type("ConvBNasConv", (conv_cls,), dict(forward=conv_bn_as_conv))
+
+    def set_classes(conv, norm):
+        for m in convs:
+            m.__class__ = conv
+        for m in norms:
+            m.__class__ = norm
+    set_classes(old_conv, norm_cls.__bases__[0])
     model.eval()
     with torch.no_grad(), common.autocast(dev):
         ref = model(x[:2]).float()
-    for name in ("now", "conv1x1", "ln2d"):
-        try:
-            if name == "conv1x1":
-                for m in model.image_encoder.modules():
-                    if type(m).__name__ == "FoldedConv2d_BN":
-                        m.__class__ = type("CBNlin", (type(m),), dict(forward=conv_bn_1x1_as_linear))
-            if name == "ln2d":
-                out["ln2d_swapped"] = swap_layer_norm_2d(model)
-            model.eval()
-            with torch.no_grad(), common.autocast(dev):
-                out[f"{name}_maxdiff"] = (model(x[:2]).float() - ref).abs().max().item()
-            model.train()
-            opt = torch.optim.AdamW(params, lr=torch.tensor(1e-4, device=dev), fused=True, capturable=True)
-            step = common.TrainStep(model, common.default_loss, opt, dev, True)
-            out[f"{name}_graph_ms"] = time_ms(lambda: step(x, y), 30, 5)
-            eager = common.TrainStep(model, common.default_loss, opt, dev, False)
-            out[f"{name}_profile"] = profile_steps(lambda: eager(x, y), 3)
-        except Exception as e:
-            import traceback
-            traceback.print_exc()
-            out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        print("msam3", name, {k: v for k, v in out.items() if k.startswith(name) and "profile" not in k}, flush=True)
+    measure_variant("msam3", out, "before", model, params, x, y, dev, ref=ref)
+    measure_variant("msam3", out, "conv1x1", model, params, x, y, dev, ref=ref,
+                    apply=lambda: set_classes(conv_cls, norm_cls.__bases__[0]))
+    measure_variant("msam3", out, "ln2d", model, params, x, y, dev, ref=ref,
+                    apply=lambda: set_classes(conv_cls, norm_cls))
     RESULTS["msam3"] = out
 
 
 def probe_vitb2():
-    """ViT-B LoRA step as common.run trains it (compiled blocks[1:], graphed, frozen weights in bf16), then:
-    LayerNorm2d as one kernel (ln2d), then the first block compiled too, its input made to require grad so
-    that it shares the other windowed blocks' graph (block0). Profiles: eager steps through the compiled
-blocks. first_steps_s: warm-up and capture (this
-    process's inductor cache is fresh for the first variant only)."""
+    """ViT-B LoRA step (compiled, graphed, frozen weights in bf16) as common.run trained it before this probe's
+    changes (before: blocks[1:] compiled, stock LayerNorm2d), then with LayerNorm2d as one kernel (ln2d),
+    then with the first block compiled too on the windowed blocks' graph (block0: common.share_first_block_graph;
+    as common.py trains now). Profiles: eager steps through the compiled blocks. first_steps_s: warm-up and
+    capture (this process's inductor cache is fresh for the first variant only). Call ah measured prototypes
+    of the two in this script, the same code as common.py's now (its "now" row is this "before")."""
     out = {}
     args, dev, model, x, y = build_lora("vit_b", 8)
     common.frozen_weights_to_bf16(model)
-    common.compile_model(model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    norms = classes_named(model, "OneKernelLayerNorm2d")
+    norm_cls = type(norms[0])
+    for m in norms:
+        m.__class__ = norm_cls.__bases__[0]
+    import torch._inductor.config
+    torch._inductor.config.triton.autotune_pointwise = False  # as common.compile_model
+    torch._dynamo.config.recompile_limit = 64
     enc = model.image_encoder
-    for name in ("now", "ln2d", "block0"):
-        try:
-            if name == "ln2d":
-                out["ln2d_swapped"] = swap_layer_norm_2d(model)
-            if name == "block0":
-                def needs_grad(module, args, h):  # on the (uncompiled) patch embedding's output
-                    if torch.is_grad_enabled() and not h.requires_grad:
-                        return h.detach().requires_grad_()
-                enc.patch_embed.register_forward_hook(needs_grad)
-                enc.blocks[0].compile()
-            model.train()
-            opt = torch.optim.AdamW(params, lr=torch.tensor(1e-4, device=dev), fused=True, capturable=True)
-            step = common.TrainStep(model, common.default_loss, opt, dev, True)
-            firsts = []
-            for _ in range(5):
-                t = time.perf_counter()
-                step(x, y)
-                torch.cuda.synchronize()
-                firsts.append(round(time.perf_counter() - t, 3))
-            out[f"{name}_first_steps_s"] = firsts
-            out[f"{name}_graph_ms"] = time_ms(lambda: step(x, y), 20, 3)
-            out[f"{name}_imgs_per_s"] = 8e3 / out[f"{name}_graph_ms"]
-            if name != "ln2d":
-                eager = common.TrainStep(model, common.default_loss, opt, dev, False)
-                out[f"{name}_profile"] = profile_steps(lambda: eager(x, y), 3)
-        except Exception as e:
-            import traceback
-            traceback.print_exc()
-            out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        print("vitb2", name, {k: v for k, v in out.items() if k.startswith(name) and "profile" not in k}, flush=True)
+    for blk in enc.blocks[1:]:
+        blk.compile()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def first_block():
+        common.share_first_block_graph(enc)
+        enc.blocks[0].compile()
+
+    def norms_one_kernel():
+        for m in norms:
+            m.__class__ = norm_cls
+    for name, apply in (("before", None), ("ln2d", norms_one_kernel), ("block0", first_block)):
+        measure_variant("vitb2", out, name, model, params, x, y, dev, apply=apply, reps=20, firsts=5,
+                        profile=name != "ln2d")
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     RESULTS["vitb2"] = out
+
 
 # ---------------------------------------------------------------------------------------------------- vitb
 
