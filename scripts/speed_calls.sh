@@ -11,7 +11,7 @@
 # compiled or not; ac: the same with a bytecode cache; ad: every method on DRIVE with the cast; ae: whole ViT-B runs
 # again). af, ag: MobileSAM's step (af: TinyViT compiled; ag: TinyViT's LayerNorms in bf16); ah: more prototypes (1x1
 # convolutions, LayerNorm2d, ViT-B's first block); ai-ak: them in common.py (GPU tests, default runs, bench rows, compile
-# time); al-an: a whole compiled run's phases timed. Results: results/h100/*.json (each names its call).
+# time); al-an: a whole compiled run's phases timed; ao: the probe after its review. Results: results/h100/*.json (each names its call).
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 
@@ -550,5 +550,13 @@ an)
   done
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an"; exit 2 ;;
+ao)
+  # Speed issue: scripts/speed_probe.py after its review (measure_variant; msam3 and vitb2 now switch common.py's
+  # adopted pieces off): msam3, msam2 and vitb2 run again on the committed code, a check and a second measurement.
+  TORCHINDUCTOR_CACHE_DIR=/tmp/cache_ao TRITON_CACHE_DIR=/tmp/cache_ao/triton timeout 400 \
+    python3 scripts/speed_probe.py msam3 msam2 vitb2 --out /tmp/runs/ao > /tmp/runs/ao.log 2>&1
+  grep -E "^msam|^vitb2|Error" /tmp/runs/ao.log | cut -c1-400
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao"; exit 2 ;;
 esac
