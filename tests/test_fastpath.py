@@ -361,6 +361,39 @@ def test_first_block_input_requires_grad_and_gradients_stay():
     assert seen == [True, False]
 
 
+def test_compile_workers_are_released_after_training_when_compiling(tmp_path, monkeypatch):
+    """common.run shuts the compile workers down once training is over, where it compiled (on the CPU it
+    does not compile, so compilation is faked here), and not otherwise."""
+    train_loop = common.train_loop
+    calls = []
+
+    def recording_train_loop(*args, **kwargs):
+        calls.append("train")
+        return train_loop(*args, **kwargs)
+    for compiling in (True, False):
+        calls.clear()
+        monkeypatch.setattr(common, "should_compile", lambda args, device: compiling)
+        monkeypatch.setattr(common, "compile_model", lambda model: calls.append("compile"))
+        monkeypatch.setattr(common, "train_loop", recording_train_loop)
+        monkeypatch.setattr(common, "release_compile_workers", lambda: calls.append("release"))
+        lora.main(["--model", "tiny", "--device", "cpu", "--steps", "2", "--batch-size", "2", "--out", str(tmp_path),
+                   "--run-name", f"release_{compiling}"])
+        assert calls == (["compile", "train", "release"] if compiling else ["train"])
+
+
+def test_release_compile_workers_shuts_them_down_in_another_thread(monkeypatch):
+    import threading
+    import torch._inductor.async_compile as async_compile
+    seen = []
+    monkeypatch.setattr(async_compile, "shutdown_compile_workers",
+                        lambda: seen.append(threading.current_thread().name))
+    common.release_compile_workers()
+    for t in threading.enumerate():
+        if t.name == "release-compile-workers":
+            t.join()
+    assert seen == ["release-compile-workers"]
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     args, stock = tiny_model()
     lora.inject(stock, rank=4)
