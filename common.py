@@ -337,8 +337,7 @@ def load_sam(args, device):
     model.base_keys = set(model.state_dict())
     model.requires_grad_(False)
     if not args.stock_attention:
-        use_fast_attention(model.image_encoder)
-        use_one_kernel_layer_norm_2d(model)
+        use_fast_path(model)
     if args.grad_checkpoint:
         use_grad_checkpointing(model.image_encoder)
     model.to(device)
@@ -634,6 +633,14 @@ def use_fast_attention(image_encoder, pad_v=True, relpos_kernel=True):
                 _swap_class(m, "ChannelsLastPatchEmbed", forward=channels_last_patch_embed)
 
 
+def use_fast_path(model, pad_v=True, relpos_kernel=True):
+    """The fast path that --stock-attention leaves out, on a whole model: fused attention and TinyViT's
+    layout in the encoder (use_fast_attention), every LayerNorm2d in one kernel. load_sam applies it, and
+    bench.py to its stock base for the fast rows."""
+    use_fast_attention(model.image_encoder, pad_v=pad_v, relpos_kernel=relpos_kernel)
+    use_one_kernel_layer_norm_2d(model)
+
+
 def compile_ahead(model, compiling):
     """Start, in other processes, compilation that a CUDA run would otherwise do inside its first training
     step, so that it overlaps the loading of weights, the evaluation before training and the tracing of
@@ -780,7 +787,7 @@ def compile_model(model):
     torch._inductor.config.triton.autotune_pointwise = False
     # One code object serves blocks of several shapes (TinyViT stages, windowed and global): allow recompiles.
     torch._dynamo.config.recompile_limit = 64
-    if hasattr(model.image_encoder, "patch_embed") and hasattr(model.image_encoder, "blocks"):  # SAM's ViT
+    if hasattr(model.image_encoder, "blocks"):  # SAM's ViT (TinyViT keeps its blocks in layers)
         share_first_block_graph(model.image_encoder)
     for blk in encoder_blocks(model.image_encoder):
         blk.compile()

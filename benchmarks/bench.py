@@ -17,13 +17,13 @@ What one row measures (model x method x config x batch):
   executes (counted with SDPA's math backend, whose matmuls are the fused kernels' FLOPs).
 * MFU = model FLOPs per image x images/s / the measured bf16 matmul peak (8192^3, random data).
 
-Configs are named by tokens joined with "_": stock|fast (SAM's attention and norms, or
-common.use_fast_attention and common.use_one_kernel_layer_norm_2d), fp32|bf16 (bf16 = autocast, as common.run
-on CUDA), compile (common.compile_model: per-block torch.compile), ckpt (common.use_grad_checkpointing),
-nopadv (fast path without v padding), folded (fast path with the rel-pos term folded into SDPA in the global
-blocks too, instead of relpos_attention.py's kernels), fp32w (fast path with the frozen base weights left in
-fp32, for autocast to cast at every use, instead of stored in bf16 by common.frozen_weights_to_bf16), graph
-(the whole training step replayed from a CUDA graph, common.TrainStep).
+Configs are named by tokens joined with "_": stock|fast (SAM's attention and norms, or common.use_fast_path:
+fused attention, TinyViT's layout, LayerNorm2d in one kernel), fp32|bf16 (bf16 = autocast, as common.run on
+CUDA), compile (common.compile_model: per-block torch.compile), ckpt (common.use_grad_checkpointing), nopadv
+(fast path without v padding), folded (fast path with the rel-pos term folded into SDPA in the global blocks
+too, instead of relpos_attention.py's kernels), fp32w (fast path with the frozen base weights left in fp32,
+for autocast to cast at every use, instead of stored in bf16 by common.frozen_weights_to_bf16), graph (the
+whole training step replayed from a CUDA graph, common.TrainStep).
 Compiled configs run on CUDA only (as common.run); on the CPU they are recorded as skipped.
 
 Run (GPU). A 10-minute call holds about one model's worth of rows (compiled rows spend most of their time
@@ -170,8 +170,7 @@ def build(base, method, mod, margs, cfg, device, quiet=True):
         inject(mod, model, margs)  # quiet: a method's summary is printed once per model, not once per row
     model.to(device)
     if cfg["fast"]:
-        common.use_fast_attention(model.image_encoder, pad_v=cfg["pad_v"], relpos_kernel=cfg["relpos_kernel"])
-        common.use_one_kernel_layer_norm_2d(model)  # as common.load_sam
+        common.use_fast_path(model, pad_v=cfg["pad_v"], relpos_kernel=cfg["relpos_kernel"])  # as common.load_sam
     if cfg["fast"] and device.type == "cuda":  # as common.load_sam and common.run
         common.compile_ahead(model, cfg["compile"])
         if cfg["bf16_weights"]:

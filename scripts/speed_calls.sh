@@ -32,6 +32,19 @@ vit_b_run() {
     $flag --run-name $name ) > /tmp/runs/$name.log 2>&1
   echo $name; tr '\r' '\n' < /tmp/runs/$name.log | grep -E "^step 20|^test|^real|Error" | cut -c1-150
 }
+# Calls q and r: the GPU tests, then relpos_attention.py's kernels timed over their launch settings (speed_probe.py
+# relpos), the best written into relpos_attention.CONFIG for the rest of the call.
+test_and_tune_relpos_kernels() {
+  timeout 150 python3 -m pytest -q tests/test_relpos_attention.py tests/test_fastpath.py > /tmp/runs/pytest_gpu.log 2>&1
+  tail -3 /tmp/runs/pytest_gpu.log
+  timeout 150 python3 scripts/speed_probe.py relpos --out /tmp/runs/relpos > /tmp/runs/relpos.log 2>&1
+  grep -E "^relpos|RELPOS|Error" /tmp/runs/relpos.log | cut -c1-400
+  python3 -c "import json, re; best = json.load(open('/tmp/runs/relpos/probe.json'))['relpos']['best']; \
+    p = 'relpos_attention.py'; s = open(p).read(); \
+    s = re.sub(r'CONFIG = dict\(.*?\)\)\n', 'CONFIG = ' + repr(best) + '\n', s, flags=re.S); \
+    open(p, 'w').write(s)"
+  grep -n -A2 "^CONFIG" relpos_attention.py
+}
 # $1 pairs of vit_b_run, compiled then uncompiled (run_compiled_I, run_nocompile_I), 120 s each (calls ae, ak).
 vit_b_pairs() {
   for i in $(seq $1); do
@@ -182,15 +195,7 @@ q)
   # Speed issue, relpos_attention.py (Triton kernels of the global attention): GPU tests, launch settings of
   # each kernel (the best written into relpos_attention.CONFIG for what follows), time beside the folded form,
   # ViT-B LoRA rows with the kernels, folded, and checkpointed, and the kernel profile of the ViT-B step.
-  timeout 150 python3 -m pytest -q tests/test_relpos_attention.py tests/test_fastpath.py > /tmp/runs/pytest_gpu.log 2>&1
-  tail -3 /tmp/runs/pytest_gpu.log
-  timeout 150 python3 scripts/speed_probe.py relpos --out /tmp/runs/relpos > /tmp/runs/relpos.log 2>&1
-  grep -E "^relpos|RELPOS|Error" /tmp/runs/relpos.log | cut -c1-400
-  python3 -c "import json, re; best = json.load(open('/tmp/runs/relpos/probe.json'))['relpos']['best']; \
-    p = 'relpos_attention.py'; s = open(p).read(); \
-    s = re.sub(r'CONFIG = dict\(.*?\)\)\n', 'CONFIG = ' + repr(best) + '\n', s, flags=re.S); \
-    open(p, 'w').write(s)"
-  grep -n -A2 "^CONFIG" relpos_attention.py
+  test_and_tune_relpos_kernels
   B="python3 benchmarks/bench.py --no-flops --no-inference --models vit_b --methods lora --batches 8"
   timeout 250 $B --configs fast_bf16_compile_graph,fast_bf16_compile_graph_folded,fast_bf16_compile_ckpt_graph \
     --out /tmp/runs/bench_relpos > /tmp/runs/bench_relpos.log 2>&1
@@ -202,15 +207,7 @@ q)
 r)
   # As q, after its fixes (constexpr loop bounds for Triton 3.6's interpreter, bench rows from a stock base, the
   # dkdv kernel with a key block of any size), with the stock-bf16 baseline row; no profile.
-  timeout 150 python3 -m pytest -q tests/test_relpos_attention.py tests/test_fastpath.py > /tmp/runs/pytest_gpu.log 2>&1
-  tail -3 /tmp/runs/pytest_gpu.log
-  timeout 150 python3 scripts/speed_probe.py relpos --out /tmp/runs/relpos > /tmp/runs/relpos.log 2>&1
-  grep -E "^relpos|RELPOS|Error" /tmp/runs/relpos.log | cut -c1-400
-  python3 -c "import json, re; best = json.load(open('/tmp/runs/relpos/probe.json'))['relpos']['best']; \
-    p = 'relpos_attention.py'; s = open(p).read(); \
-    s = re.sub(r'CONFIG = dict\(.*?\)\)\n', 'CONFIG = ' + repr(best) + '\n', s, flags=re.S); \
-    open(p, 'w').write(s)"
-  grep -n -A2 "^CONFIG" relpos_attention.py
+  test_and_tune_relpos_kernels
   B="python3 benchmarks/bench.py --no-flops --no-inference --models vit_b --methods lora --batches 8"
   timeout 300 $B --configs fast_bf16_compile_graph,fast_bf16_compile_graph_folded,fast_bf16_compile_ckpt_graph,stock_bf16 \
     --out /tmp/runs/bench_relpos > /tmp/runs/bench_relpos.log 2>&1
