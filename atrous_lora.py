@@ -168,7 +168,8 @@ class AtrousLoRAQKV(nn.Linear):
     def forward(self, x):
         # x: (B, H, W, d) for ViT (windowed: (B*nW, 14, 14, d)); (B*nW, ws*ws, d) for TinyViT
         out = F.linear(x, self.weight, self.bias)  # (..., 3*width)
-        z = self.lora_aam(torch.cat([self.lora_A_q(x), self.lora_A_v(x)], -1))  # (..., 2r): [q path | v path]
+        down = F.linear(x, torch.cat([self.lora_A_q.weight, self.lora_A_v.weight]))  # [A_q x | A_v x]: x read once
+        z = self.lora_aam(down)  # (..., 2r): [q path | v path]
         dq, dv = self.lora_B_q(z[..., :self.rank]), self.lora_B_v(z[..., self.rank:])  # (..., width)
         return out + common.place_qv(dq, dv, self.heads)  # q and v where the layout keeps them
 

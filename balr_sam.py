@@ -146,8 +146,10 @@ class LoRAQKV(nn.Linear):
     def forward(self, x):
         # x: (B, H, W, d) for ViT (windowed: (B*nW, 14, 14, d)); (B*nW, ws*ws, d) for TinyViT
         out = F.linear(x, self.weight, self.bias)
-        dq = self.lora_B_q(self.lora_A_q(x))
-        dv = self.lora_B_v(self.lora_A_v(x))
+        down = F.linear(x, torch.cat([self.lora_A_q.weight, self.lora_A_v.weight]))  # [A_q x | A_v x]: x read once
+        rank = self.lora_A_q.out_features
+        dq = self.lora_B_q(down[..., :rank])
+        dv = self.lora_B_v(down[..., rank:])
         return out + common.place_qv(dq, dv, self.heads)  # q and v where the layout keeps them
 
 

@@ -572,6 +572,22 @@ def channels_last_patch_embed(self, x):
     return self.seq(x).contiguous(memory_format=torch.channels_last)
 
 
+def patch_embed_as_matmul(self, x):
+    """forward of SAM ViT's PatchEmbed (a convolution whose kernel is its stride, no padding) as one matmul
+    over the image's patches: (B, 3, S, S) -> (B, S/p, S/p, 3*p*p) patches, times the (C, 3*p*p) weight.
+    cuDNN runs that 16 x 16 convolution of a 3-channel image with a kernel that uses no tensor cores (1.32 ms
+    in an eager profile of a ViT-B LoRA step at batch 8 on the H100) for 39 GFLOP that a matmul does in a
+    tenth of a millisecond; the patches cost one copy of the image. Graphed ViT-B LoRA step: 84.8 ms with the
+    convolution, 80.8 ms with this (call ar, one process). Output (B, S/p, S/p, C), as stock.
+    Exact up to the order of the sums. Any other convolution: as stock."""
+    proj = self.proj
+    (p, q), (B, C, H, W) = proj.kernel_size, x.shape
+    if proj.stride != (p, q) or proj.padding != (0, 0) or H % p or W % q:
+        return proj(x).permute(0, 2, 3, 1)
+    patches = x.reshape(B, C, H // p, p, W // q, q).permute(0, 2, 4, 1, 3, 5).reshape(B, H // p, W // q, C * p * q)
+    return F.linear(patches, proj.weight.flatten(1), proj.bias)  # weight (C_out, C, p, q): the same order
+
+
 _SUBCLASSES = {}
 
 
@@ -608,7 +624,8 @@ def use_fast_attention(image_encoder, pad_v=True, relpos_kernel=True):
     of relpos_attention.py (relpos_kernel=False: the folded SDPA form there too). In TinyViT also fold the
     frozen BatchNorms and run the convolutions channels-last (fast_tinyvit_block, folded_conv_bn,
     channels_last_patch_embed; the three took a graphed MobileSAM LoRA step at batch 8 from 49.4 to 42.1 ms
-    on the H100), and run its frozen LayerNorms in bf16 (layer_norm_in_compute_dtype: 41.2 -> 37.8 ms).
+    on the H100), and run its frozen LayerNorms in bf16 (layer_norm_in_compute_dtype: 41.2 -> 37.8 ms). In
+    SAM's ViT run the patch embedding as a matmul (patch_embed_as_matmul).
     Works before or after an adapter replaced `attn.qkv`.
     pad_v=False leaves v at its own width (fewer FLOPs where the kernel accepts it)."""
     for attn, heads in encoder_attentions(image_encoder):
@@ -620,6 +637,9 @@ def use_fast_attention(image_encoder, pad_v=True, relpos_kernel=True):
             attn.fast_relpos = relpos_kernel and _relpos_kernels() is not None
         else:  # MobileSAM's TinyViT
             _swap_class(attn, "FastTinyViTAttention", forward=fast_tinyvit_attention, is_fast=True)
+    from segment_anything.modeling.image_encoder import PatchEmbed as VitPatchEmbed
+    if type(getattr(image_encoder, "patch_embed", None)) is VitPatchEmbed:
+        _swap_class(image_encoder.patch_embed, "MatmulPatchEmbed", forward=patch_embed_as_matmul)
     if isinstance(image_encoder, nn.Module) and not hasattr(image_encoder, "blocks"):  # TinyViT: its convolutions
         from mobile_sam.modeling.tiny_vit_sam import Conv2d_BN, PatchEmbed, TinyViTBlock
         for m in image_encoder.modules():

@@ -27,7 +27,9 @@ Measured on the H100 (bf16, batch 8, 12 heads, 64 x 64 tokens; scripts/speed_pro
 backward with the rel-pos einsums): 7.2 ms against 12.1 ms for the folded form and 3.2 ms for the same
 attention without the term; a compiled, graphed ViT-B LoRA step went from 72.0 to 85.3 images/s. The
 backward is two thirds of it: both backward kernels recompute the logits (FlashAttention-2's split), and
-Triton's tiles are not cuDNN's.
+Triton's tiles are not cuDNN's. Loading the key-side kernel's bias row-wise and computing rowsum(o * do) in
+the query-side kernel (call ap, one machine) took it from 7.31 to 6.74 ms, and the graphed ViT-B LoRA step
+from 89.0 to 86.8 ms (call aq).
 """
 import os
 
@@ -92,14 +94,15 @@ def _forward(Q, K, V, RH, RW, O, LSE,
 
 
 @triton.jit
-def _backward_dq(Q, K, V, RH, RW, DO, LSE, DELTA, DQ, DRH, DRW,
+def _backward_dq(Q, K, V, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
                  sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                 srh_b, srh_h, srh_n, srw_b, srw_h, srw_n, sdo_b, sdo_h, sdo_n,
+                 srh_b, srh_h, srh_n, srw_b, srw_h, srw_n, sdo_b, sdo_h, sdo_n, so_b, so_h, so_n,
                  heads, scale,
                  N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                  PRECISION: tl.constexpr):
     """One query block, keys row by row: dq, d rel_h (a column per key row), d rel_w (summed over rows).
-    The gradient tensors DQ, DRH, DRW are contiguous (B, heads, N, D / H / W)."""
+    Also writes DELTA = rowsum(o * do), which _backward_dkdv reads after it (eager, that sum was four passes
+    over fp32 copies of o and do). The gradient tensors DQ, DRH, DRW are contiguous (B, heads, N, D / H / W)."""
     b, h = tl.program_id(2), tl.program_id(1)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, COLS)
@@ -109,7 +112,9 @@ def _backward_dq(Q, K, V, RH, RW, DO, LSE, DELTA, DQ, DRH, DRW,
     do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :])
     rw = tl.load(RW + b * srw_b + h * srw_h + offs_m[:, None] * srw_n + offs_c[None, :]).to(tl.float32) * LOG2E
     lse = tl.load(LSE + bh * N + offs_m)
-    delta = tl.load(DELTA + bh * N + offs_m)  # rowsum(o * do)
+    o = tl.load(O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :])
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
+    tl.store(DELTA + bh * N + offs_m, delta)
     rh_ptrs = RH + b * srh_b + h * srh_h + offs_m * srh_n
     k_ptrs = K + b * sk_b + h * sk_h + offs_c[:, None] * sk_n + offs_d[None, :]
     v_ptrs = V + b * sv_b + h * sv_h + offs_c[:, None] * sv_n + offs_d[None, :]
@@ -138,19 +143,25 @@ def _backward_dkdv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
                    srh_b, srh_h, srh_n, srw_b, srw_h, srw_n, sdo_b, sdo_h, sdo_n,
                    heads, scale,
                    N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """BLOCK_N keys (part of a key row, or whole rows), queries in blocks: dk, dv. Computed transposed,
-    keys along the first axis, so that the products accumulate into (BLOCK_N, D) tiles. The bias of key
-    j = (r, c) is gathered as rel_h[:, r] and rel_w[:, c] (rows of rel_w repeat across key rows; they come
-    from the cache). DK, DV contiguous (B, heads, N, D)."""
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_PER: tl.constexpr, PRECISION: tl.constexpr):
+    """ROWS_PER whole key rows (BLOCK_N = ROWS_PER * COLS keys), queries in blocks: dk, dv. Computed
+    transposed, keys along the first axis, so that the products accumulate into (BLOCK_N, D) tiles. The bias
+    of the tile is built from the rows of rel_h and rel_w as they lie in memory, (BLOCK_M, ROWS_PER) and
+    (BLOCK_M, COLS), then transposed in registers: gathered element by element in the transposed order,
+    neighbouring threads read addresses a row of rel_w apart, and that gather was the slowest part of this
+    kernel. Whole rows per program also let BLOCK_N be 128 (two rows at ViT-B's 64), which halves how often
+    q and do are read. DK, DV contiguous (B, heads, N, D)."""
     b, h = tl.program_id(2), tl.program_id(1)
-    offs_j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's keys
+    row0 = tl.program_id(0) * ROWS_PER  # this program's first key row
+    offs_j = row0 * COLS + tl.arange(0, BLOCK_N)  # its keys
+    offs_r = row0 + tl.arange(0, ROWS_PER)
+    offs_c = tl.arange(0, COLS)
     offs_d = tl.arange(0, D)
     bh = b * heads + h
     k = tl.load(K + b * sk_b + h * sk_h + offs_j[:, None] * sk_n + offs_d[None, :])  # (BLOCK_N, D)
     v = tl.load(V + b * sv_b + h * sv_h + offs_j[:, None] * sv_n + offs_d[None, :])
-    rh_ptrs = RH + b * srh_b + h * srh_h + (offs_j // COLS)[:, None]  # + query * srh_n: (BLOCK_N, BLOCK_M)
-    rw_ptrs = RW + b * srw_b + h * srw_h + (offs_j % COLS)[:, None]
+    rh_ptrs = RH + b * srh_b + h * srh_h + offs_r[None, :]  # + query * srh_n: (BLOCK_M, ROWS_PER)
+    rw_ptrs = RW + b * srw_b + h * srw_h + offs_c[None, :]  # + query * srw_n: (BLOCK_M, COLS)
     qk_scale = scale * LOG2E
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
@@ -158,8 +169,10 @@ def _backward_dkdv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
         offs_m = start + tl.arange(0, BLOCK_M)
         q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :])  # (BLOCK_M, D)
         do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :])
-        bias_t = (tl.load(rh_ptrs + offs_m[None, :] * srh_n).to(tl.float32)
-                  + tl.load(rw_ptrs + offs_m[None, :] * srw_n).to(tl.float32)) * LOG2E  # (BLOCK_N, BLOCK_M)
+        rh = tl.load(rh_ptrs + offs_m[:, None] * srh_n).to(tl.float32)  # rel_h[i, row0 + r]
+        rw = tl.load(rw_ptrs + offs_m[:, None] * srw_n).to(tl.float32)  # rel_w[i, c]
+        # key j of the tile is (row0 + j // COLS, j % COLS): (BLOCK_M, ROWS_PER, COLS) -> (BLOCK_N, BLOCK_M)
+        bias_t = tl.trans(tl.reshape(rh[:, :, None] + rw[:, None, :], (BLOCK_M, BLOCK_N))) * LOG2E
         lse = tl.load(LSE + bh * N + offs_m)
         delta = tl.load(DELTA + bh * N + offs_m)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + bias_t  # (BLOCK_N, BLOCK_M)
@@ -183,17 +196,23 @@ def _strides(*tensors):
 
 # Launch settings of each kernel (BLOCK_M queries, BLOCK_N keys per program or step, warps, pipeline stages),
 # chosen on the H100 at ViT-B's global shape (scripts/speed_probe.py relpos).
-CONFIG = dict(forward=dict(BLOCK_M=64, num_warps=4, num_stages=3),
+CONFIG = dict(forward=dict(BLOCK_M=64, num_warps=4, num_stages=4),
               dq=dict(BLOCK_M=64, num_warps=4, num_stages=3),
               dkdv=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2))
 
 
-def _launch(name, N):
-    """kernel `name`'s launch settings for N tokens: the configured blocks, halved until they divide N."""
+def _launch(name, rows, cols):
+    """kernel `name`'s launch settings for a rows x cols grid of tokens: the configured blocks, halved until
+    they divide the N = rows * cols tokens; the key block of dkdv whole key rows (ROWS_PER of them, a
+    divisor of rows)."""
     launch = dict(CONFIG[name])
-    for block in ("BLOCK_M", "BLOCK_N"):
-        while block in launch and N % launch[block]:
-            launch[block] //= 2
+    while rows * cols % launch["BLOCK_M"]:
+        launch["BLOCK_M"] //= 2
+    if "BLOCK_N" in launch:
+        rows_per = max(1, launch["BLOCK_N"] // cols)
+        while rows % rows_per:
+            rows_per //= 2
+        launch.update(BLOCK_N=rows_per * cols, ROWS_PER=rows_per)
     return launch
 
 
@@ -213,7 +232,7 @@ def _relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: 
     rows, cols = rel_h.shape[-1], rel_w.shape[-1]
     out = q.new_empty(B, N, heads, D)
     lse = torch.empty(B, heads, N, device=q.device, dtype=torch.float32)
-    launch = _launch("forward", N)
+    launch = _launch("forward", rows, cols)
     _forward[(N // launch["BLOCK_M"], heads, B)](
         q, k, v, rel_h, rel_w, out, lse, *_strides(q, k, v, rel_h, rel_w, out.transpose(1, 2)),
         heads, scale, N=N, ROWS=rows, COLS=cols, D=D, PRECISION=_precision(q.dtype), **launch)
@@ -231,21 +250,22 @@ def _relpos_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch
                                rel_h: torch.Tensor, rel_w: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                       torch.Tensor]:
-    q, k, v, rel_h, rel_w, grad_out = _last_contiguous(q, k, v, rel_h, rel_w, grad_out)
+    q, k, v, rel_h, rel_w, grad_out, out = _last_contiguous(q, k, v, rel_h, rel_w, grad_out, out)
     B, heads, N, D = q.shape
     rows, cols = rel_h.shape[-1], rel_w.shape[-1]
-    delta = (out.float() * grad_out.float()).sum(-1).transpose(1, 2).contiguous()  # (B, heads, N)
+    delta = torch.empty(B, heads, N, device=q.device, dtype=torch.float32)  # written by _backward_dq
     dq, dk, dv = (torch.empty(B, heads, N, D, device=q.device, dtype=t.dtype) for t in (q, k, v))
     d_rel_h = torch.empty(B, heads, N, rows, device=q.device, dtype=rel_h.dtype)
     d_rel_w = torch.empty(B, heads, N, cols, device=q.device, dtype=rel_w.dtype)
-    common_args = (*_strides(q, k, v, rel_h, rel_w, grad_out.transpose(1, 2)), heads, scale)
+    strides = _strides(q, k, v, rel_h, rel_w, grad_out.transpose(1, 2))
     meta = dict(N=N, ROWS=rows, COLS=cols, D=D, PRECISION=_precision(q.dtype))
-    launch = _launch("dq", N)
+    launch = _launch("dq", rows, cols)
     _backward_dq[(N // launch["BLOCK_M"], heads, B)](
-        q, k, v, rel_h, rel_w, grad_out, lse, delta, dq, d_rel_h, d_rel_w, *common_args, **meta, **launch)
-    launch = _launch("dkdv", N)
+        q, k, v, rel_h, rel_w, grad_out, out, lse, delta, dq, d_rel_h, d_rel_w,
+        *strides, *_strides(out.transpose(1, 2)), heads, scale, **meta, **launch)
+    launch = _launch("dkdv", rows, cols)
     _backward_dkdv[(N // launch["BLOCK_N"], heads, B)](
-        q, k, v, rel_h, rel_w, grad_out, lse, delta, dk, dv, *common_args, **meta, **launch)
+        q, k, v, rel_h, rel_w, grad_out, lse, delta, dk, dv, *strides, heads, scale, **meta, **launch)
     return dq, dk, dv, d_rel_h, d_rel_w
 
 

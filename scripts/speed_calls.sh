@@ -63,6 +63,19 @@ vit_b_rows() {
     --out /tmp/runs/bench_vit_b_methods > /tmp/runs/bench_vit_b_methods.log 2>&1
   tail -n 8 /tmp/runs/bench_vit_b_methods/bench.md | cut -d'|' -f$2; grep -E "Error" /tmp/runs/bench_vit_b_*.log | head -3
 }
+# Every method trains on DRIVE: MobileSAM 100 steps each, and ViT-B (random weights, uncompiled) 10 steps each
+# (SAMora's stage 1: 30 steps per expert); the runs must finish and write their metrics (calls ad, at).
+every_method_on_drive() {
+  for m in lora atrous_lora salt balr_sam samora; do
+    for model in mobile_sam vit_b; do
+      if [ $model = mobile_sam ]; then F="--steps 100"; else F="--model vit_b --checkpoint none --no-compile --steps 10"; fi
+      [ $m = samora ] && F="$F --stage1-steps 30"
+      ( time timeout 120 python3 $m.py --data drive --data-root $DRIVE --split salt $F --out /tmp/runs --run-name ${m}_$model ) \
+        > /tmp/runs/${m}_$model.log 2>&1
+      echo "$m $model"; tr '\r' '\n' < /tmp/runs/${m}_$model.log | grep -E "^test|^real|Error|error" | head -4
+    done
+  done
+}
 # python3 -c "$NOAHEAD" SCRIPT ARGS...: SCRIPT with common.compile_ahead switched off (calls aa and ab).
 NOAHEAD="import sys, runpy, common; common.compile_ahead = lambda *a, **k: None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 # python3 -c "$LNFP32" SCRIPT ARGS...: SCRIPT with TinyViT's LayerNorms as stock runs them (call ag).
@@ -425,15 +438,7 @@ ac)
 ad)
   # Speed issue: every method trains on DRIVE with the frozen base weights in bf16: MobileSAM 100 steps each, and
   # ViT-B (random weights, uncompiled) 10 steps each (SAMora's stage 1: 30 steps per expert); the runs must finish and write their metrics.
-  for m in lora atrous_lora salt balr_sam samora; do
-    for model in mobile_sam vit_b; do
-      if [ $model = mobile_sam ]; then F="--steps 100"; else F="--model vit_b --checkpoint none --no-compile --steps 10"; fi
-      [ $m = samora ] && F="$F --stage1-steps 30"
-      ( time timeout 120 python3 $m.py --data drive --data-root $DRIVE --split salt $F --out /tmp/runs --run-name ${m}_$model ) \
-        > /tmp/runs/${m}_$model.log 2>&1
-      echo "$m $model"; tr '\r' '\n' < /tmp/runs/${m}_$model.log | grep -E "^test|^real|Error|error" | head -4
-    done
-  done
+  every_method_on_drive
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
 ae)
@@ -555,5 +560,54 @@ ao)
   grep -E "^msam|^vitb2|Error" /tmp/runs/ao.log | cut -c1-400
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao"; exit 2 ;;
+ap)
+  # Speed issue: relpos_attention.py's key-side backward kernel with its bias loaded row-wise and whole key rows per
+  # program, rowsum(o * do) inside the query-side kernel: GPU tests, launch settings tuned (beside the committed kernels,
+  # .data/relpos_attention_head.py, see speed_probe.HEAD_KERNELS), the tuned kernels tested again, then the ViT-B LoRA
+  # step with the committed kernels, with these, and with v unpadded in the windowed blocks (speed_probe.py vitb3).
+  test_and_tune_relpos_kernels
+  timeout 100 python3 -m pytest -q tests/test_relpos_attention.py 2>&1 | tail -n 1
+  TORCHINDUCTOR_CACHE_DIR=/tmp/cache_ap TRITON_CACHE_DIR=/tmp/cache_ap/triton timeout 300 \
+    python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3 > /tmp/runs/vitb3.log 2>&1
+  grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-400
+  cp relpos_attention.py /tmp/runs/
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+aq)
+  # Speed issue: call ap's ViT-B step probe again, its "head" variant mended (the copied module registered for dynamo),
+  # with two more changes after it: the neck's convolution weights channels-last, LoRA's down-projections as one product.
+  TORCHINDUCTOR_CACHE_DIR=/tmp/cache_aq TRITON_CACHE_DIR=/tmp/cache_aq/triton timeout 400 \
+    python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3 > /tmp/runs/vitb3.log 2>&1
+  grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-400
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+ar)
+  # Speed issue, this session's changes in the code (the kernels of ap, LoRA's down-projections as one product, ViT's
+  # patch embedding as a matmul): the GPU tests; the ViT-B step as trained, profiled, then with the patch embedding back
+  # to a convolution; every method on MobileSAM beside stock (as ai).
+  timeout 150 python3 -m pytest -q tests/test_fastpath.py tests/test_relpos_attention.py > /tmp/runs/gpu_tests.log 2>&1
+  grep -E "passed|failed" /tmp/runs/gpu_tests.log
+  PROBE_VITB3=now,conv_patch_embed TORCHINDUCTOR_CACHE_DIR=/tmp/cache_ar TRITON_CACHE_DIR=/tmp/cache_ar/triton \
+    timeout 200 python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3 > /tmp/runs/vitb3.log 2>&1
+  grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-400
+  B="python3 benchmarks/bench.py --no-flops --no-inference --models mobile_sam --batches 8"
+  timeout 200 $B --methods lora,atrous_lora,salt,balr_sam,samora --configs stock_bf16,fast_bf16_graph \
+    --out /tmp/runs/bench_mobile_sam > /tmp/runs/bench_mobile_sam.log 2>&1
+  tail -n 10 /tmp/runs/bench_mobile_sam/bench.md | cut -d'|' -f2-9; grep -E "Error" /tmp/runs/bench_mobile_sam.log | head -3
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+as)
+  # Speed issue, the code of ar: every method on ViT-B compiled and graphed beside its own stock-bf16 baseline, LoRA
+  # also checkpointed (as aj), on fresh caches.
+  vit_b_rows 320 2-10
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+at)
+  # Speed issue, the code of ar: three default runs (after a warm-up), then every method on DRIVE as call ad did.
+  warm_up_default_run 60
+  for i in 1 2 3; do default_run default_$i 100 python3; done
+  every_method_on_drive
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at"; exit 2 ;;
 esac

@@ -13,6 +13,7 @@ section reports PEFT_SAM_GLOBAL_ATTENTION, a switch of the code of the time (Fle
 global blocks, measured and dropped; see common.fast_vit_attention).
 """
 import argparse
+import functools
 import json
 import sys
 import time
@@ -80,6 +81,19 @@ def folded(q, k, v, Rh, Rw, H, W, scale, pad_v=True, mult=8):
 
 
 _FLEX = None
+# A copy of relpos_attention.py as an earlier commit had it, its op renamed (peft_sam_head::...), made before a
+# call with: git show HEAD:relpos_attention.py | sed 's/peft_sam::/peft_sam_head::/' > .data/relpos_attention_head.py
+HEAD_KERNELS = Path(__file__).resolve().parents[1] / ".data" / "relpos_attention_head.py"
+
+
+@functools.cache
+def head_kernels():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("relpos_attention_head", HEAD_KERNELS)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dynamo imports the module of a custom op it traces by name
+    spec.loader.exec_module(module)
+    return module
 
 
 def flex():
@@ -111,10 +125,10 @@ def variant(name, H, W, scale):
             def score_mod(score, b, h, qi, kj):
                 return score + rel_h[b, h, qi, kj // W] + rel_w[b, h, qi, kj % W]
             return flex()(q, k, v, score_mod=score_mod, scale=scale)
-        if name == "triton":  # relpos_attention.py, as common.fast_vit_attention calls it
-            import relpos_attention
+        if name in ("triton", "triton_head"):  # relpos_attention.py, as common.fast_vit_attention calls it
+            kernels = head_kernels() if name == "triton_head" else __import__("relpos_attention")
             rel_h, rel_w = rel_terms(q, Rh, Rw, H, W)
-            return relpos_attention.relpos_attention(q, k, v, rel_h, rel_w, scale).transpose(1, 2)
+            return kernels.relpos_attention(q, k, v, rel_h, rel_w, scale).transpose(1, 2)
         if name.startswith("nobias_"):  # lower bound: no rel-pos term at all
             with sdpa_kernel(backends[name.split("_")[1]]):
                 return F.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -206,8 +220,8 @@ def probe_relpos():
     candidates = dict(  # (BLOCK_M, warps, stages[, BLOCK_N])
         forward=[(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 2), (128, 8, 3)],
         dq=[(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 3), (128, 8, 2), (128, 8, 3)],
-        dkdv=[(32, 4, 2, 64), (64, 4, 2, 64), (32, 4, 2, 128), (32, 4, 3, 128), (32, 8, 2, 128), (64, 8, 2, 128),
-              (64, 8, 3, 128), (16, 4, 2, 128)])
+        dkdv=[(32, 4, 2, 64), (64, 4, 2, 64), (64, 4, 3, 64), (32, 4, 2, 128), (32, 4, 3, 128), (64, 4, 2, 128),
+              (64, 8, 2, 128), (64, 8, 3, 128), (128, 8, 2, 128), (16, 4, 2, 128)])
     for kernel in ("forward", "dq", "dkdv"):
         times = {}
         for c in candidates[kernel]:
@@ -228,7 +242,10 @@ def probe_relpos():
     out["best"] = dict(ra.CONFIG)
     print("RELPOS_CONFIG", json.dumps(out["best"]), flush=True)
 
-    for name in ("triton", "sdpa_cudnn_padv", "nobias_cudnn"):
+    names = ("triton", "sdpa_cudnn_padv", "nobias_cudnn")
+    if Path(HEAD_KERNELS).exists():  # the committed kernels beside these (call ap: before and after its change)
+        names = ("triton_head",) + names
+    for name in names:
         out[name] = time_variant(name, variant(name, H, W, scale), (q, k, v, Rh, Rw), g.transpose(1, 2))
         print("relpos", name, out[name], flush=True)
     RESULTS["relpos"] = out
@@ -436,7 +453,8 @@ def probe_msam():
 # ---------------------------------------------------------------------------------------------------- msam2
 
 def ops_by_shape(prof, names=("aten::add", "aten::add_", "aten::copy_", "aten::cat", "aten::_to_copy",
-                                "aten::clone", "aten::fill_", "aten::native_layer_norm"), n=60):
+                                "aten::clone", "aten::fill_", "aten::native_layer_norm", "aten::convolution",
+                                "aten::convolution_backward", "aten::mul", "aten::sum"), n=60):
     """The device time of the named ops, grouped by their input shapes (which of them are which tensors)."""
     rows = []
     for e in prof.key_averages(group_by_input_shape=True):
@@ -546,6 +564,51 @@ def probe_vitb2():
                         profile=name != "ln2d")
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     RESULTS["vitb2"] = out
+
+
+def probe_vitb3():
+    """ViT-B LoRA step as common.run trains it (load_sam's fast path, frozen weights in bf16, compile_model,
+    graphed), changes applied one after another: the global blocks' kernels of the committed
+    relpos_attention.py (head, when HEAD_KERNELS is there; call aq), the working tree's (now: every kernel
+    profiled, eager ops by shape), the encoder neck's convolution weights channels-last (neck_cl, call aq),
+    then LoRA's two down-projections as one product (lora_cat, call aq: a prototype of what LoRAQKV.forward
+    now does). PROBE_VITB3 (comma-separated) picks variants: call ar ran now,conv_patch_embed (the patch
+    embedding back to stock's convolution)."""
+    import os
+    out = {}
+    args, dev, model, x, y = build_lora("vit_b", 8)
+    common.frozen_weights_to_bf16(model)
+    common.compile_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    own = common._RELPOS
+
+    def kernels(module):
+        def apply():
+            common._RELPOS = module
+            torch._dynamo.reset()  # the compiled blocks trace the attention again, with these kernels
+        return apply
+
+    def neck_channels_last():
+        for m in model.image_encoder.neck.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+
+    def one_down_projection():  # as LoRAQKV.forward is now; the call of aq had the two products there
+        torch._dynamo.reset()
+
+    def conv_patch_embed():
+        embed = model.image_encoder.patch_embed
+        embed.__class__ = type(embed).__bases__[0]
+    variants = dict(now=kernels(own), neck_cl=neck_channels_last, lora_cat=one_down_projection,
+                    conv_patch_embed=conv_patch_embed)
+    if HEAD_KERNELS.exists():
+        variants = dict(head=kernels(head_kernels()), **variants)
+    picked = os.environ.get("PROBE_VITB3", ",".join(variants)).split(",")
+    for name in picked:
+        measure_variant("vitb3", out, name, model, params, x, y, dev, apply=variants[name], reps=20, firsts=3,
+                        profile=name == "now", shapes=name == "now")
+    out["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    RESULTS["vitb3"] = out
 
 
 # ---------------------------------------------------------------------------------------------------- vitb

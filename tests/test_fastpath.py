@@ -335,6 +335,27 @@ class LinearCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("kernel,stride", [(16, 16), (16, 8)])  # SAM's, and one that is not a patching
+def test_patch_embed_as_matmul_matches_stock(kernel, stride):
+    """SAM ViT's patch embedding as a matmul over patches equals its convolution, forward and backward
+    (image and weight), in fp32; a convolution whose stride is not its kernel runs as stock. load_sam
+    applies it to ViTs."""
+    from segment_anything.modeling.image_encoder import PatchEmbed
+    torch.manual_seed(0)
+    stock = PatchEmbed(kernel_size=(kernel, kernel), stride=(stride, stride), in_chans=3, embed_dim=64)
+    fast = copy.deepcopy(stock)
+    common.use_fast_attention(SimpleNamespace(patch_embed=fast, blocks=[]))
+    assert type(fast).__name__ == "MatmulPatchEmbed"
+    x = torch.randn(2, 3, 64, 48, requires_grad=True)
+    g = torch.randn_like(stock(x))
+    want = [stock(x), *torch.autograd.grad(stock(x), [x, stock.proj.weight, stock.proj.bias], g)]
+    got = [fast(x), *torch.autograd.grad(fast(x), [x, fast.proj.weight, fast.proj.bias], g)]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    _, model = tiny_model()
+    assert type(model.image_encoder.patch_embed).__name__ == "MatmulPatchEmbed"
+
+
 def test_first_block_input_requires_grad_and_gradients_stay():
     """share_first_block_graph hands the first ViT block an input that requires grad in training (so that
     its compiled graph is the other windowed blocks'); the adapter's gradients do not change, and under

@@ -37,6 +37,22 @@ def test_vit_update_touches_only_q_and_v():
     assert torch.equal(diff[..., 16:], torch.zeros_like(diff[..., 16:]))  # k and v did not (B_v is still 0)
 
 
+def test_update_is_b_a_x_on_q_and_v():
+    """The forward (both down-projections in one product) gives W x + b plus B_q A_q x on q and B_v A_v x on
+    v, each path with its own A and B, and the merged weight gives the same."""
+    torch.manual_seed(0)
+    qkv = nn.Linear(16, 48)
+    wrapped = lora.LoRAQKV(qkv, rank=3)
+    for p in wrapped.parameters():
+        nn.init.normal_(p)
+    x = torch.randn(2, 5, 5, 16)
+    A_q, B_q, A_v, B_v = (getattr(wrapped, f"lora_{n}").weight for n in ("A_q", "B_q", "A_v", "B_v"))
+    q, k, v = F.linear(x, qkv.weight, qkv.bias).split(16, -1)
+    want = torch.cat([q + x @ A_q.T @ B_q.T, k, v + x @ A_v.T @ B_v.T], -1)
+    torch.testing.assert_close(wrapped(x), want)
+    torch.testing.assert_close(F.linear(x, wrapped.merged_weight(), qkv.bias), want)
+
+
 def test_tinyvit_update_follows_the_per_head_layout():
     from mobile_sam.modeling.tiny_vit_sam import Attention
     attn = Attention(dim=32, key_dim=8, num_heads=4, attn_ratio=1, resolution=(4, 4))
