@@ -603,11 +603,27 @@ as)
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
 at)
-  # Speed issue, the code of ar: three default runs (after a warm-up), then every method on DRIVE as call ad did.
+  # Speed issue, the code of ar: the GPU tests (ar's 150 s limit cut them short), three default runs after a warm-up.
+  timeout 280 python3 -m pytest -q tests/test_fastpath.py tests/test_relpos_attention.py > /tmp/runs/gpu_tests.log 2>&1
+  grep -E "passed|failed" /tmp/runs/gpu_tests.log
   warm_up_default_run 60
   for i in 1 2 3; do default_run default_$i 100 python3; done
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+au)
+  # Speed issue, the code of ar: every method on DRIVE as call ad did.
   every_method_on_drive
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at"; exit 2 ;;
+av)
+  # Speed issue, commit 2075d42: what compilation adds to a whole ViT-B run, as call an did (a warm-up run, then three
+  # pairs alternating uncompiled and compiled, fresh caches each).
+  vit_b_run av_warmup 120 python3 --no-compile > /dev/null
+  for i in 1 2 3; do
+    vit_b_run av_nocompile_$i 120 python3 scripts/timed_run.py --no-compile
+    vit_b_run av_compiled_$i 120 python3 scripts/timed_run.py
+  done
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av"; exit 2 ;;
 esac
