@@ -434,8 +434,9 @@ def fast_vit_attention(self, x):
     those tokens too, and the padding (zeros after norm1, so k = v = qkv bias) takes part in the border
     windows' softmax as keys. We keep that, for exactness.
 
-    Global blocks on CUDA (W a power of two: 64 at 1024) skip the widening when self.fast_relpos: the
-    Triton kernels of relpos_attention.py take q, k, v, rel_h and rel_w as they are.
+    On CUDA (self.fast_relpos) the Triton kernels of relpos_attention.py take q, k, v, rel_h and rel_w as
+    they are, without the widening: the row kernels in global blocks (W a power of two: 64 at 1024), the
+    window kernels in windowed blocks (the fold done in registers).
 
     Cost of the folded form (H100, bf16, batch 8 at 1024, forward + backward of one global block's
     attention; PyTorch picks cuDNN's kernel): 12.0 ms, against 3.2 ms for the same attention without the
@@ -456,7 +457,7 @@ def fast_vit_attention(self, x):
         grid = q.reshape(B, heads, H, W, hd)
         rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, Rh).reshape(B, heads, N, H).to(q.dtype)
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, Rw).reshape(B, heads, N, W).to(q.dtype)
-        if self.fast_relpos and _RELPOS.usable(q, H, W):  # global blocks on CUDA: no widening
+        if self.fast_relpos and _RELPOS.usable(q, H, W):  # on CUDA: no widening
             out = _RELPOS.relpos_attention(q, k, v, rel_h, rel_w, scale)  # (B, N, heads, hd)
             return self.proj(out.reshape(B, H, W, heads * hd))
         width = hd + H + W
@@ -620,7 +621,7 @@ def _relpos_kernels():
 
 def use_fast_attention(image_encoder, pad_v=True, relpos_kernel=True):
     """Route every attention of the image encoder through fused kernels (exact, see fast_vit_attention /
-    fast_tinyvit_attention): F.scaled_dot_product_attention, and in ViT's global blocks the Triton kernels
+    fast_tinyvit_attention): F.scaled_dot_product_attention, and in ViT's blocks on CUDA the Triton kernels
     of relpos_attention.py (relpos_kernel=False: the folded SDPA form there too). In TinyViT also fold the
     frozen BatchNorms and run the convolutions channels-last (fast_tinyvit_block, folded_conv_bn,
     channels_last_patch_embed; the three took a graphed MobileSAM LoRA step at batch 8 from 49.4 to 42.1 ms
@@ -664,14 +665,14 @@ def use_fast_path(model, pad_v=True, relpos_kernel=True):
 def compile_ahead(model, compiling):
     """Start, in other processes, compilation that a CUDA run would otherwise do inside its first training
     step, so that it overlaps the loading of weights, the evaluation before training and the tracing of
-    the blocks: the Triton kernels of the global blocks' attention (relpos_attention.precompile, one child
-    process per shape) and, when the blocks are compiled, inductor's pool of compile workers (inductor
+    the blocks: the Triton kernels of the blocks' attention (relpos_attention.precompile, one child process
+    per shape: windowed and global) and, when the blocks are compiled, inductor's pool of compile workers (inductor
     starts the pool at its first graph and compiles serially in this process until the pool is up)."""
     for attn, heads in encoder_attentions(model.image_encoder):
         if heads is None and getattr(attn, "fast_relpos", False) and attn.use_rel_pos:
             rows, cols = (attn.rel_pos_h.shape[0] + 1) // 2, (attn.rel_pos_w.shape[0] + 1) // 2  # tables 2S - 1
             head_dim = attn.proj.in_features // attn.num_heads
-            if _RELPOS.usable_shape(cols, head_dim):
+            if _RELPOS.usable_shape(rows, cols, head_dim):
                 _RELPOS.precompile(attn.num_heads, rows, cols, head_dim)
     if compiling:
         try:
@@ -714,7 +715,8 @@ def _keep_global_attention(ctx, op, *args, **kwargs):
     batch 8), recompute everything else. ViT-B LoRA at batch 8 on the H100: 71.2 images/s at 3.5 GiB, 83%
     of the uncheckpointed 85.6; recomputing the kernels too gave 67.9, 79.6% of 85.3."""
     from torch.utils.checkpoint import CheckpointPolicy
-    if _RELPOS is not None and op is torch.ops.peft_sam.relpos_attention.default:
+    if (_RELPOS is not None and op is torch.ops.peft_sam.relpos_attention.default
+            and _RELPOS.by_rows(args[4].shape[-1])):  # rel_w (B, heads, N, W): a global grid, not a window
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

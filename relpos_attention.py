@@ -1,5 +1,6 @@
 """Exact attention with SAM's decomposed relative-position term, written as Triton kernels (forward and
-backward), for the global blocks of SAM's ViT.
+backward), for the blocks of SAM's ViT: row kernels for the global blocks, window kernels (further down)
+for the windowed ones.
 
 SAM adds to the logits of query i = (row a, col b) and key j = (row r, col c)
     bias(i, j) = rel_h[i, r] + rel_w[i, c],    rel_h = q_i . Rh[a - r],  rel_w = q_i . Rw[b - c],
@@ -19,9 +20,10 @@ Kernels (after the FlashAttention-2 backward split): `_forward` (queries in bloc
 `_backward_dq` (the same walk: dq, d rel_h, d rel_w), `_backward_dkdv` (a block of keys, queries in
 blocks: dk, dv). Inputs: q, k, v (B, heads, N, D) with N = H * W; rel_h (B, heads, N, H); rel_w
 (B, heads, N, W). The output is (B, N, heads, D), the layout the block's projection reads. `usable` says
-which attentions the kernels take: W a power of two from 16 to 128, D one of 16, 32, 64, 128, fp32 or
-bf16 CUDA tensors (ViT-B and ViT-L at 1024 or 512; not ViT-H, whose heads are 80 wide). Everything else
-goes through the folded path. Softmax in fp32, exp2 with log2(e) folded into the logits.
+which attentions the kernels take: D one of 16, 32, 64, 128, fp32 or bf16 CUDA tensors, and W a power of
+two from 16 to 128 for these row kernels (ViT-B and ViT-L global blocks at 1024 or 512) or a grid of at
+most 64 x 64 for the window kernels (their 14 x 14 windows); not ViT-H, whose heads are 80 wide.
+Everything else goes through the folded path. Softmax in fp32, exp2 with log2(e) folded into the logits.
 
 Measured on the H100 (bf16, batch 8, 12 heads, 64 x 64 tokens; scripts/speed_probe.py relpos, forward and
 backward with the rel-pos einsums): 7.2 ms against 12.1 ms for the folded form and 3.2 ms for the same
@@ -43,16 +45,23 @@ LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): softmax through exp2; kerne
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests): CPU tensors
 
 
-def usable_shape(W, D):
-    """Whether the tiles fit: W (keys per key row) a power of two from 16 to 128, head width D a power of two."""
-    return W & (W - 1) == 0 and 16 <= W <= 128 and D in (16, 32, 64, 128)
+def by_rows(W):
+    """Whether the row kernels take a grid W wide: a key row is their tile (W a power of two from 16 to
+    128: ViT's global grids). Narrower or other grids (windows) go to the window kernels."""
+    return W & (W - 1) == 0 and 16 <= W <= 128
+
+
+def usable_shape(H, W, D):
+    """Whether some kernel's tiles fit an H x W grid with heads D wide: D a power of two from 16 to 128,
+    and the row kernels' W (by_rows) or a grid of at most 64 x 64 for the window kernels."""
+    return D in (16, 32, 64, 128) and (by_rows(W) or H <= 64 and W <= 64)
 
 
 def usable(q, H, W):
     """Whether the kernels take this attention: CUDA (or Triton's interpreter), a shape the tiles fit,
     fp32 or bf16."""
     on_device = q.is_cuda or INTERPRETED and q.device.type == "cpu"
-    return (on_device and usable_shape(W, q.shape[-1]) and q.shape[-2] == H * W
+    return (on_device and usable_shape(H, W, q.shape[-1]) and q.shape[-2] == H * W
             and q.dtype in (torch.float32, torch.bfloat16))  # the dtypes the tests check (autocast's and fp32)
 
 
@@ -185,6 +194,172 @@ def _backward_dkdv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
     tl.store(DV + (bh * N + offs_j[:, None]) * D + offs_d[None, :], dv.to(DV.dtype.element_ty))
 
 
+# ----------------------------------------------------------------------------------------------------
+# Windows: small grids of any size (ViT's 14 x 14 windows), the term folded into the tile in registers
+# ----------------------------------------------------------------------------------------------------
+# In a window a key row (14 keys) is too narrow a tile, so these kernels take keys in blocks of BLOCK_N
+# like FlashAttention-2, the N = H * W tokens padded to whole blocks by masks. The term of a (queries x
+# keys) tile is the fold of fast_vit_attention done in registers: [rel_h | rel_w] (BLOCK_M x HP, x WP,
+# read as they lie in memory) times the one-hot codes of the keys' rows and columns (HP x BLOCK_N, WP x
+# BLOCK_N, built from the key indices), two small products that gather exactly (one-hot). Its gradient is
+# the same products transposed: d rel_h = ds @ onehot(rows)^T. No widened q', k' or padded v in memory,
+# no cat or slice passes. H100, bf16, 8 x 25 windows of 14 x 14, 12 heads (scripts/speed_probe.py relpos,
+# call aw): forward + backward with the rel-pos einsums 2.85 ms against 3.36 ms for the folded form on cuDNN
+# (0.68 ms without the term); the graphed ViT-B LoRA step 80.6 -> 79.6 ms. In the step's profile these
+# kernels take 7.6 ms over the eight windowed blocks and cuDNN's took 9.2 ms with its conversions; inductor
+# had already fused most of the folded form's other passes.
+
+
+@triton.jit
+def _onehots(offs_j, N: tl.constexpr, W: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, dtype: tl.constexpr):
+    """(BLOCK_N, HP) and (BLOCK_N, WP) one-hot codes of keys offs_j: row j // W, column j % W (padded keys
+    j >= N: all zero)."""
+    valid = offs_j < N
+    rows = ((offs_j // W)[:, None] == tl.arange(0, HP)[None, :]) & valid[:, None]
+    cols = ((offs_j % W)[:, None] == tl.arange(0, WP)[None, :]) & valid[:, None]
+    return rows.to(dtype), cols.to(dtype)
+
+
+@triton.jit
+def _load_rows(ptr, offs, stride, mask, width: tl.constexpr, WIDTH: tl.constexpr):
+    """(len(offs), WIDTH) tile of a (tokens, width) matrix with row stride `stride`, zero beyond its edges."""
+    cols = tl.arange(0, WIDTH)
+    return tl.load(ptr + offs[:, None] * stride + cols[None, :], mask=mask[:, None] & (cols < width)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _window_forward(Q, K, V, RH, RW, O, LSE,
+                    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                    srh_b, srh_h, srh_n, srw_b, srw_h, srw_n, so_b, so_h, so_n,
+                    heads, scale,
+                    N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
+                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    b, h = tl.program_id(2), tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N
+    q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, sq_n, mask_m, D, D)  # (BLOCK_M, D)
+    rh = _load_rows(RH + b * srh_b + h * srh_h, offs_m, srh_n, mask_m, ROWS, HP)  # (BLOCK_M, HP)
+    rw = _load_rows(RW + b * srw_b + h * srw_h, offs_m, srw_n, mask_m, COLS, WP)  # (BLOCK_M, WP)
+    qk_scale = scale * LOG2E
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for start in range(0, N, BLOCK_N):
+        offs_j = start + tl.arange(0, BLOCK_N)
+        mask_j = offs_j < N
+        k = _load_rows(K + b * sk_b + h * sk_h, offs_j, sk_n, mask_j, D, D)  # (BLOCK_N, D)
+        v = _load_rows(V + b * sv_b + h * sv_h, offs_j, sv_n, mask_j, D, D)
+        code_h, code_w = _onehots(offs_j, N, COLS, HP, WP, q.dtype)
+        bias = (tl.dot(rh, tl.trans(code_h), input_precision=PRECISION)
+                + tl.dot(rw, tl.trans(code_w), input_precision=PRECISION))  # rel_h[i, row j] + rel_w[i, col j]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias * LOG2E
+        s = tl.where(mask_j[None, :], s, float("-inf"))  # padded keys take no weight
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_n + tl.arange(0, D)[None, :],
+             acc.to(O.dtype.element_ty), mask=mask_m[:, None])
+    tl.store(LSE + (b * heads + h) * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+
+
+@triton.jit
+def _window_backward_dq(Q, K, V, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
+                        sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                        srh_b, srh_h, srh_n, srw_b, srw_h, srw_n, sdo_b, sdo_h, sdo_n, so_b, so_h, so_n,
+                        heads, scale,
+                        N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, HP: tl.constexpr,
+                        WP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """One query block against every key block: dq, d rel_h, d rel_w (the one-hot products transposed),
+    and DELTA = rowsum(o * do) for _window_backward_dkdv. Gradients contiguous (B, heads, N, D / H / W)."""
+    b, h = tl.program_id(2), tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N
+    bh = b * heads + h
+    q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, sq_n, mask_m, D, D)
+    do = _load_rows(DO + b * sdo_b + h * sdo_h, offs_m, sdo_n, mask_m, D, D)
+    o = _load_rows(O + b * so_b + h * so_h, offs_m, so_n, mask_m, D, D)
+    rh = _load_rows(RH + b * srh_b + h * srh_h, offs_m, srh_n, mask_m, ROWS, HP)
+    rw = _load_rows(RW + b * srw_b + h * srw_h, offs_m, srw_n, mask_m, COLS, WP)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,); 0 for padded queries
+    tl.store(DELTA + bh * N + offs_m, delta, mask=mask_m)
+    lse = tl.load(LSE + bh * N + offs_m, mask=mask_m, other=0.0)
+    qk_scale = scale * LOG2E
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    drh = tl.zeros([BLOCK_M, HP], tl.float32)
+    drw = tl.zeros([BLOCK_M, WP], tl.float32)
+    for start in range(0, N, BLOCK_N):
+        offs_j = start + tl.arange(0, BLOCK_N)
+        mask_j = offs_j < N
+        k = _load_rows(K + b * sk_b + h * sk_h, offs_j, sk_n, mask_j, D, D)
+        v = _load_rows(V + b * sv_b + h * sv_h, offs_j, sv_n, mask_j, D, D)
+        code_h, code_w = _onehots(offs_j, N, COLS, HP, WP, q.dtype)
+        bias = (tl.dot(rh, tl.trans(code_h), input_precision=PRECISION)
+                + tl.dot(rw, tl.trans(code_w), input_precision=PRECISION))
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias * LOG2E
+        p = tl.where(mask_j[None, :], tl.exp2(s - lse[:, None]), 0.0)  # the softmax, recomputed
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)  # gradient of the logits
+        dq += tl.dot(ds, k, input_precision=PRECISION)
+        drh += tl.dot(ds, code_h, input_precision=PRECISION)  # summed over the keys of each key row
+        drw += tl.dot(ds, code_w, input_precision=PRECISION)  # ... of each key column
+    tile = offs_m[:, None] < N
+    tl.store(DQ + (bh * N + offs_m[:, None]) * D + tl.arange(0, D)[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=tile)
+    cols_h, cols_w = tl.arange(0, HP)[None, :], tl.arange(0, WP)[None, :]
+    tl.store(DRH + (bh * N + offs_m[:, None]) * ROWS + cols_h, drh.to(DRH.dtype.element_ty),
+             mask=tile & (cols_h < ROWS))
+    tl.store(DRW + (bh * N + offs_m[:, None]) * COLS + cols_w, drw.to(DRW.dtype.element_ty),
+             mask=tile & (cols_w < COLS))
+
+
+@triton.jit
+def _window_backward_dkdv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
+                          sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                          srh_b, srh_h, srh_n, srw_b, srw_h, srw_n, sdo_b, sdo_h, sdo_n,
+                          heads, scale,
+                          N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, HP: tl.constexpr,
+                          WP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    """One key block against every query block: dk, dv, computed transposed (keys along the first axis)."""
+    b, h = tl.program_id(2), tl.program_id(1)
+    offs_j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_j = offs_j < N
+    bh = b * heads + h
+    k = _load_rows(K + b * sk_b + h * sk_h, offs_j, sk_n, mask_j, D, D)
+    v = _load_rows(V + b * sv_b + h * sv_h, offs_j, sv_n, mask_j, D, D)
+    code_h, code_w = _onehots(offs_j, N, COLS, HP, WP, k.dtype)  # (BLOCK_N, HP), (BLOCK_N, WP)
+    qk_scale = scale * LOG2E
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    for start in range(0, N, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, sq_n, mask_m, D, D)
+        do = _load_rows(DO + b * sdo_b + h * sdo_h, offs_m, sdo_n, mask_m, D, D)
+        rh = _load_rows(RH + b * srh_b + h * srh_h, offs_m, srh_n, mask_m, ROWS, HP)
+        rw = _load_rows(RW + b * srw_b + h * srw_h, offs_m, srw_n, mask_m, COLS, WP)
+        lse = tl.load(LSE + bh * N + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + bh * N + offs_m, mask=mask_m, other=0.0)
+        bias_t = (tl.dot(code_h, tl.trans(rh), input_precision=PRECISION)
+                  + tl.dot(code_w, tl.trans(rw), input_precision=PRECISION))  # (BLOCK_N, BLOCK_M)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + bias_t * LOG2E
+        p_t = tl.where(mask_m[None, :], tl.exp2(s_t - lse[None, :]), 0.0)  # padded queries (do = 0): no overflow
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    tile = offs_j[:, None] < N
+    tl.store(DK + (bh * N + offs_j[:, None]) * D + tl.arange(0, D)[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=tile)
+    tl.store(DV + (bh * N + offs_j[:, None]) * D + tl.arange(0, D)[None, :], dv.to(DV.dtype.element_ty), mask=tile)
+
+
 def _strides(*tensors):
     """(batch, head, token) strides of (B, heads, N, X) tensors whose last axis is contiguous."""
     out = []
@@ -195,25 +370,35 @@ def _strides(*tensors):
 
 
 # Launch settings of each kernel (BLOCK_M queries, BLOCK_N keys per program or step, warps, pipeline stages),
-# chosen on the H100 at ViT-B's global shape (scripts/speed_probe.py relpos).
+# chosen on the H100 at ViT-B's global shape (forward, dq, dkdv) and window shape (window_*), batch 8
+# (scripts/speed_probe.py relpos).
 CONFIG = dict(forward=dict(BLOCK_M=64, num_warps=4, num_stages=4),
               dq=dict(BLOCK_M=64, num_warps=4, num_stages=3),
-              dkdv=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2))
+              dkdv=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+              window_forward=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+              window_dq=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+              window_dkdv=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3))
 
 
 def _launch(name, rows, cols):
-    """kernel `name`'s launch settings for a rows x cols grid of tokens: the configured blocks, halved until
-    they divide the N = rows * cols tokens; the key block of dkdv whole key rows (ROWS_PER of them, a
-    divisor of rows)."""
+    """kernel `name`'s launch settings for a rows x cols grid of tokens, and its grid's first axis (query or
+    key blocks). Row kernels: the configured blocks halved until they divide the N = rows * cols tokens, the
+    key block of dkdv whole key rows (ROWS_PER of them, a divisor of rows). Window kernels: blocks as
+    configured, the last one masked; the one-hot codes padded to HP, WP (powers of two, at least 16)."""
+    N = rows * cols
+    if not by_rows(cols):
+        launch = dict(CONFIG["window_" + name], HP=max(16, triton.next_power_of_2(rows)),
+                      WP=max(16, triton.next_power_of_2(cols)))
+        return launch, triton.cdiv(N, launch["BLOCK_N" if name == "dkdv" else "BLOCK_M"])
     launch = dict(CONFIG[name])
-    while rows * cols % launch["BLOCK_M"]:
+    while N % launch["BLOCK_M"]:
         launch["BLOCK_M"] //= 2
     if "BLOCK_N" in launch:
         rows_per = max(1, launch["BLOCK_N"] // cols)
         while rows % rows_per:
             rows_per //= 2
         launch.update(BLOCK_N=rows_per * cols, ROWS_PER=rows_per)
-    return launch
+    return launch, N // launch["BLOCK_N" if name == "dkdv" else "BLOCK_M"]
 
 
 def _precision(dtype):
@@ -232,8 +417,8 @@ def _relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: 
     rows, cols = rel_h.shape[-1], rel_w.shape[-1]
     out = q.new_empty(B, N, heads, D)
     lse = torch.empty(B, heads, N, device=q.device, dtype=torch.float32)
-    launch = _launch("forward", rows, cols)
-    _forward[(N // launch["BLOCK_M"], heads, B)](
+    launch, blocks = _launch("forward", rows, cols)
+    (_forward if by_rows(cols) else _window_forward)[(blocks, heads, B)](
         q, k, v, rel_h, rel_w, out, lse, *_strides(q, k, v, rel_h, rel_w, out.transpose(1, 2)),
         heads, scale, N=N, ROWS=rows, COLS=cols, D=D, PRECISION=_precision(q.dtype), **launch)
     return out, lse
@@ -259,12 +444,14 @@ def _relpos_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch
     d_rel_w = torch.empty(B, heads, N, cols, device=q.device, dtype=rel_w.dtype)
     strides = _strides(q, k, v, rel_h, rel_w, grad_out.transpose(1, 2))
     meta = dict(N=N, ROWS=rows, COLS=cols, D=D, PRECISION=_precision(q.dtype))
-    launch = _launch("dq", rows, cols)
-    _backward_dq[(N // launch["BLOCK_M"], heads, B)](
+    kernel_dq, kernel_dkdv = (_backward_dq, _backward_dkdv) if by_rows(cols) else (_window_backward_dq,
+                                                                                   _window_backward_dkdv)
+    launch, blocks = _launch("dq", rows, cols)
+    kernel_dq[(blocks, heads, B)](
         q, k, v, rel_h, rel_w, grad_out, out, lse, delta, dq, d_rel_h, d_rel_w,
         *strides, *_strides(out.transpose(1, 2)), heads, scale, **meta, **launch)
-    launch = _launch("dkdv", rows, cols)
-    _backward_dkdv[(N // launch["BLOCK_N"], heads, B)](
+    launch, blocks = _launch("dkdv", rows, cols)
+    kernel_dkdv[(blocks, heads, B)](
         q, k, v, rel_h, rel_w, grad_out, lse, delta, dk, dv, *strides, heads, scale, **meta, **launch)
     return dq, dk, dv, d_rel_h, d_rel_w
 

@@ -625,5 +625,43 @@ av)
   done
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av"; exit 2 ;;
+aw)
+  # Speed issue: relpos_attention.py's window kernels (the windowed blocks' attention with the term folded in
+  # registers): their GPU tests, launch settings tuned (the row kernels again, then the window kernels; the best
+  # written into CONFIG), then the ViT-B LoRA step with them and with the windowed blocks back on the folded SDPA form.
+  timeout 150 python3 -m pytest -q tests/test_relpos_attention.py > /tmp/runs/pytest_gpu.log 2>&1
+  tail -n 1 /tmp/runs/pytest_gpu.log
+  timeout 200 python3 scripts/speed_probe.py relpos --out /tmp/runs/relpos > /tmp/runs/relpos.log 2>&1
+  grep -E "^relpos|RELPOS|Error" /tmp/runs/relpos.log | cut -c1-600
+  python3 -c "import json, re; best = json.load(open('/tmp/runs/relpos/probe.json'))['relpos']['best']; \
+    p = 'relpos_attention.py'; s = open(p).read(); \
+    s = re.sub(r'CONFIG = dict\(.*?\)\)\n', 'CONFIG = ' + repr(best) + '\n', s, flags=re.S); \
+    open(p, 'w').write(s)"
+  grep -n "^CONFIG" relpos_attention.py | cut -c1-600
+  PROBE_VITB3=now,folded_windows TORCHINDUCTOR_CACHE_DIR=/tmp/cache_aw TRITON_CACHE_DIR=/tmp/cache_aw/triton \
+    timeout 200 python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3 > /tmp/runs/vitb3.log 2>&1
+  grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-400
+  cp relpos_attention.py /tmp/runs/
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+ax)
+  # Speed issue, the window kernels in the code (call aw's launch settings): the GPU tests, verbose and with time enough
+  # (aw's 150 s cut them short), then ViT-B LoRA compiled and graphed, also checkpointed, beside stock bf16 (as aj, as).
+  timeout 330 python3 -m pytest -v tests/test_fastpath.py tests/test_relpos_attention.py > /tmp/runs/gpu_tests.log 2>&1
+  grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | tail -n 5
+  timeout 200 python3 benchmarks/bench.py --no-flops --no-inference --models vit_b --batches 8 --methods lora \
+    --configs fast_bf16_compile_graph,fast_bf16_compile_ckpt_graph,stock_bf16 --out /tmp/runs/bench_vit_b_lora \
+    > /tmp/runs/bench_vit_b_lora.log 2>&1
+  tail -n 3 /tmp/runs/bench_vit_b_lora/bench.md | cut -d'|' -f2-10
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+ay)
+  # Speed issue, the code of ax: the other methods on ViT-B compiled and graphed beside stock bf16 (as aj, as).
+  timeout 400 python3 benchmarks/bench.py --no-flops --no-inference --models vit_b --batches 8 \
+    --methods atrous_lora,salt,balr_sam,samora --configs fast_bf16_compile_graph,stock_bf16 \
+    --out /tmp/runs/bench_vit_b_methods > /tmp/runs/bench_vit_b_methods.log 2>&1
+  tail -n 8 /tmp/runs/bench_vit_b_methods/bench.md | cut -d'|' -f2-10; grep -E "Error" /tmp/runs/bench_vit_b_methods.log | head -3
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay"; exit 2 ;;
 esac

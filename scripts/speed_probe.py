@@ -193,40 +193,26 @@ def probe_attn():
 
 # ---------------------------------------------------------------------------------------------------- relpos
 
-def probe_relpos():
-    """relpos_attention.py's kernels at ViT-B's global shape (batch 8, 12 heads, 64 x 64 tokens, width 64,
-    bf16): launch settings of each kernel in turn (the best kept for the next), then forward + backward
-    beside the folded SDPA form and attention without the term; fp32 exactness on a 16 x 16 grid."""
+def tune_relpos(out, shape, candidates):
+    """Time each kernel of relpos_attention.py over its candidate launch settings at `shape` (B, heads, H,
+    W; width 64, bf16), in turn, the best kept in relpos_attention.CONFIG for the next; then forward +
+    backward beside the folded SDPA form and attention without the term (and the committed kernels,
+    HEAD_KERNELS, when there). out[f"{shape name}_..."]."""
     import relpos_attention as ra
-    out = {}
+    name, (B, heads, H, W) = shape
     scale = 64 ** -0.5
-    q, k, v, Rh, Rw = relpos_inputs(2, 3, 16, 16, 64, torch.float32)
-    g = torch.randn(2, 3, 256, 64, device="cuda")
-    ref = stock_ref(q, k, v, Rh, Rw, 16, 16, scale)
-    ref_grads = torch.autograd.grad(ref, (q, k, v, Rh, Rw), g)
-    o = variant("triton", 16, 16, scale)(q, k, v, Rh, Rw)
-    grads = torch.autograd.grad(o, (q, k, v, Rh, Rw), g)
-    out["exact_fp32"] = dict(out=(o - ref).abs().max().item(),
-                             grads=[(a - b).abs().max().item() for a, b in zip(grads, ref_grads)])
-    print("relpos", out, flush=True)
-
-    B, heads, H, W = 8, 12, 64, 64
     q, k, v, Rh, Rw = relpos_inputs(B, heads, H, W, 64, torch.bfloat16)
     rel_h, rel_w = (t.detach().requires_grad_() for t in rel_terms(q, Rh, Rw, H, W))
     g = torch.randn(B, H * W, heads, 64, device="cuda", dtype=torch.bfloat16)
     o, lse = ra._relpos_attention(q, k, v, rel_h, rel_w, scale)
+
     def settings(block_m, warps, stages, block_n=None):
         return dict(BLOCK_M=block_m, num_warps=warps, num_stages=stages, **({"BLOCK_N": block_n} if block_n else {}))
-    candidates = dict(  # (BLOCK_M, warps, stages[, BLOCK_N])
-        forward=[(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 2), (128, 8, 3)],
-        dq=[(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 3), (128, 8, 2), (128, 8, 3)],
-        dkdv=[(32, 4, 2, 64), (64, 4, 2, 64), (64, 4, 3, 64), (32, 4, 2, 128), (32, 4, 3, 128), (64, 4, 2, 128),
-              (64, 8, 2, 128), (64, 8, 3, 128), (128, 8, 2, 128), (16, 4, 2, 128)])
-    for kernel in ("forward", "dq", "dkdv"):
+    for kernel, tried in candidates.items():
         times = {}
-        for c in candidates[kernel]:
+        for c in tried:
             ra.CONFIG[kernel] = settings(*c)
-            if kernel == "forward":
+            if kernel.endswith("forward"):
                 def fn():
                     ra._relpos_attention(q, k, v, rel_h, rel_w, scale)
             else:  # both backward kernels run; only `kernel`'s settings change
@@ -239,15 +225,44 @@ def probe_relpos():
         ra.CONFIG[kernel] = settings(*min(times, key=times.get))
         out[kernel + "_ms"] = {str(c): t for c, t in times.items()}
         print("relpos", kernel, out[kernel + "_ms"], flush=True)
+    names = ("triton", "sdpa_cudnn_padv", "nobias_cudnn")
+    if Path(HEAD_KERNELS).exists() and name == "global":  # the committed kernels beside these (call ap)
+        names = ("triton_head",) + names
+    for variant_name in names:
+        out[f"{name}_{variant_name}"] = time_variant(variant_name, variant(variant_name, H, W, scale),
+                                                     (q, k, v, Rh, Rw), g.transpose(1, 2))
+        print("relpos", name, variant_name, out[f"{name}_{variant_name}"], flush=True)
+
+
+def probe_relpos():
+    """relpos_attention.py's kernels: fp32 exactness on a 16 x 16 grid and a 14 x 14 window; the row kernels
+    at ViT-B's global shape (batch 8, 12 heads, 64 x 64 tokens) and the window kernels at its windows' (8 x 25
+    windows of 14 x 14) tuned and timed (tune_relpos). Calls before aw named the global rows without the
+    "global_" prefix and had no window kernels."""
+    import relpos_attention as ra
+    out = {}
+    scale = 64 ** -0.5
+    for H, W in ((16, 16), (14, 14)):
+        q, k, v, Rh, Rw = relpos_inputs(2, 3, H, W, 64, torch.float32)
+        g = torch.randn(2, 3, H * W, 64, device="cuda")
+        ref = stock_ref(q, k, v, Rh, Rw, H, W, scale)
+        ref_grads = torch.autograd.grad(ref, (q, k, v, Rh, Rw), g)
+        o = variant("triton", H, W, scale)(q, k, v, Rh, Rw)
+        grads = torch.autograd.grad(o, (q, k, v, Rh, Rw), g)
+        out[f"exact_fp32_{H}x{W}"] = dict(out=(o - ref).abs().max().item(),
+                                          grads=[(a - b).abs().max().item() for a, b in zip(grads, ref_grads)])
+    print("relpos", out, flush=True)
+    tune_relpos(out, ("global", (8, 12, 64, 64)), dict(  # (BLOCK_M, warps, stages[, BLOCK_N])
+        forward=[(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 2), (128, 8, 3)],
+        dq=[(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 3), (128, 8, 2), (128, 8, 3)],
+        dkdv=[(32, 4, 2, 64), (64, 4, 2, 64), (64, 4, 3, 64), (32, 4, 2, 128), (32, 4, 3, 128), (64, 4, 2, 128),
+              (64, 8, 2, 128), (64, 8, 3, 128), (128, 8, 2, 128), (16, 4, 2, 128)]))
+    blocks = [(64, 4, 2, 64), (64, 4, 3, 64), (32, 4, 2, 64), (64, 4, 2, 32), (32, 4, 2, 32), (128, 8, 2, 64),
+              (64, 8, 2, 128), (16, 4, 2, 64)]
+    tune_relpos(out, ("window", (200, 12, 14, 14)), dict(window_forward=blocks, window_dq=blocks,
+                                                         window_dkdv=blocks))
     out["best"] = dict(ra.CONFIG)
     print("RELPOS_CONFIG", json.dumps(out["best"]), flush=True)
-
-    names = ("triton", "sdpa_cudnn_padv", "nobias_cudnn")
-    if Path(HEAD_KERNELS).exists():  # the committed kernels beside these (call ap: before and after its change)
-        names = ("triton_head",) + names
-    for name in names:
-        out[name] = time_variant(name, variant(name, H, W, scale), (q, k, v, Rh, Rw), g.transpose(1, 2))
-        print("relpos", name, out[name], flush=True)
     RESULTS["relpos"] = out
 
 
@@ -573,7 +588,8 @@ def probe_vitb3():
     profiled, eager ops by shape), the encoder neck's convolution weights channels-last (neck_cl, call aq),
     then LoRA's two down-projections as one product (lora_cat, call aq: a prototype of what LoRAQKV.forward
     now does). PROBE_VITB3 (comma-separated) picks variants: call ar ran now,conv_patch_embed (the patch
-    embedding back to stock's convolution)."""
+    embedding back to stock's convolution), call aw now,folded_windows (the windowed blocks' attention back
+    to the folded SDPA form)."""
     import os
     out = {}
     args, dev, model, x, y = build_lora("vit_b", 8)
@@ -599,8 +615,14 @@ def probe_vitb3():
     def conv_patch_embed():
         embed = model.image_encoder.patch_embed
         embed.__class__ = type(embed).__bases__[0]
+
+    def folded_windows():
+        for blk in model.image_encoder.blocks:
+            if blk.window_size > 0:
+                blk.attn.fast_relpos = False  # the windowed blocks' folded SDPA form, as before the window kernels
+        torch._dynamo.reset()
     variants = dict(now=kernels(own), neck_cl=neck_channels_last, lora_cat=one_down_projection,
-                    conv_patch_embed=conv_patch_embed)
+                    conv_patch_embed=conv_patch_embed, folded_windows=folded_windows)
     if HEAD_KERNELS.exists():
         variants = dict(head=kernels(head_kernels()), **variants)
     picked = os.environ.get("PROBE_VITB3", ",".join(variants)).split(",")

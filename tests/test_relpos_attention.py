@@ -17,7 +17,10 @@ from test_fastpath import fast_copy, vit_attention
 pytest.importorskip("triton", reason="PyTorch without Triton: the kernels are not used, the folded path is")
 
 TOL = 1e-5  # fp32, as the folded path (test_fastpath.TOL); measured ~2e-6 under the interpreter
-CASES = [(16, 16, 0), (8, 16, 4)]  # (grid rows, grid columns, LoRA rank): square, and rows != columns
+# (grid rows, grid columns, LoRA rank): the row kernels on a square grid and on rows != columns; the window
+# kernels on ViT's 14 x 14 window (four blocks of 64 tokens, the last one part padding) and on a 5 x 7 grid
+# (less than one block, rows != columns)
+CASES = [(16, 16, 0), (8, 16, 4), (14, 14, 4), (5, 7, 0)]
 
 
 def grads(attn, x, g):
@@ -45,10 +48,11 @@ def errors(H, W, lora_rank, device, dtype):
             [(a.float() - b).abs().max().item() / s for a, b, s in zip(yardstick, want, scale)])
 
 
-def checkpointed(device):
-    """A global ViT block (16 x 16 grid, heads 64 wide, LoRA) on the fast path, plain and with activation
-    checkpointing: max |grad difference| over the input and parameters, and how often the attention kernel
-    ran in each forward + backward (checkpointing keeps its output: once, not twice)."""
+def checkpointed(device, window=0):
+    """A ViT block (16 x 16 grid, heads 64 wide, LoRA; global, or windowed with `window`) on the fast path,
+    plain and with activation checkpointing: max |grad difference| over the input and parameters, and how
+    often the attention kernel ran in each forward + backward (checkpointing keeps a global block's output:
+    once, not twice; a windowed block's is recomputed)."""
     import copy
     from types import SimpleNamespace
     from segment_anything.modeling.image_encoder import Block
@@ -63,7 +67,7 @@ def checkpointed(device):
             CountKernel.calls += func is torch.ops.peft_sam.relpos_attention.default
             return func(*args, **(kwargs or {}))
     torch.manual_seed(0)
-    plain = Block(128, num_heads=2, use_rel_pos=True, window_size=0, input_size=(16, 16))
+    plain = Block(128, num_heads=2, use_rel_pos=True, window_size=window, input_size=(16, 16))
     plain.attn.qkv = lora.LoRAQKV(plain.attn.qkv, 4)
     randomise(plain)
     ckpt = copy.deepcopy(plain)
@@ -103,6 +107,13 @@ def test_checkpointing_keeps_the_kernels_output_under_the_interpreter():
     assert difference < 1e-6 and calls == [1, 1], (difference, calls)
 
 
+def test_checkpointing_recomputes_window_attention_under_the_interpreter():
+    """Windowed blocks' attention is recomputed (its output, kept, would cost 60 MB per ViT-B block at
+    batch 8), and the window kernels give the same gradients with and without checkpointing."""
+    difference, calls = interpreted("t.checkpointed('cpu', window=6)")
+    assert difference < 1e-6 and calls == [1, 2], (difference, calls)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels need CUDA")
 @pytest.mark.parametrize("H,W,lora_rank", CASES + [(64, 64, 4)])  # and ViT-B's global grid at 1024
 def test_kernels_match_stock_on_cuda(H, W, lora_rank):
@@ -130,7 +141,8 @@ def test_shapes_the_kernels_do_not_take_go_the_folded_way():
         return SimpleNamespace(is_cuda=cuda, shape=(1, 1, n, width), dtype=torch.bfloat16,
                                device=torch.device("cuda" if cuda else "cpu"))
     assert relpos_attention.usable(query(64 * 64, 64), 64, 64)  # ViT-B/L global blocks at 1024
-    assert not relpos_attention.usable(query(14 * 14, 64), 14, 14)  # their windows: 14 is no power of two
+    assert relpos_attention.usable(query(14 * 14, 64), 14, 14)  # their windows (the window kernels)
+    assert not relpos_attention.usable(query(70 * 70, 64), 70, 70)  # wider than the window kernels' 64
     assert not relpos_attention.usable(query(64 * 64, 80), 64, 64)  # ViT-H: heads 80 wide
     assert not relpos_attention.usable(query(64 * 64, 64, cuda=False), 64, 64)  # CPU, not interpreted
     if not torch.cuda.is_available():  # a CPU run does not even import Triton for the fast path
