@@ -52,6 +52,16 @@ vit_b_pairs() {
     vit_b_run run_nocompile_$i 120 python3 --no-compile
   done
 }
+# What compilation adds to a whole ViT-B run with the order effects of earlier calls removed (calls an, av): a warm-up
+# run first (uncompiled, its own caches), then three pairs alternating uncompiled and compiled (scripts/timed_run.py),
+# fresh caches each. $1: the runs' name prefix.
+alternating_pairs() {
+  vit_b_run $1_warmup 120 python3 --no-compile > /dev/null
+  for i in 1 2 3; do
+    vit_b_run $1_nocompile_$i 120 python3 scripts/timed_run.py --no-compile
+    vit_b_run $1_compiled_$i 120 python3 scripts/timed_run.py
+  done
+}
 # The ViT-B bench rows of calls u and aj: LoRA compiled and graphed, also checkpointed, beside stock bf16 (150 s), then
 # the other methods compiled beside stock. $1: the second command's time limit in seconds; $2: the table columns printed.
 vit_b_rows() {
@@ -545,11 +555,7 @@ am)
 an)
   # Speed issue: what compilation adds to a whole ViT-B run, with the order effects of earlier calls removed: a warm-up
   # run first (uncompiled, its own caches), then three pairs alternating uncompiled and compiled, fresh caches each.
-  vit_b_run an_warmup 120 python3 --no-compile > /dev/null
-  for i in 1 2 3; do
-    vit_b_run an_nocompile_$i 120 python3 scripts/timed_run.py --no-compile
-    vit_b_run an_compiled_$i 120 python3 scripts/timed_run.py
-  done
+  alternating_pairs an
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
 ao)
@@ -618,11 +624,7 @@ au)
 av)
   # Speed issue, commit 2075d42: what compilation adds to a whole ViT-B run, as call an did (a warm-up run, then three
   # pairs alternating uncompiled and compiled, fresh caches each).
-  vit_b_run av_warmup 120 python3 --no-compile > /dev/null
-  for i in 1 2 3; do
-    vit_b_run av_nocompile_$i 120 python3 scripts/timed_run.py --no-compile
-    vit_b_run av_compiled_$i 120 python3 scripts/timed_run.py
-  done
+  alternating_pairs av
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
 aw)
