@@ -20,8 +20,8 @@ What one row measures (model x method x config x batch):
 Configs are named by tokens joined with "_": stock|fast (SAM's attention and norms, or common.use_fast_path:
 fused attention, TinyViT's layout, LayerNorm2d in one kernel), fp32|bf16 (bf16 = autocast, as common.run on
 CUDA), compile (common.compile_model: per-block torch.compile), ckpt (common.use_grad_checkpointing), nopadv
-(fast path without v padding), folded (fast path with the rel-pos term folded into SDPA in the global blocks
-too, instead of relpos_attention.py's kernels), fp32w (fast path with the frozen base weights left in fp32,
+(fast path without v padding), folded (fast path with the rel-pos term folded into SDPA in every block,
+instead of relpos_attention.py's kernels), fp32w (fast path with the frozen base weights left in fp32,
 for autocast to cast at every use, instead of stored in bf16 by common.frozen_weights_to_bf16), graph (the
 whole training step replayed from a CUDA graph, common.TrainStep).
 Compiled configs run on CUDA only (as common.run); on the CPU they are recorded as skipped.

@@ -11,7 +11,10 @@
 # compiled or not; ac: the same with a bytecode cache; ad: every method on DRIVE with the cast; ae: whole ViT-B runs
 # again). af, ag: MobileSAM's step (af: TinyViT compiled; ag: TinyViT's LayerNorms in bf16); ah: more prototypes (1x1
 # convolutions, LayerNorm2d, ViT-B's first block); ai-ak: them in common.py (GPU tests, default runs, bench rows, compile
-# time); al-an: a whole compiled run's phases timed; ao: the probe after its review. Results: results/h100/*.json (each names its call).
+# time); al-an: a whole compiled run's phases timed; ao: the probe after its review. ap-ay: relpos_attention.py's key-side
+# kernel and rowsum (ap, aq), LoRA's one down-projection product (aq), the patch embedding as a matmul (ar), bench rows,
+# default runs, every method on DRIVE, compile time (ar-av), the window kernels (aw-ay). Results: results/h100/*.json
+# (each names its call).
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 

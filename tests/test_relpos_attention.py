@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import common
-from test_fastpath import fast_copy, vit_attention
+from test_fastpath import fast_copy, tiny_model, vit_attention
 
 pytest.importorskip("triton", reason="PyTorch without Triton: the kernels are not used, the folded path is")
 
@@ -147,6 +147,22 @@ def test_shapes_the_kernels_do_not_take_go_the_folded_way():
     assert not relpos_attention.usable(query(64 * 64, 64, cuda=False), 64, 64)  # CPU, not interpreted
     if not torch.cuda.is_available():  # a CPU run does not even import Triton for the fast path
         assert common._relpos_kernels() is None
+
+
+def test_compile_ahead_precompiles_every_attention_shape(monkeypatch):
+    """common.compile_ahead asks relpos_attention.precompile (which starts one child per shape) for each
+    shape the kernels take: the tiny ViT's 4 x 4 windows and its 8 x 8 global grid (heads 32 wide; both for
+    the window kernels)."""
+    from types import SimpleNamespace
+    import relpos_attention
+    _, model = tiny_model()
+    calls = []
+    monkeypatch.setattr(common, "_RELPOS", SimpleNamespace(usable_shape=relpos_attention.usable_shape,
+                                                           precompile=lambda *shape: calls.append(shape)))
+    for attn, _ in common.encoder_attentions(model.image_encoder):
+        attn.fast_relpos = True  # as on CUDA
+    common.compile_ahead(model, compiling=False)
+    assert sorted(set(calls)) == [(2, 4, 4, 32), (2, 8, 8, 32)], calls
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels need CUDA")
