@@ -666,8 +666,9 @@ def compile_ahead(model, compiling):
     """Start, in other processes, compilation that a CUDA run would otherwise do inside its first training
     step, so that it overlaps the loading of weights, the evaluation before training and the tracing of
     the blocks: the Triton kernels of the blocks' attention (relpos_attention.precompile, one child process
-    per shape: windowed and global) and, when the blocks are compiled, inductor's pool of compile workers (inductor
-    starts the pool at its first graph and compiles serially in this process until the pool is up)."""
+    per shape: windowed and global) and, when the blocks are compiled, inductor's pool of compile workers
+    (inductor starts the pool at its first graph and compiles serially in this process until the pool is
+    up)."""
     for attn, heads in encoder_attentions(model.image_encoder):
         if heads is None and getattr(attn, "fast_relpos", False) and attn.use_rel_pos:
             rows, cols = (attn.rel_pos_h.shape[0] + 1) // 2, (attn.rel_pos_w.shape[0] + 1) // 2  # tables 2S - 1
@@ -713,8 +714,9 @@ def _keep_global_attention(ctx, op, *args, **kwargs):
     """Selective checkpointing policy: keep the output of the global blocks' attention kernel
     (relpos_attention.py; (B, N, heads, 64) bf16 and its log-sum-exp, 52 MB per ViT-B global block at 1024,
     batch 8), recompute everything else, the windowed blocks' attention kernels included (their outputs
-    would add 60 MB per block; ViT-B LoRA checkpointed: 84.1 images/s at 3.3 GiB, call ax). ViT-B LoRA at batch 8 on the H100: 71.2 images/s at 3.5 GiB, 83%
-    of the uncheckpointed 85.6; recomputing the kernels too gave 67.9, 79.6% of 85.3."""
+    would add 60 MB per block). ViT-B LoRA at batch 8 on the H100: 71.2 images/s at 3.5 GiB, 83% of the
+    uncheckpointed 85.6, when this policy was written (recomputing the global kernels too gave 67.9, 79.6% of
+    85.3); with the window kernels, 84.1 images/s at 3.3 GiB, 84% of 100.2 (call ax)."""
     from torch.utils.checkpoint import CheckpointPolicy
     if (_RELPOS is not None and op is torch.ops.peft_sam.relpos_attention.default
             and _RELPOS.by_rows(args[4].shape[-1])):  # rel_w (B, heads, N, W): a global grid, not a window

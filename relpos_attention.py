@@ -66,6 +66,29 @@ def usable(q, H, W):
 
 
 @triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
+    """One key tile of the forward's online softmax (FlashAttention): logits s (BLOCK_M, keys) in log2 units,
+    values v (keys, D); the running max m_i, sum l_i and output acc, rescaled to the new max and returned."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _dkdv_step(p_t, q, do, v, delta, dk, dv, PRECISION: tl.constexpr):
+    """One query tile of the key-side backward, transposed (keys along the first axis): the softmax p_t
+    (keys, BLOCK_M) adds p^T do to dv and ds^T q to dk, ds = p * (do v^T - rowsum(o * do))."""
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _forward(Q, K, V, RH, RW, O, LSE,
              sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
              srh_b, srh_h, srh_n, srw_b, srw_h, srw_n, so_b, so_h, so_n,
@@ -91,12 +114,7 @@ def _forward(Q, K, V, RH, RW, O, LSE,
         v = tl.load(v_ptrs + r * COLS * sv_n)
         rh = tl.load(rh_ptrs + r).to(tl.float32) * LOG2E  # (BLOCK_M,)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + rh[:, None] + rw  # (BLOCK_M, COLS)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
     acc = acc / l_i[:, None]
     tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :], acc.to(O.dtype.element_ty))
     tl.store(LSE + (b * heads + h) * N + offs_m, m_i + tl.log2(l_i))  # log2-sum-exp2, for the backward
@@ -158,8 +176,8 @@ def _backward_dkdv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
     of the tile is built from the rows of rel_h and rel_w as they lie in memory, (BLOCK_M, ROWS_PER) and
     (BLOCK_M, COLS), then transposed in registers: gathered element by element in the transposed order,
     neighbouring threads read addresses a row of rel_w apart, and that gather was the slowest part of this
-    kernel. Whole rows per program also let BLOCK_N be 128 (two rows at ViT-B's 64), which halves how often
-    q and do are read. DK, DV contiguous (B, heads, N, D)."""
+    kernel. BLOCK_N may be several rows (128: two rows at ViT-B's 64, reading q and do half as often), but
+    tuning kept one row (call ap: two rows were slower). DK, DV contiguous (B, heads, N, D)."""
     b, h = tl.program_id(2), tl.program_id(1)
     row0 = tl.program_id(0) * ROWS_PER  # this program's first key row
     offs_j = row0 * COLS + tl.arange(0, BLOCK_N)  # its keys
@@ -186,10 +204,7 @@ def _backward_dkdv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
         delta = tl.load(DELTA + bh * N + offs_m)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + bias_t  # (BLOCK_N, BLOCK_M)
         p_t = tl.exp2(s_t - lse[None, :])
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        dk, dv = _dkdv_step(p_t, q, do, v, delta, dk, dv, PRECISION)
     tl.store(DK + (bh * N + offs_j[:, None]) * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty))
     tl.store(DV + (bh * N + offs_j[:, None]) * D + offs_d[None, :], dv.to(DV.dtype.element_ty))
 
@@ -229,6 +244,15 @@ def _load_rows(ptr, offs, stride, mask, width: tl.constexpr, WIDTH: tl.constexpr
 
 
 @triton.jit
+def _window_logits(q, k, rh, rw, code_h, code_w, qk_scale, PRECISION: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) logits in log2 units: q k^T * scale plus the term rel_h[i, row j] + rel_w[i, col j],
+    gathered by the one-hot products."""
+    bias = (tl.dot(rh, tl.trans(code_h), input_precision=PRECISION)
+            + tl.dot(rw, tl.trans(code_w), input_precision=PRECISION))
+    return tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias * LOG2E
+
+
+@triton.jit
 def _window_forward(Q, K, V, RH, RW, O, LSE,
                     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                     srh_b, srh_h, srh_n, srw_b, srw_h, srw_n, so_b, so_h, so_n,
@@ -251,16 +275,9 @@ def _window_forward(Q, K, V, RH, RW, O, LSE,
         k = _load_rows(K + b * sk_b + h * sk_h, offs_j, sk_n, mask_j, D, D)  # (BLOCK_N, D)
         v = _load_rows(V + b * sv_b + h * sv_h, offs_j, sv_n, mask_j, D, D)
         code_h, code_w = _onehots(offs_j, N, COLS, HP, WP, q.dtype)
-        bias = (tl.dot(rh, tl.trans(code_h), input_precision=PRECISION)
-                + tl.dot(rw, tl.trans(code_w), input_precision=PRECISION))  # rel_h[i, row j] + rel_w[i, col j]
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias * LOG2E
+        s = _window_logits(q, k, rh, rw, code_h, code_w, qk_scale, PRECISION)
         s = tl.where(mask_j[None, :], s, float("-inf"))  # padded keys take no weight
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
     acc = acc / l_i[:, None]
     tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_n + tl.arange(0, D)[None, :],
              acc.to(O.dtype.element_ty), mask=mask_m[:, None])
@@ -299,9 +316,7 @@ def _window_backward_dq(Q, K, V, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
         k = _load_rows(K + b * sk_b + h * sk_h, offs_j, sk_n, mask_j, D, D)
         v = _load_rows(V + b * sv_b + h * sv_h, offs_j, sv_n, mask_j, D, D)
         code_h, code_w = _onehots(offs_j, N, COLS, HP, WP, q.dtype)
-        bias = (tl.dot(rh, tl.trans(code_h), input_precision=PRECISION)
-                + tl.dot(rw, tl.trans(code_w), input_precision=PRECISION))
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias * LOG2E
+        s = _window_logits(q, k, rh, rw, code_h, code_w, qk_scale, PRECISION)
         p = tl.where(mask_j[None, :], tl.exp2(s - lse[:, None]), 0.0)  # the softmax, recomputed
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = (p * (dp - delta[:, None])).to(q.dtype)  # gradient of the logits
@@ -350,10 +365,7 @@ def _window_backward_dkdv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
                   + tl.dot(code_w, tl.trans(rw), input_precision=PRECISION))  # (BLOCK_N, BLOCK_M)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + bias_t * LOG2E
         p_t = tl.where(mask_m[None, :], tl.exp2(s_t - lse[None, :]), 0.0)  # padded queries (do = 0): no overflow
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        dk, dv = _dkdv_step(p_t, q, do, v, delta, dk, dv, PRECISION)
     tile = offs_j[:, None] < N
     tl.store(DK + (bh * N + offs_j[:, None]) * D + tl.arange(0, D)[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=tile)

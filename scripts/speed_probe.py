@@ -226,7 +226,7 @@ def tune_relpos(out, shape, candidates):
         out[kernel + "_ms"] = {str(c): t for c, t in times.items()}
         print("relpos", kernel, out[kernel + "_ms"], flush=True)
     names = ("triton", "sdpa_cudnn_padv", "nobias_cudnn")
-    if Path(HEAD_KERNELS).exists() and name == "global":  # the committed kernels beside these (call ap)
+    if HEAD_KERNELS.exists() and name == "global":  # the committed kernels beside these (call ap)
         names = ("triton_head",) + names
     for variant_name in names:
         out[f"{name}_{variant_name}"] = time_variant(variant_name, variant(variant_name, H, W, scale),
@@ -585,11 +585,11 @@ def probe_vitb3():
     """ViT-B LoRA step as common.run trains it (load_sam's fast path, frozen weights in bf16, compile_model,
     graphed), changes applied one after another: the global blocks' kernels of the committed
     relpos_attention.py (head, when HEAD_KERNELS is there; call aq), the working tree's (now: every kernel
-    profiled, eager ops by shape), the encoder neck's convolution weights channels-last (neck_cl, call aq),
-    then LoRA's two down-projections as one product (lora_cat, call aq: a prototype of what LoRAQKV.forward
-    now does). PROBE_VITB3 (comma-separated) picks variants: call ar ran now,conv_patch_embed (the patch
-    embedding back to stock's convolution), call aw now,folded_windows (the windowed blocks' attention back
-    to the folded SDPA form)."""
+    profiled, eager ops by shape), the encoder neck's convolution weights channels-last (neck_cl, call aq).
+    Call aq also ran lora_cat after them, a prototype of LoRAQKV.forward's one down-projection product, which
+    is now the code itself (the variant was dropped since). PROBE_VITB3 (comma-separated) picks variants:
+    call ar ran now,conv_patch_embed (the patch embedding back to stock's convolution), call aw
+    now,folded_windows (the windowed blocks' attention back to the folded SDPA form)."""
     import os
     out = {}
     args, dev, model, x, y = build_lora("vit_b", 8)
@@ -609,9 +609,6 @@ def probe_vitb3():
             if isinstance(m, torch.nn.Conv2d):
                 m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
 
-    def one_down_projection():  # as LoRAQKV.forward is now; the call of aq had the two products there
-        torch._dynamo.reset()
-
     def conv_patch_embed():
         embed = model.image_encoder.patch_embed
         embed.__class__ = type(embed).__bases__[0]
@@ -621,8 +618,8 @@ def probe_vitb3():
             if blk.window_size > 0:
                 blk.attn.fast_relpos = False  # the windowed blocks' folded SDPA form, as before the window kernels
         torch._dynamo.reset()
-    variants = dict(now=kernels(own), neck_cl=neck_channels_last, lora_cat=one_down_projection,
-                    conv_patch_embed=conv_patch_embed, folded_windows=folded_windows)
+    variants = dict(now=kernels(own), neck_cl=neck_channels_last, conv_patch_embed=conv_patch_embed,
+                    folded_windows=folded_windows)
     if HEAD_KERNELS.exists():
         variants = dict(head=kernels(head_kernels()), **variants)
     picked = os.environ.get("PROBE_VITB3", ",".join(variants)).split(",")
