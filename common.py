@@ -395,12 +395,19 @@ def count_parameters(model):
 # The fast path: exact attention through fused kernels, activation checkpointing
 # ----------------------------------------------------------------------------------------------------
 
+def _rel_pos_sized(rel_pos, size):
+    """A rel-pos table (2*size-1, C) for a grid `size` wide: a table for another grid is resized (linear), as
+    stock SAM's get_rel_pos does every call."""
+    if rel_pos.shape[0] != 2 * size - 1:
+        rel_pos = F.interpolate(rel_pos.T[None], 2 * size - 1, mode="linear")[0].T
+    return rel_pos
+
+
 def _rel_pos_table(rel_pos, size):
     """SAM's get_rel_pos for equal query and key sizes: (2*size-1, C) -> (size, size, C), entry [a, b] the
     embedding of offset a - b. The index is built on the table's device (stock builds it on the CPU, which
     costs a host-to-device copy per call in eager mode)."""
-    if rel_pos.shape[0] != 2 * size - 1:  # a table for another grid: stock resizes it (linear) every call
-        rel_pos = F.interpolate(rel_pos.T[None], 2 * size - 1, mode="linear")[0].T
+    rel_pos = _rel_pos_sized(rel_pos, size)
     pos = torch.arange(size, device=rel_pos.device)
     return rel_pos[pos[:, None] - pos[None, :] + size - 1]
 
@@ -434,9 +441,9 @@ def fast_vit_attention(self, x):
     those tokens too, and the padding (zeros after norm1, so k = v = qkv bias) takes part in the border
     windows' softmax as keys. We keep that, for exactness.
 
-    On CUDA (self.fast_relpos) the Triton kernels of relpos_attention.py take q, k, v, rel_h and rel_w as
-    they are, without the widening: the row kernels in global blocks (W a power of two: 64 at 1024), the
-    window kernels in windowed blocks (the fold done in registers).
+    On CUDA (self.fast_relpos) the Triton kernels of relpos_attention.py take q, k, v and the two tables,
+    without the widening, and compute rel_h and rel_w themselves (no einsums): the row kernels in global
+    blocks (W a power of two: 64 at 1024), the window kernels in windowed blocks (the fold done in registers).
 
     Cost of the folded form (H100, bf16, batch 8 at 1024, forward + backward of one global block's
     attention; PyTorch picks cuDNN's kernel): 12.0 ms, against 3.2 ms for the same attention without the
@@ -452,14 +459,15 @@ def fast_vit_attention(self, x):
     hd = q.shape[-1]
     scale = self.scale
     if self.use_rel_pos:
+        if self.fast_relpos and _RELPOS.usable(q, H, W):  # on CUDA: no widening, rel_h and rel_w in the kernels
+            out = _RELPOS.relpos_attention(q, k, v, _rel_pos_sized(self.rel_pos_h, H),
+                                           _rel_pos_sized(self.rel_pos_w, W), scale)  # (B, N, heads, hd)
+            return self.proj(out.reshape(B, H, W, heads * hd))
         Rh = _rel_pos_table(self.rel_pos_h, H)  # (H, H, hd)
         Rw = _rel_pos_table(self.rel_pos_w, W)  # (W, W, hd)
         grid = q.reshape(B, heads, H, W, hd)
         rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, Rh).reshape(B, heads, N, H).to(q.dtype)
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, Rw).reshape(B, heads, N, W).to(q.dtype)
-        if self.fast_relpos and _RELPOS.usable(q, H, W):  # on CUDA: no widening
-            out = _RELPOS.relpos_attention(q, k, v, rel_h, rel_w, scale)  # (B, N, heads, hd)
-            return self.proj(out.reshape(B, H, W, heads * hd))
         width = hd + H + W
         pad = -width % 8
         q = torch.cat([q * scale, rel_h, rel_w, q.new_zeros(()).expand(B, heads, N, pad)], -1)
@@ -711,15 +719,15 @@ def frozen_weights_to_bf16(model):
 
 
 def _keep_global_attention(ctx, op, *args, **kwargs):
-    """Selective checkpointing policy: keep the output of the global blocks' attention kernel
-    (relpos_attention.py; (B, N, heads, 64) bf16 and its log-sum-exp, 52 MB per ViT-B global block at 1024,
-    batch 8), recompute everything else, the windowed blocks' attention kernels included (their outputs
+    """Selective checkpointing policy: keep the outputs of the global blocks' attention kernel
+    (relpos_attention.py; (B, N, heads, 64) bf16, its log-sum-exp, rel_h and rel_w: 152 MB per ViT-B global
+    block at 1024, batch 8), recompute everything else, the windowed blocks' attention kernels included (their outputs
     would add 60 MB per block). ViT-B LoRA at batch 8 on the H100: 71.2 images/s at 3.5 GiB, 83% of the
     uncheckpointed 85.6, when this policy was written (recomputing the global kernels too gave 67.9, 79.6% of
     85.3); with the window kernels, 84.1 images/s at 3.3 GiB, 84% of 100.2 (call ax)."""
     from torch.utils.checkpoint import CheckpointPolicy
     if (_RELPOS is not None and op is torch.ops.peft_sam.relpos_attention.default
-            and _RELPOS.by_rows(args[4].shape[-1])):  # rel_w (B, heads, N, W): a global grid, not a window
+            and _RELPOS.by_rows((args[4].shape[0] + 1) // 2)):  # table_w (2W - 1, hd): a global grid
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

@@ -89,20 +89,84 @@ def _dkdv_step(p_t, q, do, v, delta, dk, dv, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _forward(Q, K, V, RH, RW, O, LSE,
-             sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-             srh_b, srh_h, srh_n, srw_b, srw_h, srw_n, so_b, so_h, so_n,
+def _load_table(T, SIZE: tl.constexpr, SP: tl.constexpr, D: tl.constexpr):
+    """(2 SP, D) tile of a rel-pos table (2 SIZE - 1, D), rows contiguous; rows past its end zero."""
+    t = tl.arange(0, 2 * SP)
+    return tl.load(T + t[:, None] * D + tl.arange(0, D)[None, :], mask=(t < 2 * SIZE - 1)[:, None], other=0.0)
+
+
+@triton.jit
+def _rel_term(q, T, pos, SIZE: tl.constexpr, SP: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
+    """(BLOCK_M, SP) rel-pos term of queries q at positions pos (their rows, or columns) along an axis SIZE
+    long, table T (2 SIZE - 1, D):  rel[i, r] = q_i . T[pos_i - r + SIZE - 1]  (rel_h with rows and Rh,
+    rel_w with columns and Rw); zero for r >= SIZE; in q's dtype, the rounding SAM's einsums get under
+    autocast. One product with the whole table, q T^T (BLOCK_M, 2 SP), whose entries each query then picks
+    (tl.gather along the table axis): SAM's einsum against the table gathered to (SIZE, SIZE, D), without
+    that table or the einsum's copies of q in memory."""
+    p = tl.dot(q, tl.trans(_load_table(T, SIZE, SP, D).to(q.dtype)), input_precision=PRECISION).to(q.dtype)
+    r = tl.arange(0, SP)[None, :]
+    at = pos[:, None] - r + SIZE - 1  # (BLOCK_M, SP): the table row of each entry
+    rel = tl.gather(p, tl.minimum(tl.maximum(at, 0), 2 * SP - 1), 1)
+    return tl.where(r < SIZE, rel, 0.0).to(q.dtype)
+
+
+@triton.jit
+def _rel_term_grad(drel, T, pos, SIZE: tl.constexpr, SP: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
+    """q's gradient (BLOCK_M, D, fp32) through _rel_term, from the term's gradient drel (BLOCK_M, SP) in q's
+    dtype: each entry put back at the table row it was picked from (table row t of a query at pos held
+    r = pos - t + SIZE - 1: the same gather the other way), then times the table."""
+    t = tl.arange(0, 2 * SP)[None, :]
+    r = pos[:, None] - t + SIZE - 1  # (BLOCK_M, 2 SP)
+    d_p = tl.where((r >= 0) & (r < SIZE), tl.gather(drel, tl.minimum(tl.maximum(r, 0), SP - 1), 1), 0.0)
+    return tl.dot(d_p.to(drel.dtype), _load_table(T, SIZE, SP, D).to(drel.dtype), input_precision=PRECISION)
+
+
+@triton.jit
+def _row_slice(T, a, SIZE: tl.constexpr, SP: tl.constexpr, D: tl.constexpr):
+    """(SP, D): table rows a - r + SIZE - 1 for r < SIZE (zero beyond), the ones that queries in grid row a
+    pick; for a query block within one grid row _rel_term and _rel_term_grad are then one product each,
+    q @ slice^T and drel @ slice, with no picking."""
+    r = tl.arange(0, SP)
+    return tl.load(T + (a - r + SIZE - 1)[:, None] * D + tl.arange(0, D)[None, :], mask=(r < SIZE)[:, None],
+                   other=0.0)
+
+
+@triton.jit
+def _row_kernels_rel_h(q, TH, offs_m, ROWS: tl.constexpr, COLS: tl.constexpr, RP: tl.constexpr,
+                       D: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """rel_h (BLOCK_M, RP) in the row kernels: from the row's slice of the table when the block lies within
+    one grid row (BLOCK_M <= COLS, both powers of two), else by _rel_term."""
+    if BLOCK_M <= COLS:
+        t = _row_slice(TH, tl.program_id(0) * BLOCK_M // COLS, ROWS, RP, D).to(q.dtype)
+        return tl.dot(q, tl.trans(t), input_precision=PRECISION).to(q.dtype)
+    else:
+        return _rel_term(q, TH, offs_m // COLS, ROWS, RP, D, PRECISION)
+
+
+@triton.jit
+def _forward(Q, K, V, TH, TW, O, LSE, RH, RW,
+             sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
              heads, scale,
-             N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-             PRECISION: tl.constexpr):
+             N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
+             BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """One query block, keys row by row. Also writes rel_h and rel_w to RH, RW (contiguous (B, heads, N, ROWS
+    / COLS)), which the backward kernels read."""
     b, h = tl.program_id(2), tl.program_id(1)
+    bh = b * heads + h
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # this program's queries
     offs_c = tl.arange(0, COLS)  # key columns: the keys of one key row
+    offs_r = tl.arange(0, RP)
     offs_d = tl.arange(0, D)
     q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :])  # (BLOCK_M, D)
-    # rel_w[i, c]: the same for every key row, loaded once; in log2 units like the logits
-    rw = tl.load(RW + b * srw_b + h * srw_h + offs_m[:, None] * srw_n + offs_c[None, :]).to(tl.float32) * LOG2E
-    rh_ptrs = RH + b * srh_b + h * srh_h + offs_m * srh_n  # rel_h[i, 0]; + r for key row r
+    rel_h = _row_kernels_rel_h(q, TH, offs_m, ROWS, COLS, RP, D, BLOCK_M, PRECISION)  # (BLOCK_M, RP)
+    rw = _rel_term(q, TW, offs_m % COLS, COLS, COLS, D, PRECISION)  # (BLOCK_M, COLS)
+    # rel_w[i, c]: the same for every key row, kept in registers; rel_h[:, r] is one column per key row, which
+    # registers cannot index: read back from memory, where other threads of the program wrote it (barrier)
+    tl.store(RH + (bh * N + offs_m[:, None]) * ROWS + offs_r[None, :], rel_h, mask=offs_r[None, :] < ROWS)
+    tl.store(RW + (bh * N + offs_m[:, None]) * COLS + offs_c[None, :], rw)
+    rw = rw.to(tl.float32) * LOG2E  # in log2 units, like the logits
+    tl.debug_barrier()
+    rh_ptrs = RH + (bh * N + offs_m) * ROWS  # rel_h[i, 0]; + r for key row r
     k_ptrs = K + b * sk_b + h * sk_h + offs_c[:, None] * sk_n + offs_d[None, :]  # keys of row 0, (COLS, D)
     v_ptrs = V + b * sv_b + h * sv_h + offs_c[:, None] * sv_n + offs_d[None, :]
     qk_scale = scale * LOG2E
@@ -117,32 +181,35 @@ def _forward(Q, K, V, RH, RW, O, LSE,
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
     acc = acc / l_i[:, None]
     tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :], acc.to(O.dtype.element_ty))
-    tl.store(LSE + (b * heads + h) * N + offs_m, m_i + tl.log2(l_i))  # log2-sum-exp2, for the backward
+    tl.store(LSE + bh * N + offs_m, m_i + tl.log2(l_i))  # log2-sum-exp2, for the backward
 
 
 @triton.jit
-def _backward_dq(Q, K, V, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
-                 sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                 srh_b, srh_h, srh_n, srw_b, srw_h, srw_n, sdo_b, sdo_h, sdo_n, so_b, so_h, so_n,
+def _backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
+                 sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_n, so_b, so_h, so_n,
                  heads, scale,
-                 N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """One query block, keys row by row: dq, d rel_h (a column per key row), d rel_w (summed over rows).
-    Also writes DELTA = rowsum(o * do), which _backward_dkdv reads after it (eager, that sum was four passes
-    over fp32 copies of o and do). The gradient tensors DQ, DRH, DRW are contiguous (B, heads, N, D / H / W)."""
+                 N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """One query block, keys row by row: dq, with the part through rel_h and rel_w (_rel_term_grad). Also
+    writes DELTA = rowsum(o * do), which _backward_dkdv reads after it (eager, that sum was four passes over
+    fp32 copies of o and do), and d rel_h, d rel_w to DRH, DRW (the tables' gradient, when they train; DRH
+    is also this kernel's scratch). RH, RW (the forward's), DQ, DRH, DRW contiguous (B, heads, N, D / ROWS /
+    COLS)."""
     b, h = tl.program_id(2), tl.program_id(1)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, COLS)
+    offs_r = tl.arange(0, RP)
     offs_d = tl.arange(0, D)
     bh = b * heads + h
     q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :])
     do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :])
-    rw = tl.load(RW + b * srw_b + h * srw_h + offs_m[:, None] * srw_n + offs_c[None, :]).to(tl.float32) * LOG2E
+    rows = (bh * N + offs_m)[:, None]
+    rw = tl.load(RW + rows * COLS + offs_c[None, :]).to(tl.float32) * LOG2E
     lse = tl.load(LSE + bh * N + offs_m)
     o = tl.load(O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :])
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
     tl.store(DELTA + bh * N + offs_m, delta)
-    rh_ptrs = RH + b * srh_b + h * srh_h + offs_m * srh_n
+    rh_ptrs = RH + (bh * N + offs_m) * ROWS
     k_ptrs = K + b * sk_b + h * sk_h + offs_c[:, None] * sk_n + offs_d[None, :]
     v_ptrs = V + b * sv_b + h * sv_h + offs_c[:, None] * sv_n + offs_d[None, :]
     drh_ptrs = DRH + (bh * N + offs_m) * ROWS
@@ -160,8 +227,17 @@ def _backward_dq(Q, K, V, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         tl.store(drh_ptrs + r, tl.sum(ds, 1).to(DRH.dtype.element_ty))
         drw += ds
-    tl.store(DQ + (bh * N + offs_m[:, None]) * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty))
-    tl.store(DRW + (bh * N + offs_m[:, None]) * COLS + offs_c[None, :], drw.to(DRW.dtype.element_ty))
+    drw = drw.to(q.dtype)
+    tl.store(DRW + rows * COLS + offs_c[None, :], drw)
+    tl.debug_barrier()  # d rel_h, stored a column per key row, read back as a tile
+    drh = tl.load(DRH + rows * ROWS + offs_r[None, :], mask=offs_r[None, :] < ROWS, other=0.0)
+    dq = dq * scale + _rel_term_grad(drw, TW, offs_m % COLS, COLS, COLS, D, PRECISION)
+    if BLOCK_M <= COLS:  # as _row_kernels_rel_h
+        t = _row_slice(TH, tl.program_id(0) * BLOCK_M // COLS, ROWS, RP, D).to(drh.dtype)
+        dq += tl.dot(drh, t, input_precision=PRECISION)
+    else:
+        dq += _rel_term_grad(drh, TH, offs_m // COLS, ROWS, RP, D, PRECISION)
+    tl.store(DQ + rows * D + offs_d[None, :], dq.to(DQ.dtype.element_ty))
 
 
 @triton.jit
@@ -244,6 +320,13 @@ def _load_rows(ptr, offs, stride, mask, width: tl.constexpr, WIDTH: tl.constexpr
 
 
 @triton.jit
+def _store_rows(ptr, offs, stride, mask, tile, width: tl.constexpr, WIDTH: tl.constexpr):
+    """Store a (len(offs), WIDTH) tile into the rows offs of a (tokens, width) matrix, as _load_rows reads."""
+    cols = tl.arange(0, WIDTH)
+    tl.store(ptr + offs[:, None] * stride + cols[None, :], tile, mask=mask[:, None] & (cols < width)[None, :])
+
+
+@triton.jit
 def _window_logits(q, k, rh, rw, code_h, code_w, qk_scale, PRECISION: tl.constexpr):
     """(BLOCK_M, BLOCK_N) logits in log2 units: q k^T * scale plus the term rel_h[i, row j] + rel_w[i, col j],
     gathered by the one-hot products."""
@@ -253,9 +336,8 @@ def _window_logits(q, k, rh, rw, code_h, code_w, qk_scale, PRECISION: tl.constex
 
 
 @triton.jit
-def _window_forward(Q, K, V, RH, RW, O, LSE,
-                    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                    srh_b, srh_h, srh_n, srw_b, srw_h, srw_n, so_b, so_h, so_n,
+def _window_forward(Q, K, V, TH, TW, O, LSE, RH, RW,
+                    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
                     heads, scale,
                     N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
@@ -263,8 +345,10 @@ def _window_forward(Q, K, V, RH, RW, O, LSE,
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N
     q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, sq_n, mask_m, D, D)  # (BLOCK_M, D)
-    rh = _load_rows(RH + b * srh_b + h * srh_h, offs_m, srh_n, mask_m, ROWS, HP)  # (BLOCK_M, HP)
-    rw = _load_rows(RW + b * srw_b + h * srw_h, offs_m, srw_n, mask_m, COLS, WP)  # (BLOCK_M, WP)
+    rh = _rel_term(q, TH, offs_m // COLS, ROWS, HP, D, PRECISION)  # (BLOCK_M, HP)
+    rw = _rel_term(q, TW, offs_m % COLS, COLS, WP, D, PRECISION)  # (BLOCK_M, WP)
+    _store_rows(RH + b * heads * N * ROWS + h * N * ROWS, offs_m, ROWS, mask_m, rh, ROWS, HP)  # for the backward
+    _store_rows(RW + b * heads * N * COLS + h * N * COLS, offs_m, COLS, mask_m, rw, COLS, WP)
     qk_scale = scale * LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -285,15 +369,15 @@ def _window_forward(Q, K, V, RH, RW, O, LSE,
 
 
 @triton.jit
-def _window_backward_dq(Q, K, V, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
-                        sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                        srh_b, srh_h, srh_n, srw_b, srw_h, srw_n, sdo_b, sdo_h, sdo_n, so_b, so_h, so_n,
+def _window_backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
+                        sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_n, so_b, so_h, so_n,
                         heads, scale,
                         N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, HP: tl.constexpr,
                         WP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         PRECISION: tl.constexpr):
-    """One query block against every key block: dq, d rel_h, d rel_w (the one-hot products transposed),
-    and DELTA = rowsum(o * do) for _window_backward_dkdv. Gradients contiguous (B, heads, N, D / H / W)."""
+    """One query block against every key block: dq, d rel_h and d rel_w (the one-hot products transposed),
+    and dq's part through them; DELTA = rowsum(o * do) for _window_backward_dkdv. RH, RW (the forward's), DQ,
+    DRH, DRW contiguous (B, heads, N, D / H / W)."""
     b, h = tl.program_id(2), tl.program_id(1)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N
@@ -301,8 +385,8 @@ def _window_backward_dq(Q, K, V, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
     q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, sq_n, mask_m, D, D)
     do = _load_rows(DO + b * sdo_b + h * sdo_h, offs_m, sdo_n, mask_m, D, D)
     o = _load_rows(O + b * so_b + h * so_h, offs_m, so_n, mask_m, D, D)
-    rh = _load_rows(RH + b * srh_b + h * srh_h, offs_m, srh_n, mask_m, ROWS, HP)
-    rw = _load_rows(RW + b * srw_b + h * srw_h, offs_m, srw_n, mask_m, COLS, WP)
+    rh = _load_rows(RH + bh * N * ROWS, offs_m, ROWS, mask_m, ROWS, HP)  # (BLOCK_M, HP)
+    rw = _load_rows(RW + bh * N * COLS, offs_m, COLS, mask_m, COLS, WP)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,); 0 for padded queries
     tl.store(DELTA + bh * N + offs_m, delta, mask=mask_m)
     lse = tl.load(LSE + bh * N + offs_m, mask=mask_m, other=0.0)
@@ -323,14 +407,14 @@ def _window_backward_dq(Q, K, V, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
         dq += tl.dot(ds, k, input_precision=PRECISION)
         drh += tl.dot(ds, code_h, input_precision=PRECISION)  # summed over the keys of each key row
         drw += tl.dot(ds, code_w, input_precision=PRECISION)  # ... of each key column
+    drh, drw = drh.to(q.dtype), drw.to(q.dtype)
+    _store_rows(DRH + bh * N * ROWS, offs_m, ROWS, mask_m, drh, ROWS, HP)
+    _store_rows(DRW + bh * N * COLS, offs_m, COLS, mask_m, drw, COLS, WP)
     tile = offs_m[:, None] < N
-    tl.store(DQ + (bh * N + offs_m[:, None]) * D + tl.arange(0, D)[None, :], (dq * scale).to(DQ.dtype.element_ty),
+    dq = (dq * scale + _rel_term_grad(drh, TH, offs_m // COLS, ROWS, HP, D, PRECISION)
+          + _rel_term_grad(drw, TW, offs_m % COLS, COLS, WP, D, PRECISION))
+    tl.store(DQ + (bh * N + offs_m[:, None]) * D + tl.arange(0, D)[None, :], dq.to(DQ.dtype.element_ty),
              mask=tile)
-    cols_h, cols_w = tl.arange(0, HP)[None, :], tl.arange(0, WP)[None, :]
-    tl.store(DRH + (bh * N + offs_m[:, None]) * ROWS + cols_h, drh.to(DRH.dtype.element_ty),
-             mask=tile & (cols_h < ROWS))
-    tl.store(DRW + (bh * N + offs_m[:, None]) * COLS + cols_w, drw.to(DRW.dtype.element_ty),
-             mask=tile & (cols_w < COLS))
 
 
 @triton.jit
@@ -385,9 +469,9 @@ def _strides(*tensors):
 # chosen on the H100 at ViT-B's global shape (forward, dq, dkdv) and window shape (window_*), batch 8
 # (scripts/speed_probe.py relpos).
 CONFIG = dict(forward=dict(BLOCK_M=64, num_warps=4, num_stages=4),
-              dq=dict(BLOCK_M=64, num_warps=4, num_stages=3),
-              dkdv=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-              window_forward=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+              dq=dict(BLOCK_M=64, num_warps=4, num_stages=4),
+              dkdv=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+              window_forward=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
               window_dq=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
               window_dkdv=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3))
 
@@ -395,8 +479,10 @@ CONFIG = dict(forward=dict(BLOCK_M=64, num_warps=4, num_stages=4),
 def _launch(name, rows, cols):
     """kernel `name`'s launch settings for a rows x cols grid of tokens, and its grid's first axis (query or
     key blocks). Row kernels: the configured blocks halved until they divide the N = rows * cols tokens, the
-    key block of dkdv whole key rows (ROWS_PER of them, a divisor of rows). Window kernels: blocks as
-    configured, the last one masked; the one-hot codes padded to HP, WP (powers of two, at least 16)."""
+    key block of dkdv whole key rows (ROWS_PER of them, a divisor of rows), rel_h's tile in the forward and
+    dq kernels RP wide (a power of two, at least 16: a product's side). Window
+    kernels: blocks as configured, the last one masked; the one-hot codes padded to HP, WP (powers of two,
+    at least 16)."""
     N = rows * cols
     if not by_rows(cols):
         launch = dict(CONFIG["window_" + name], HP=max(16, triton.next_power_of_2(rows)),
@@ -410,6 +496,8 @@ def _launch(name, rows, cols):
         while rows % rows_per:
             rows_per //= 2
         launch.update(BLOCK_N=rows_per * cols, ROWS_PER=rows_per)
+    else:
+        launch.update(RP=max(16, triton.next_power_of_2(rows)))
     return launch, N // launch["BLOCK_N" if name == "dkdv" else "BLOCK_M"]
 
 
@@ -421,76 +509,114 @@ def _last_contiguous(*tensors):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
+def _grid(table_h, table_w):
+    """The grid (rows, columns) that rel-pos tables of 2 S - 1 entries serve."""
+    return (table_h.shape[0] + 1) // 2, (table_w.shape[0] + 1) // 2
+
+
 @torch.library.custom_op("peft_sam::relpos_attention", mutates_args=())
-def _relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    q, k, v, rel_h, rel_w = _last_contiguous(q, k, v, rel_h, rel_w)
+def _relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table_h: torch.Tensor,
+                      table_w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                    torch.Tensor]:
+    """The output (B, N, heads, D), its log2-sum-exp2 (B, heads, N) and rel_h, rel_w (B, heads, N, rows /
+    columns), the last three for the backward."""
+    q, k, v = _last_contiguous(q, k, v)
+    table_h, table_w = table_h.contiguous(), table_w.contiguous()
     B, heads, N, D = q.shape
-    rows, cols = rel_h.shape[-1], rel_w.shape[-1]
+    rows, cols = _grid(table_h, table_w)
     out = q.new_empty(B, N, heads, D)
     lse = torch.empty(B, heads, N, device=q.device, dtype=torch.float32)
+    rel_h, rel_w = q.new_empty(B, heads, N, rows), q.new_empty(B, heads, N, cols)
     launch, blocks = _launch("forward", rows, cols)
     (_forward if by_rows(cols) else _window_forward)[(blocks, heads, B)](
-        q, k, v, rel_h, rel_w, out, lse, *_strides(q, k, v, rel_h, rel_w, out.transpose(1, 2)),
-        heads, scale, N=N, ROWS=rows, COLS=cols, D=D, PRECISION=_precision(q.dtype), **launch)
-    return out, lse
+        q, k, v, table_h, table_w, out, lse, rel_h, rel_w, *_strides(q, k, v, out.transpose(1, 2)), heads, scale,
+        N=N, ROWS=rows, COLS=cols, D=D, PRECISION=_precision(q.dtype), **launch)
+    return out, lse, rel_h, rel_w
 
 
 @_relpos_attention.register_fake
-def _(q, k, v, rel_h, rel_w, scale):
+def _(q, k, v, table_h, table_w, scale):
     B, heads, N, D = q.shape
-    return q.new_empty(B, N, heads, D), q.new_empty(B, heads, N, dtype=torch.float32)
+    rows, cols = _grid(table_h, table_w)
+    return (q.new_empty(B, N, heads, D), q.new_empty(B, heads, N, dtype=torch.float32),
+            q.new_empty(B, heads, N, rows), q.new_empty(B, heads, N, cols))
 
 
 @torch.library.custom_op("peft_sam::relpos_attention_backward", mutates_args=())
 def _relpos_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               rel_h: torch.Tensor, rel_w: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                               table_h: torch.Tensor, table_w: torch.Tensor, rel_h: torch.Tensor,
+                               rel_w: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                       torch.Tensor]:
-    q, k, v, rel_h, rel_w, grad_out, out = _last_contiguous(q, k, v, rel_h, rel_w, grad_out, out)
+    """dq, dk, dv, and the gradients of rel_h and rel_w (B, heads, N, rows / columns), which the tables'
+    gradient needs (_table_grad) when they train; dq includes the part through rel_h and rel_w."""
+    q, k, v, grad_out, out = _last_contiguous(q, k, v, grad_out, out)
+    table_h, table_w = table_h.contiguous(), table_w.contiguous()
     B, heads, N, D = q.shape
-    rows, cols = rel_h.shape[-1], rel_w.shape[-1]
-    delta = torch.empty(B, heads, N, device=q.device, dtype=torch.float32)  # written by _backward_dq
+    rows, cols = _grid(table_h, table_w)
+    delta = torch.empty(B, heads, N, device=q.device, dtype=torch.float32)  # written by the dq kernel
+    d_rel_h, d_rel_w = q.new_empty(B, heads, N, rows), q.new_empty(B, heads, N, cols)
     dq, dk, dv = (torch.empty(B, heads, N, D, device=q.device, dtype=t.dtype) for t in (q, k, v))
-    d_rel_h = torch.empty(B, heads, N, rows, device=q.device, dtype=rel_h.dtype)
-    d_rel_w = torch.empty(B, heads, N, cols, device=q.device, dtype=rel_w.dtype)
-    strides = _strides(q, k, v, rel_h, rel_w, grad_out.transpose(1, 2))
+    strides = _strides(q, k, v)
     meta = dict(N=N, ROWS=rows, COLS=cols, D=D, PRECISION=_precision(q.dtype))
     kernel_dq, kernel_dkdv = (_backward_dq, _backward_dkdv) if by_rows(cols) else (_window_backward_dq,
                                                                                    _window_backward_dkdv)
     launch, blocks = _launch("dq", rows, cols)
     kernel_dq[(blocks, heads, B)](
-        q, k, v, rel_h, rel_w, grad_out, out, lse, delta, dq, d_rel_h, d_rel_w,
-        *strides, *_strides(out.transpose(1, 2)), heads, scale, **meta, **launch)
+        q, k, v, table_h, table_w, rel_h, rel_w, grad_out, out, lse, delta, dq, d_rel_h, d_rel_w,
+        *strides, *_strides(grad_out.transpose(1, 2), out.transpose(1, 2)), heads, scale, **meta, **launch)
     launch, blocks = _launch("dkdv", rows, cols)
     kernel_dkdv[(blocks, heads, B)](
-        q, k, v, rel_h, rel_w, grad_out, lse, delta, dk, dv, *strides, heads, scale, **meta, **launch)
+        q, k, v, rel_h, rel_w, grad_out, lse, delta, dk, dv,
+        *strides, *_strides(rel_h, rel_w, grad_out.transpose(1, 2)), heads, scale, **meta, **launch)
     return dq, dk, dv, d_rel_h, d_rel_w
 
 
 @_relpos_attention_backward.register_fake
-def _(grad_out, q, k, v, rel_h, rel_w, out, lse, scale):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v, rel_h, rel_w))
+def _(grad_out, q, k, v, table_h, table_w, rel_h, rel_w, out, lse, scale):
+    B, heads, N, D = q.shape
+    rows, cols = _grid(table_h, table_w)
+    return (*(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)),
+            q.new_empty(B, heads, N, rows), q.new_empty(B, heads, N, cols))
+
+
+def _table_grad(d_rel, q, rows, cols, along_rows):
+    """Gradient of a rel-pos table (2 S - 1, D) from that of rel_h (along_rows) or rel_w, (B, heads, N, S),
+    and q: what autograd gives through SAM's einsum against the table gathered to (S, S, D), whose entry
+    [a, r] is table row a - r + S - 1. Only for tables that train (our methods freeze them)."""
+    B, heads, N, D = q.shape
+    grid, d_rel = q.reshape(B, heads, rows, cols, D), d_rel.reshape(B, heads, rows, cols, -1)
+    per_pair = torch.einsum("bnawr,bnawd->ard" if along_rows else "bnawc,bnawd->wcd", d_rel, grid)  # (S, S, D)
+    size = per_pair.shape[0]
+    pos = torch.arange(size, device=q.device)
+    index = (pos[:, None] - pos[None, :] + size - 1).flatten()
+    return per_pair.new_zeros(2 * size - 1, D).index_add_(0, index, per_pair.flatten(0, 1))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, rel_h, rel_w, scale = inputs
-    ctx.save_for_backward(q, k, v, rel_h, rel_w, *output)
+    q, k, v, table_h, table_w, scale = inputs
+    ctx.save_for_backward(q, k, v, table_h, table_w, *output)
     ctx.scale = scale
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, rel_h, rel_w, out, lse = ctx.saved_tensors
-    return (*_relpos_attention_backward(grad_out, q, k, v, rel_h, rel_w, out, lse, ctx.scale), None)
+def _backward(ctx, grad_out, grad_lse, grad_rel_h, grad_rel_w):  # lse, rel_h, rel_w: for the backward only
+    q, k, v, table_h, table_w, out, lse, rel_h, rel_w = ctx.saved_tensors
+    dq, dk, dv, d_rel_h, d_rel_w = _relpos_attention_backward(grad_out, q, k, v, table_h, table_w, rel_h, rel_w,
+                                                              out, lse, ctx.scale)
+    rows, cols = _grid(table_h, table_w)
+    d_table_h = _table_grad(d_rel_h, q, rows, cols, True).to(table_h.dtype) if ctx.needs_input_grad[3] else None
+    d_table_w = _table_grad(d_rel_w, q, rows, cols, False).to(table_w.dtype) if ctx.needs_input_grad[4] else None
+    return dq, dk, dv, d_table_h, d_table_w, None
 
 
 _relpos_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def relpos_attention(q, k, v, rel_h, rel_w, scale):
-    """softmax(q k^T * scale + rel_h[:, row j] + rel_w[:, col j]) v for q, k, v (B, heads, N, D),
-    rel_h (B, heads, N, H), rel_w (B, heads, N, W). Returns (B, N, heads, D)."""
-    return _relpos_attention(q, k, v, rel_h, rel_w, scale)[0]
+def relpos_attention(q, k, v, table_h, table_w, scale):
+    """softmax(q k^T * scale + rel_h[:, row j] + rel_w[:, col j]) v for q, k, v (B, heads, N, D) on an H x W
+    grid, with SAM's rel-pos tables table_h (2H - 1, D) and table_w (2W - 1, D) as get_rel_pos sizes them
+    (rel_h[i, r] = q_i . table_h[row i - r + H - 1], see _rel_term). Returns (B, N, heads, D)."""
+    return _relpos_attention(q, k, v, table_h, table_w, scale)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -527,9 +653,9 @@ def _compile_by_launching(heads, rows, cols, head_dim, dtype):
     N = rows * cols
     qkv = torch.randn(1, N, 3, heads, head_dim, device="cuda", dtype=dtype, requires_grad=True)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (1, heads, N, D)
-    rel_h = torch.randn(1, heads, N, rows, device="cuda", dtype=dtype, requires_grad=True)
-    rel_w = torch.randn(1, heads, N, cols, device="cuda", dtype=dtype, requires_grad=True)
-    out = relpos_attention(q, k, v, rel_h, rel_w, head_dim ** -0.5)  # (1, N, heads, D)
+    table_h = torch.randn(2 * rows - 1, head_dim, device="cuda")  # fp32 parameters, as SAM's
+    table_w = torch.randn(2 * cols - 1, head_dim, device="cuda")
+    out = relpos_attention(q, k, v, table_h, table_w, head_dim ** -0.5)  # (1, N, heads, D)
     out.backward(torch.randn_like(out))
     torch.cuda.synchronize()
 

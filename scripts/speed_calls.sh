@@ -48,6 +48,27 @@ test_and_tune_relpos_kernels() {
     open(p, 'w').write(s)"
   grep -n -A2 "^CONFIG" relpos_attention.py
 }
+# Calls az, ba: relpos_attention.py's kernels tuned beside the committed ones and the folded form (speed_probe.py
+# relpos), the best written into CONFIG; then the ViT-B LoRA step of the committed tree (git archive c640f29 unpacked
+# into .data/head) and of this one, profiled, one after the other.
+tune_and_step_against_head() {
+  timeout 200 python3 scripts/speed_probe.py relpos --out /tmp/runs/relpos > /tmp/runs/relpos.log 2>&1
+  grep -E "^relpos|RELPOS|Error" /tmp/runs/relpos.log | cut -c1-600
+  python3 -c "import json, re; best = json.load(open('/tmp/runs/relpos/probe.json'))['relpos']['best']; \
+    p = 'relpos_attention.py'; s = open(p).read(); \
+    s = re.sub(r'CONFIG = dict\(.*?\)\)\n', 'CONFIG = ' + repr(best) + '\n', s, flags=re.S); \
+    open(p, 'w').write(s)"
+  grep -n "^CONFIG" relpos_attention.py | cut -c1-600
+  ( cd .data/head && PYTHONPATH=/tmp/site:$PWD PROBE_VITB3=now TORCHINDUCTOR_CACHE_DIR=/tmp/cache_az_head \
+    TRITON_CACHE_DIR=/tmp/cache_az_head/triton timeout 150 python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3_head \
+    > /tmp/runs/vitb3_head.log 2>&1 )
+  grep -E "^vitb3|Error" /tmp/runs/vitb3_head.log | cut -c1-300
+  PROBE_VITB3=now TORCHINDUCTOR_CACHE_DIR=/tmp/cache_az TRITON_CACHE_DIR=/tmp/cache_az/triton \
+    timeout 150 python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3 > /tmp/runs/vitb3.log 2>&1
+  grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-300
+  cp relpos_attention.py /tmp/runs/
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+}
 # $1 pairs of vit_b_run, compiled then uncompiled (run_compiled_I, run_nocompile_I), 120 s each (calls ae, ak).
 vit_b_pairs() {
   for i in $(seq $1); do
@@ -668,5 +689,29 @@ ay)
   tail -n 8 /tmp/runs/bench_vit_b_methods/bench.md | cut -d'|' -f2-10; grep -E "Error" /tmp/runs/bench_vit_b_methods.log | head -3
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay"; exit 2 ;;
+az)
+  # Speed issue: rel_h and rel_w computed inside relpos_attention.py's kernels (q times the tables, picked per query with
+  # tl.gather; recomputed in the backward, not kept), against c640f29's kernels (made with the line above HEAD_KERNELS
+  # in speed_probe.py).
+  tune_and_step_against_head
+  ;;
+ba)
+  # Speed issue, as az, with az's slower kernels mended: rel_h of a query block within one grid row from one slice of
+  # the table (no gather), the gathers in bf16.
+  tune_and_step_against_head
+  ;;
+bb)
+  # Speed issue, as ba, rel_h and rel_w now written by the forward kernels and kept for the backward (as the einsums'
+  # were) rather than recomputed in the query-side backward kernels.
+  tune_and_step_against_head
+  ;;
+bc)
+  # Speed issue, bb again with speed_probe.py's tuning mended for the kernels' new outputs (bb's tuning failed, and its
+  # steps ran with the committed launch settings); then the GPU tests with the tuned settings.
+  tune_and_step_against_head
+  timeout 330 python3 -m pytest -v tests/test_fastpath.py tests/test_relpos_attention.py > /tmp/runs/gpu_tests.log 2>&1
+  grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | tail -n 5
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc"; exit 2 ;;
 esac

@@ -125,10 +125,11 @@ def variant(name, H, W, scale):
             def score_mod(score, b, h, qi, kj):
                 return score + rel_h[b, h, qi, kj // W] + rel_w[b, h, qi, kj % W]
             return flex()(q, k, v, score_mod=score_mod, scale=scale)
-        if name in ("triton", "triton_head"):  # relpos_attention.py, as common.fast_vit_attention calls it
-            kernels = head_kernels() if name == "triton_head" else __import__("relpos_attention")
+        if name == "triton":  # relpos_attention.py, as common.fast_vit_attention calls it (the tables)
+            return __import__("relpos_attention").relpos_attention(q, k, v, Rh, Rw, scale).transpose(1, 2)
+        if name == "triton_head":  # the committed kernels, which took rel_h and rel_w (calls ap-ay)
             rel_h, rel_w = rel_terms(q, Rh, Rw, H, W)
-            return kernels.relpos_attention(q, k, v, rel_h, rel_w, scale).transpose(1, 2)
+            return head_kernels().relpos_attention(q, k, v, rel_h, rel_w, scale).transpose(1, 2)
         if name.startswith("nobias_"):  # lower bound: no rel-pos term at all
             with sdpa_kernel(backends[name.split("_")[1]]):
                 return F.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -202,9 +203,8 @@ def tune_relpos(out, shape, candidates):
     name, (B, heads, H, W) = shape
     scale = 64 ** -0.5
     q, k, v, Rh, Rw = relpos_inputs(B, heads, H, W, 64, torch.bfloat16)
-    rel_h, rel_w = (t.detach().requires_grad_() for t in rel_terms(q, Rh, Rw, H, W))
     g = torch.randn(B, H * W, heads, 64, device="cuda", dtype=torch.bfloat16)
-    o, lse = ra._relpos_attention(q, k, v, rel_h, rel_w, scale)
+    o, lse, rel_h, rel_w = ra._relpos_attention(q, k, v, Rh, Rw, scale)
 
     def settings(block_m, warps, stages, block_n=None):
         return dict(BLOCK_M=block_m, num_warps=warps, num_stages=stages, **({"BLOCK_N": block_n} if block_n else {}))
@@ -214,10 +214,10 @@ def tune_relpos(out, shape, candidates):
             ra.CONFIG[kernel] = settings(*c)
             if kernel.endswith("forward"):
                 def fn():
-                    ra._relpos_attention(q, k, v, rel_h, rel_w, scale)
+                    ra._relpos_attention(q, k, v, Rh, Rw, scale)
             else:  # both backward kernels run; only `kernel`'s settings change
                 def fn():
-                    ra._relpos_attention_backward(g, q, k, v, rel_h, rel_w, o, lse, scale)
+                    ra._relpos_attention_backward(g, q, k, v, Rh, Rw, rel_h, rel_w, o, lse, scale)
             try:
                 times[c] = time_ms(fn, 10, 2)
             except Exception as e:
@@ -618,10 +618,10 @@ def probe_vitb3():
             if blk.window_size > 0:
                 blk.attn.fast_relpos = False  # the windowed blocks' folded SDPA form, as before the window kernels
         torch._dynamo.reset()
+    # head (the committed kernels, call aq) needs kernels that take what common.fast_vit_attention passes
+    # (rel_h and rel_w until call ay, the tables since): two commits are compared in two processes since
     variants = dict(now=kernels(own), neck_cl=neck_channels_last, conv_patch_embed=conv_patch_embed,
                     folded_windows=folded_windows)
-    if HEAD_KERNELS.exists():
-        variants = dict(head=kernels(head_kernels()), **variants)
     picked = os.environ.get("PROBE_VITB3", ",".join(variants)).split(",")
     for name in picked:
         measure_variant("vitb3", out, name, model, params, x, y, dev, apply=variants[name], reps=20, firsts=3,

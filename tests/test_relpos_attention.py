@@ -17,21 +17,25 @@ from test_fastpath import fast_copy, tiny_model, vit_attention
 pytest.importorskip("triton", reason="PyTorch without Triton: the kernels are not used, the folded path is")
 
 TOL = 1e-5  # fp32, as the folded path (test_fastpath.TOL); measured ~2e-6 under the interpreter
-# (grid rows, grid columns, LoRA rank): the row kernels on a square grid and on rows != columns; the window
-# kernels on ViT's 14 x 14 window (four blocks of 64 tokens, the last one part padding) and on a 5 x 7 grid
-# (less than one block, rows != columns)
-CASES = [(16, 16, 0), (8, 16, 4), (14, 14, 4), (5, 7, 0)]
+# (grid rows, grid columns, LoRA rank): the row kernels on a square grid and on rows != columns (query blocks
+# of several grid rows), and on a grid 64 wide (each query block within one grid row: rel_h from one slice of
+# the table); the window kernels on ViT's 14 x 14 window (four blocks of 64 tokens, the last one part padding)
+# and on a 5 x 7 grid (less than one block, rows != columns)
+CASES = [(16, 16, 0), (8, 16, 4), (4, 64, 0), (14, 14, 4), (5, 7, 0)]
 
 
 def grads(attn, x, g):
     y = attn(x)
-    return [y, *torch.autograd.grad(y, [x, *attn.parameters()], g)]
+    return [y, *torch.autograd.grad(y, [x, *(p for p in attn.parameters() if p.requires_grad)], g)]
 
 
-def errors(H, W, lora_rank, device, dtype):
+def errors(H, W, lora_rank, device, dtype, frozen_tables=False):
     """Max |kernel - stock| over the output and every gradient, stock in fp32; and the same for the folded
-    SDPA form in `dtype` (the path the kernels replace), as a yardstick for bf16."""
+    SDPA form in `dtype` (the path the kernels replace), as a yardstick for bf16. The rel-pos tables train
+    (their gradient checked too) unless frozen_tables, as our methods have them."""
     stock = vit_attention(0, lora_rank, grid=(H, W)).to(device)
+    stock.rel_pos_h.requires_grad_(not frozen_tables)
+    stock.rel_pos_w.requires_grad_(not frozen_tables)
     kernel = fast_copy(stock)
     assert kernel.fast_relpos, "the kernels were not picked up"
     folded = fast_copy(stock)
@@ -100,6 +104,14 @@ def interpreted(call):
 @pytest.mark.parametrize("H,W,lora_rank", CASES)
 def test_kernels_match_stock_under_the_interpreter(H, W, lora_rank):
     assert max(interpreted(f"t.errors({H}, {W}, {lora_rank}, 'cpu', torch.float32)[0]")) < TOL
+
+
+@pytest.mark.parametrize("H,W", [(8, 16), (14, 14)])  # row kernels, window kernels
+def test_kernels_match_stock_with_frozen_tables_under_the_interpreter(H, W):
+    """As our methods train: the tables frozen, so no table gradient is computed (only q's part through the
+    rel-pos term, which the dq kernels add themselves)."""
+    errs = interpreted(f"t.errors({H}, {W}, 4, 'cpu', torch.float32, frozen_tables=True)[0]")
+    assert len(errs) == 10 and max(errs) < TOL, errs  # output, input, qkv (2), LoRA (4), proj (2)
 
 
 def test_checkpointing_keeps_the_kernels_output_under_the_interpreter():
