@@ -13,7 +13,9 @@
 # convolutions, LayerNorm2d, ViT-B's first block); ai-ak: them in common.py (GPU tests, default runs, bench rows, compile
 # time); al-an: a whole compiled run's phases timed; ao: the probe after its review. ap-ay: relpos_attention.py's key-side
 # kernel and rowsum (ap, aq), LoRA's one down-projection product (aq), the patch embedding as a matmul (ar), bench rows,
-# default runs, every method on DRIVE, compile time (ar-av), the window kernels (aw-ay). Results: results/h100/*.json
+# default runs, every method on DRIVE, compile time (ar-av), the window kernels (aw-ay). az-bc: rel_h and rel_w computed
+# inside the kernels (tuned, the step against c640f29's kernels, the GPU tests). bd, be: written for commit 744410a
+# and not run yet (no machine was lent after bc): its bench rows and its compile time. Results: results/h100/*.json
 # (each names its call).
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
@@ -713,5 +715,17 @@ bc)
   grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | tail -n 5
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc"; exit 2 ;;
+bd)
+  # (Not run yet.) Speed issue, commit 744410a (rel_h and rel_w inside the kernels, call bc's launch settings): every method on ViT-B
+  # compiled and graphed beside its stock-bf16 baseline, LoRA also checkpointed (as as), on fresh caches.
+  vit_b_rows 320 2-10
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+be)
+  # (Not run yet.) Speed issue, commit 744410a: what compilation adds to a whole ViT-B run, on fresh caches, as calls an and av did (a
+  # warm-up run, then three pairs alternating uncompiled and compiled); the first with the window kernels.
+  alternating_pairs be
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be"; exit 2 ;;
 esac
