@@ -37,30 +37,30 @@ vit_b_run() {
     $flag --run-name $name ) > /tmp/runs/$name.log 2>&1
   echo $name; tr '\r' '\n' < /tmp/runs/$name.log | grep -E "^step 20|^test|^real|Error" | cut -c1-150
 }
+# speed_probe.py relpos's log (the lines it prints, cut at $1 characters), and the launch settings it found written into
+# relpos_attention.CONFIG for the rest of the call.
+tuned_relpos_config() {
+  grep -E "^relpos|RELPOS|Error" /tmp/runs/relpos.log | cut -c1-$1
+  python3 -c "import json, re; best = json.load(open('/tmp/runs/relpos/probe.json'))['relpos']['best']; \
+    p = 'relpos_attention.py'; s = open(p).read(); \
+    s = re.sub(r'CONFIG = dict\(.*?\)\)\n', 'CONFIG = ' + repr(best) + '\n', s, flags=re.S); \
+    open(p, 'w').write(s)"
+  grep -n "^CONFIG" relpos_attention.py | cut -c1-600
+}
 # Calls q and r: the GPU tests, then relpos_attention.py's kernels timed over their launch settings (speed_probe.py
 # relpos), the best written into relpos_attention.CONFIG for the rest of the call.
 test_and_tune_relpos_kernels() {
   timeout 150 python3 -m pytest -q tests/test_relpos_attention.py tests/test_fastpath.py > /tmp/runs/pytest_gpu.log 2>&1
   tail -3 /tmp/runs/pytest_gpu.log
   timeout 150 python3 scripts/speed_probe.py relpos --out /tmp/runs/relpos > /tmp/runs/relpos.log 2>&1
-  grep -E "^relpos|RELPOS|Error" /tmp/runs/relpos.log | cut -c1-400
-  python3 -c "import json, re; best = json.load(open('/tmp/runs/relpos/probe.json'))['relpos']['best']; \
-    p = 'relpos_attention.py'; s = open(p).read(); \
-    s = re.sub(r'CONFIG = dict\(.*?\)\)\n', 'CONFIG = ' + repr(best) + '\n', s, flags=re.S); \
-    open(p, 'w').write(s)"
-  grep -n -A2 "^CONFIG" relpos_attention.py
+  tuned_relpos_config 400
 }
 # Calls az, ba: relpos_attention.py's kernels tuned beside the committed ones and the folded form (speed_probe.py
 # relpos), the best written into CONFIG; then the ViT-B LoRA step of the committed tree (git archive c640f29 unpacked
 # into .data/head) and of this one, profiled, one after the other.
 tune_and_step_against_head() {
   timeout 200 python3 scripts/speed_probe.py relpos --out /tmp/runs/relpos > /tmp/runs/relpos.log 2>&1
-  grep -E "^relpos|RELPOS|Error" /tmp/runs/relpos.log | cut -c1-600
-  python3 -c "import json, re; best = json.load(open('/tmp/runs/relpos/probe.json'))['relpos']['best']; \
-    p = 'relpos_attention.py'; s = open(p).read(); \
-    s = re.sub(r'CONFIG = dict\(.*?\)\)\n', 'CONFIG = ' + repr(best) + '\n', s, flags=re.S); \
-    open(p, 'w').write(s)"
-  grep -n "^CONFIG" relpos_attention.py | cut -c1-600
+  tuned_relpos_config 600
   ( cd .data/head && PYTHONPATH=/tmp/site:$PWD PROBE_VITB3=now TORCHINDUCTOR_CACHE_DIR=/tmp/cache_az_head \
     TRITON_CACHE_DIR=/tmp/cache_az_head/triton timeout 150 python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3_head \
     > /tmp/runs/vitb3_head.log 2>&1 )
@@ -660,12 +660,7 @@ aw)
   timeout 150 python3 -m pytest -q tests/test_relpos_attention.py > /tmp/runs/pytest_gpu.log 2>&1
   tail -n 1 /tmp/runs/pytest_gpu.log
   timeout 200 python3 scripts/speed_probe.py relpos --out /tmp/runs/relpos > /tmp/runs/relpos.log 2>&1
-  grep -E "^relpos|RELPOS|Error" /tmp/runs/relpos.log | cut -c1-600
-  python3 -c "import json, re; best = json.load(open('/tmp/runs/relpos/probe.json'))['relpos']['best']; \
-    p = 'relpos_attention.py'; s = open(p).read(); \
-    s = re.sub(r'CONFIG = dict\(.*?\)\)\n', 'CONFIG = ' + repr(best) + '\n', s, flags=re.S); \
-    open(p, 'w').write(s)"
-  grep -n "^CONFIG" relpos_attention.py | cut -c1-600
+  tuned_relpos_config 600
   PROBE_VITB3=now,folded_windows TORCHINDUCTOR_CACHE_DIR=/tmp/cache_aw TRITON_CACHE_DIR=/tmp/cache_aw/triton \
     timeout 200 python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3 > /tmp/runs/vitb3.log 2>&1
   grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-400
