@@ -721,8 +721,8 @@ def frozen_weights_to_bf16(model):
 def _keep_global_attention(ctx, op, *args, **kwargs):
     """Selective checkpointing policy: keep the outputs of the global blocks' attention kernel
     (relpos_attention.py; (B, N, heads, 64) bf16, its log-sum-exp, rel_h and rel_w: 152 MB per ViT-B global
-    block at 1024, batch 8), recompute everything else, the windowed blocks' attention kernels included (their outputs
-    would add 60 MB per block). ViT-B LoRA at batch 8 on the H100: 71.2 images/s at 3.5 GiB, 83% of the
+    block at 1024, batch 8), recompute everything else, the windowed blocks' attention kernels included
+    (their outputs would add 60 MB per block). ViT-B LoRA at batch 8 on the H100: 71.2 images/s at 3.5 GiB, 83% of the
     uncheckpointed 85.6, when this policy was written (recomputing the global kernels too gave 67.9, 79.6% of
     85.3); with the window kernels, 84.1 images/s at 3.3 GiB, 84% of 100.2 (call ax)."""
     from torch.utils.checkpoint import CheckpointPolicy

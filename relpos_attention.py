@@ -149,6 +149,18 @@ def _row_kernels_rel_h(q, TH, offs_m, ROWS: tl.constexpr, COLS: tl.constexpr, RP
 
 
 @triton.jit
+def _row_kernels_rel_h_grad(drh, TH, offs_m, ROWS: tl.constexpr, COLS: tl.constexpr, RP: tl.constexpr,
+                            D: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """q's gradient (BLOCK_M, D, fp32) through _row_kernels_rel_h, from d rel_h (BLOCK_M, RP) in q's dtype,
+    by the same choice."""
+    if BLOCK_M <= COLS:
+        t = _row_slice(TH, tl.program_id(0) * BLOCK_M // COLS, ROWS, RP, D).to(drh.dtype)
+        return tl.dot(drh, t, input_precision=PRECISION)
+    else:
+        return _rel_term_grad(drh, TH, offs_m // COLS, ROWS, RP, D, PRECISION)
+
+
+@triton.jit
 def _forward(Q, K, V, TH, TW, O, LSE, RH, RW,
              sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
              heads, scale,
@@ -236,12 +248,8 @@ def _backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
     tl.store(DRW + rows * COLS + offs_c[None, :], drw)
     tl.debug_barrier()  # d rel_h, stored a column per key row, read back as a tile
     drh = tl.load(DRH + rows * ROWS + offs_r[None, :], mask=offs_r[None, :] < ROWS, other=0.0)
-    dq = dq * scale + _rel_term_grad(drw, TW, offs_m % COLS, COLS, COLS, D, PRECISION)
-    if BLOCK_M <= COLS:  # as _row_kernels_rel_h
-        t = _row_slice(TH, tl.program_id(0) * BLOCK_M // COLS, ROWS, RP, D).to(drh.dtype)
-        dq += tl.dot(drh, t, input_precision=PRECISION)
-    else:
-        dq += _rel_term_grad(drh, TH, offs_m // COLS, ROWS, RP, D, PRECISION)
+    dq = (dq * scale + _rel_term_grad(drw, TW, offs_m % COLS, COLS, COLS, D, PRECISION)
+          + _row_kernels_rel_h_grad(drh, TH, offs_m, ROWS, COLS, RP, D, BLOCK_M, PRECISION))
     tl.store(DQ + rows * D + offs_d[None, :], dq.to(DQ.dtype.element_ty))
 
 
@@ -296,14 +304,15 @@ def _backward_dkdv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
 # In a window a key row (14 keys) is too narrow a tile, so these kernels take keys in blocks of BLOCK_N
 # like FlashAttention-2, the N = H * W tokens padded to whole blocks by masks. The term of a (queries x
 # keys) tile is the fold of fast_vit_attention done in registers: [rel_h | rel_w] (BLOCK_M x HP, x WP;
-# computed by _rel_term in the forward, read from memory in the backward) times the one-hot codes of the keys' rows and columns (HP x BLOCK_N, WP x
-# BLOCK_N, built from the key indices), two small products that gather exactly (one-hot). Its gradient is
-# the same products transposed: d rel_h = ds @ onehot(rows)^T. No widened q', k' or padded v in memory,
-# no cat or slice passes. H100, bf16, 8 x 25 windows of 14 x 14, 12 heads (scripts/speed_probe.py relpos,
-# call aw): forward + backward with the rel-pos einsums 2.85 ms against 3.36 ms for the folded form on cuDNN
-# (0.68 ms without the term); the graphed ViT-B LoRA step 80.6 -> 79.6 ms. In the step's profile these
-# kernels take 7.6 ms over the eight windowed blocks and cuDNN's took 9.2 ms with its conversions; inductor
-# had already fused most of the folded form's other passes. With rel_h and rel_w computed inside (call bc):
+# computed by _rel_term in the forward, read from memory in the backward) times the one-hot codes of the
+# keys' rows and columns (HP x BLOCK_N, WP x BLOCK_N, built from the key indices), two small products that
+# gather exactly (one-hot). Its gradient is the same products transposed: d rel_h = ds @ onehot(rows)^T.
+# No widened q', k' or padded v in memory, no cat or slice passes. H100, bf16, 8 x 25 windows of 14 x 14,
+# 12 heads (scripts/speed_probe.py relpos, call aw): forward + backward with the rel-pos einsums 2.85 ms
+# against 3.36 ms for the folded form on cuDNN (0.68 ms without the term); the graphed ViT-B LoRA step
+# 80.6 -> 79.6 ms. In the step's profile these kernels take 7.6 ms over the eight windowed blocks and
+# cuDNN's took 9.2 ms with its conversions; inductor had already fused most of the folded form's other
+# passes. With rel_h and rel_w computed inside (call bc):
 # 1.70 ms forward and backward, everything included.
 
 
@@ -348,13 +357,14 @@ def _window_forward(Q, K, V, TH, TW, O, LSE, RH, RW,
                     N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     b, h = tl.program_id(2), tl.program_id(1)
+    bh = b * heads + h
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N
     q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, sq_n, mask_m, D, D)  # (BLOCK_M, D)
     rh = _rel_term(q, TH, offs_m // COLS, ROWS, HP, D, PRECISION)  # (BLOCK_M, HP)
     rw = _rel_term(q, TW, offs_m % COLS, COLS, WP, D, PRECISION)  # (BLOCK_M, WP)
-    _store_rows(RH + b * heads * N * ROWS + h * N * ROWS, offs_m, ROWS, mask_m, rh, ROWS, HP)  # for the backward
-    _store_rows(RW + b * heads * N * COLS + h * N * COLS, offs_m, COLS, mask_m, rw, COLS, WP)
+    _store_rows(RH + bh * N * ROWS, offs_m, ROWS, mask_m, rh, ROWS, HP)  # for the backward
+    _store_rows(RW + bh * N * COLS, offs_m, COLS, mask_m, rw, COLS, WP)
     qk_scale = scale * LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -371,7 +381,7 @@ def _window_forward(Q, K, V, TH, TW, O, LSE, RH, RW,
     acc = acc / l_i[:, None]
     tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_n + tl.arange(0, D)[None, :],
              acc.to(O.dtype.element_ty), mask=mask_m[:, None])
-    tl.store(LSE + (b * heads + h) * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+    tl.store(LSE + bh * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
 
 
 @triton.jit
@@ -416,11 +426,9 @@ def _window_backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW
     drh, drw = drh.to(q.dtype), drw.to(q.dtype)
     _store_rows(DRH + bh * N * ROWS, offs_m, ROWS, mask_m, drh, ROWS, HP)
     _store_rows(DRW + bh * N * COLS, offs_m, COLS, mask_m, drw, COLS, WP)
-    tile = offs_m[:, None] < N
     dq = (dq * scale + _rel_term_grad(drh, TH, offs_m // COLS, ROWS, HP, D, PRECISION)
           + _rel_term_grad(drw, TW, offs_m % COLS, COLS, WP, D, PRECISION))
-    tl.store(DQ + (bh * N + offs_m[:, None]) * D + tl.arange(0, D)[None, :], dq.to(DQ.dtype.element_ty),
-             mask=tile)
+    _store_rows(DQ + bh * N * D, offs_m, D, mask_m, dq.to(DQ.dtype.element_ty), D, D)
 
 
 @triton.jit
@@ -486,9 +494,8 @@ def _launch(name, rows, cols):
     """kernel `name`'s launch settings for a rows x cols grid of tokens, and its grid's first axis (query or
     key blocks). Row kernels: the configured blocks halved until they divide the N = rows * cols tokens, the
     key block of dkdv whole key rows (ROWS_PER of them, a divisor of rows), rel_h's tile in the forward and
-    dq kernels RP wide (a power of two, at least 16: a product's side). Window
-    kernels: blocks as configured, the last one masked; the one-hot codes padded to HP, WP (powers of two,
-    at least 16)."""
+    dq kernels RP wide (a power of two, at least 16: a product's side). Window kernels: blocks as
+    configured, the last one masked; the one-hot codes padded to HP, WP (powers of two, at least 16)."""
     N = rows * cols
     if not by_rows(cols):
         launch = dict(CONFIG["window_" + name], HP=max(16, triton.next_power_of_2(rows)),
