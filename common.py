@@ -441,9 +441,10 @@ def fast_vit_attention(self, x):
     those tokens too, and the padding (zeros after norm1, so k = v = qkv bias) takes part in the border
     windows' softmax as keys. We keep that, for exactness.
 
-    On CUDA (self.fast_relpos) the Triton kernels of relpos_attention.py take q, k, v and the two tables,
-    without the widening, and compute rel_h and rel_w themselves (no einsums): the row kernels in global
-    blocks (W a power of two: 64 at 1024), the window kernels in windowed blocks (the fold done in registers).
+    On CUDA (self.fast_relpos) the Triton kernels of relpos_attention.py take the qkv output as it is and the
+    two tables, without the widening, compute rel_h and rel_w themselves (no einsums), and write the gradient
+    of qkv in its own layout: the row kernels in global blocks (W a power of two: 64 at 1024), the window
+    kernels in windowed blocks (the fold done in registers).
 
     Cost of the folded form (H100, bf16, batch 8 at 1024, forward + backward of one global block's
     attention; PyTorch picks cuDNN's kernel): 12.0 ms, against 3.2 ms for the same attention without the
@@ -455,14 +456,16 @@ def fast_vit_attention(self, x):
     B, H, W, _ = x.shape
     N, heads = H * W, self.num_heads
     # self.qkv, not its weight: adapters (LoRAQKV and the like) replace this module
-    q, k, v = self.qkv(x).reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, hd)
-    hd = q.shape[-1]
+    qkv = self.qkv(x).reshape(B, N, 3, heads, -1)  # (B, N, 3, heads, hd)
+    hd = qkv.shape[-1]
+    if self.use_rel_pos and self.fast_relpos and _RELPOS.usable(qkv, H, W):
+        # on CUDA: no widening, rel_h and rel_w in the kernels, qkv's gradient written in its own layout
+        out = _RELPOS.relpos_attention(qkv, _rel_pos_sized(self.rel_pos_h, H), _rel_pos_sized(self.rel_pos_w, W),
+                                       self.scale)  # (B, N, heads, hd)
+        return self.proj(out.reshape(B, H, W, heads * hd))
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, hd)
     scale = self.scale
     if self.use_rel_pos:
-        if self.fast_relpos and _RELPOS.usable(q, H, W):  # on CUDA: no widening, rel_h and rel_w in the kernels
-            out = _RELPOS.relpos_attention(q, k, v, _rel_pos_sized(self.rel_pos_h, H),
-                                           _rel_pos_sized(self.rel_pos_w, W), scale)  # (B, N, heads, hd)
-            return self.proj(out.reshape(B, H, W, heads * hd))
         Rh = _rel_pos_table(self.rel_pos_h, H)  # (H, H, hd)
         Rw = _rel_pos_table(self.rel_pos_w, W)  # (W, W, hd)
         grid = q.reshape(B, heads, H, W, hd)
@@ -727,7 +730,7 @@ def _keep_global_attention(ctx, op, *args, **kwargs):
     85.3); with the window kernels, 84.1 images/s at 3.3 GiB, 84% of 100.2 (call ax)."""
     from torch.utils.checkpoint import CheckpointPolicy
     if (_RELPOS is not None and op is torch.ops.peft_sam.relpos_attention.default
-            and _RELPOS.by_rows((args[4].shape[0] + 1) // 2)):  # table_w (2W - 1, hd): a global grid
+            and _RELPOS.by_rows((args[2].shape[0] + 1) // 2)):  # table_w (2W - 1, hd): a global grid
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

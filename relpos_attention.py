@@ -23,11 +23,14 @@ d rel_w into q's gradient (_rel_term_grad). Graphed ViT-B LoRA step 79.8 -> 76.2
 
 Kernels (after the FlashAttention-2 backward split): `_forward` (queries in blocks, keys row by row),
 `_backward_dq` (the same walk: dq, d rel_h, d rel_w), `_backward_dkdv` (a block of keys, queries in
-blocks: dk, dv). Inputs: q, k, v (B, heads, N, D) with N = H * W; SAM's tables Rh (2H - 1, D), Rw (2W - 1,
-D). The output is (B, N, heads, D), the layout the block's projection reads. `usable` says
-which attentions the kernels take: D one of 16, 32, 64, 128, fp32 or bf16 CUDA tensors, and W a power of
-two from 16 to 128 for these row kernels (ViT-B and ViT-L global blocks at 1024 or 512) or a grid of at
-most 64 x 64 for the window kernels (their 14 x 14 windows); not ViT-H, whose heads are 80 wide.
+blocks: dk, dv). Inputs: qkv (B, N, 3, heads, D) as SAM's qkv projection writes it, N = H * W; SAM's tables
+Rh (2H - 1, D), Rw (2W - 1, D). The output is (B, N, heads, D), the layout the block's projection reads, and
+the backward kernels write dq, dk and dv into one gradient laid out as qkv (returned as three tensors, they
+were stacked into it by autograd, a pass over the whole gradient: graphed ViT-B LoRA step 73.2 -> 72.2 and
+73.3 -> 72.1 ms on an H200, calls bf and bi, two processes each). `usable` says which attentions the
+kernels take: D one of 16, 32, 64, 128, fp32 or bf16 CUDA tensors, and W a power of two from 16 to 128 for
+these row kernels (ViT-B and ViT-L global blocks at 1024 or 512) or a grid of at most 64 x 64 for the
+window kernels (their 14 x 14 windows); not ViT-H, whose heads are 80 wide.
 Everything else goes through the folded path. Softmax in fp32, exp2 with log2(e) folded into the logits.
 
 Measured on the H100 (bf16, batch 8, 12 heads, 64 x 64 tokens; scripts/speed_probe.py relpos, forward and
@@ -62,12 +65,12 @@ def usable_shape(H, W, D):
     return D in (16, 32, 64, 128) and (by_rows(W) or H <= 64 and W <= 64)
 
 
-def usable(q, H, W):
-    """Whether the kernels take this attention: CUDA (or Triton's interpreter), a shape the tiles fit,
-    fp32 or bf16."""
-    on_device = q.is_cuda or INTERPRETED and q.device.type == "cpu"
-    return (on_device and usable_shape(H, W, q.shape[-1]) and q.shape[-2] == H * W
-            and q.dtype in (torch.float32, torch.bfloat16))  # the dtypes the tests check (autocast's and fp32)
+def usable(qkv, H, W):
+    """Whether the kernels take this attention, qkv (B, N, 3, heads, D): CUDA (or Triton's interpreter), a
+    shape the tiles fit, fp32 or bf16."""
+    on_device = qkv.is_cuda or INTERPRETED and qkv.device.type == "cpu"
+    return (on_device and usable_shape(H, W, qkv.shape[-1]) and qkv.shape[1] == H * W
+            and qkv.dtype in (torch.float32, torch.bfloat16))  # the dtypes the tests check (autocast's and fp32)
 
 
 @triton.jit
@@ -204,14 +207,14 @@ def _forward(Q, K, V, TH, TW, O, LSE, RH, RW,
 @triton.jit
 def _backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
                  sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_n, so_b, so_h, so_n,
-                 heads, scale,
+                 sg_b, sg_h, sg_n, heads, scale,
                  N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
                  BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     """One query block, keys row by row: dq, with the part through rel_h and rel_w (_rel_term_grad). Also
     writes DELTA = rowsum(o * do), which _backward_dkdv reads after it (eager, that sum was four passes over
     fp32 copies of o and do), and d rel_h, d rel_w to DRH, DRW (the tables' gradient, when they train; DRH
-    is also this kernel's scratch). RH, RW (the forward's), DQ, DRH, DRW contiguous (B, heads, N, D / ROWS /
-    COLS)."""
+    is also this kernel's scratch). RH, RW (the forward's), DRH, DRW contiguous (B, heads, N, ROWS / COLS); DQ
+    strided as the gradient's q part (sg_*), a view of the one (B, N, 3, heads, D) gradient of qkv."""
     b, h = tl.program_id(2), tl.program_id(1)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, COLS)
@@ -250,13 +253,13 @@ def _backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
     drh = tl.load(DRH + rows * ROWS + offs_r[None, :], mask=offs_r[None, :] < ROWS, other=0.0)
     dq = (dq * scale + _rel_term_grad(drw, TW, offs_m % COLS, COLS, COLS, D, PRECISION)
           + _row_kernels_rel_h_grad(drh, TH, offs_m, ROWS, COLS, RP, D, BLOCK_M, PRECISION))
-    tl.store(DQ + rows * D + offs_d[None, :], dq.to(DQ.dtype.element_ty))
+    tl.store(DQ + b * sg_b + h * sg_h + offs_m[:, None] * sg_n + offs_d[None, :], dq.to(DQ.dtype.element_ty))
 
 
 @triton.jit
 def _backward_dkdv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
                    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                   srh_b, srh_h, srh_n, srw_b, srw_h, srw_n, sdo_b, sdo_h, sdo_n,
+                   srh_b, srh_h, srh_n, srw_b, srw_h, srw_n, sdo_b, sdo_h, sdo_n, sg_b, sg_h, sg_n,
                    heads, scale,
                    N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_PER: tl.constexpr, PRECISION: tl.constexpr):
@@ -266,7 +269,8 @@ def _backward_dkdv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
     (BLOCK_M, COLS), then transposed in registers: gathered element by element in the transposed order,
     neighbouring threads read addresses a row of rel_w apart, and that gather was the slowest part of this
     kernel. BLOCK_N may be several rows (128: two rows at ViT-B's 64, reading q and do half as often), but
-    tuning kept one row (call ap: two rows were slower). DK, DV contiguous (B, heads, N, D)."""
+    tuning kept one row (call ap: two rows were slower). DK, DV strided alike (sg_*): views of the one
+    (B, N, 3, heads, D) gradient of qkv."""
     b, h = tl.program_id(2), tl.program_id(1)
     row0 = tl.program_id(0) * ROWS_PER  # this program's first key row
     offs_j = row0 * COLS + tl.arange(0, BLOCK_N)  # its keys
@@ -294,8 +298,9 @@ def _backward_dkdv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + bias_t  # (BLOCK_N, BLOCK_M)
         p_t = tl.exp2(s_t - lse[None, :])
         dk, dv = _dkdv_step(p_t, q, do, v, delta, dk, dv, PRECISION)
-    tl.store(DK + (bh * N + offs_j[:, None]) * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty))
-    tl.store(DV + (bh * N + offs_j[:, None]) * D + offs_d[None, :], dv.to(DV.dtype.element_ty))
+    grad_rows = b * sg_b + h * sg_h + offs_j[:, None] * sg_n + offs_d[None, :]
+    tl.store(DK + grad_rows, (dk * scale).to(DK.dtype.element_ty))
+    tl.store(DV + grad_rows, dv.to(DV.dtype.element_ty))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -387,13 +392,13 @@ def _window_forward(Q, K, V, TH, TW, O, LSE, RH, RW,
 @triton.jit
 def _window_backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
                         sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_n, so_b, so_h, so_n,
-                        heads, scale,
+                        sg_b, sg_h, sg_n, heads, scale,
                         N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, HP: tl.constexpr,
                         WP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         PRECISION: tl.constexpr):
     """One query block against every key block: dq, d rel_h and d rel_w (the one-hot products transposed),
-    and dq's part through them; DELTA = rowsum(o * do) for _window_backward_dkdv. RH, RW (the forward's), DQ,
-    DRH, DRW contiguous (B, heads, N, D / H / W)."""
+    and dq's part through them; DELTA = rowsum(o * do) for _window_backward_dkdv. RH, RW (the forward's),
+    DRH, DRW contiguous (B, heads, N, H / W); DQ strided (sg_*), as in _backward_dq."""
     b, h = tl.program_id(2), tl.program_id(1)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N
@@ -428,18 +433,19 @@ def _window_backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW
     _store_rows(DRW + bh * N * COLS, offs_m, COLS, mask_m, drw, COLS, WP)
     dq = (dq * scale + _rel_term_grad(drh, TH, offs_m // COLS, ROWS, HP, D, PRECISION)
           + _rel_term_grad(drw, TW, offs_m % COLS, COLS, WP, D, PRECISION))
-    _store_rows(DQ + bh * N * D, offs_m, D, mask_m, dq.to(DQ.dtype.element_ty), D, D)
+    _store_rows(DQ + b * sg_b + h * sg_h, offs_m, sg_n, mask_m, dq.to(DQ.dtype.element_ty), D, D)
 
 
 @triton.jit
 def _window_backward_dkdv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
                           sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                          srh_b, srh_h, srh_n, srw_b, srw_h, srw_n, sdo_b, sdo_h, sdo_n,
+                          srh_b, srh_h, srh_n, srw_b, srw_h, srw_n, sdo_b, sdo_h, sdo_n, sg_b, sg_h, sg_n,
                           heads, scale,
                           N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, HP: tl.constexpr,
                           WP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           PRECISION: tl.constexpr):
-    """One key block against every query block: dk, dv, computed transposed (keys along the first axis)."""
+    """One key block against every query block: dk, dv, computed transposed (keys along the first axis). DK,
+    DV strided (sg_*), as in _backward_dkdv."""
     b, h = tl.program_id(2), tl.program_id(1)
     offs_j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_j = offs_j < N
@@ -464,10 +470,8 @@ def _window_backward_dkdv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + bias_t * LOG2E
         p_t = tl.where(mask_m[None, :], tl.exp2(s_t - lse[None, :]), 0.0)  # padded queries (do = 0): no overflow
         dk, dv = _dkdv_step(p_t, q, do, v, delta, dk, dv, PRECISION)
-    tile = offs_j[:, None] < N
-    tl.store(DK + (bh * N + offs_j[:, None]) * D + tl.arange(0, D)[None, :], (dk * scale).to(DK.dtype.element_ty),
-             mask=tile)
-    tl.store(DV + (bh * N + offs_j[:, None]) * D + tl.arange(0, D)[None, :], dv.to(DV.dtype.element_ty), mask=tile)
+    _store_rows(DK + b * sg_b + h * sg_h, offs_j, sg_n, mask_j, (dk * scale).to(DK.dtype.element_ty), D, D)
+    _store_rows(DV + b * sg_b + h * sg_h, offs_j, sg_n, mask_j, dv.to(DV.dtype.element_ty), D, D)
 
 
 def _strides(*tensors):
@@ -522,18 +526,22 @@ def _last_contiguous(*tensors):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
+def _split(qkv):
+    """q, k, v: (B, heads, N, D) views of qkv (B, N, 3, heads, D), the layout SAM's qkv projection writes."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
 def _grid(table_h, table_w):
     """The grid (rows, columns) that rel-pos tables of 2 S - 1 entries serve."""
     return (table_h.shape[0] + 1) // 2, (table_w.shape[0] + 1) // 2
 
 
 @torch.library.custom_op("peft_sam::relpos_attention", mutates_args=())
-def _relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table_h: torch.Tensor,
-                      table_w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                    torch.Tensor]:
+def _relpos_attention(qkv: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The output (B, N, heads, D), its log2-sum-exp2 (B, heads, N) and rel_h, rel_w (B, heads, N, rows /
-    columns), the last three for the backward."""
-    q, k, v = _last_contiguous(q, k, v)
+    columns), the last three for the backward. qkv (B, N, 3, heads, D)."""
+    q, k, v = _split(*_last_contiguous(qkv))
     table_h, table_w = table_h.contiguous(), table_w.contiguous()
     B, heads, N, D = q.shape
     rows, cols = _grid(table_h, table_w)
@@ -548,49 +556,54 @@ def _relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table_h
 
 
 @_relpos_attention.register_fake
-def _(q, k, v, table_h, table_w, scale):
-    B, heads, N, D = q.shape
+def _(qkv, table_h, table_w, scale):
+    B, N, _, heads, D = qkv.shape
     rows, cols = _grid(table_h, table_w)
-    return (q.new_empty(B, N, heads, D), q.new_empty(B, heads, N, dtype=torch.float32),
-            q.new_empty(B, heads, N, rows), q.new_empty(B, heads, N, cols))
+    return (qkv.new_empty(B, N, heads, D), qkv.new_empty(B, heads, N, dtype=torch.float32),
+            qkv.new_empty(B, heads, N, rows), qkv.new_empty(B, heads, N, cols))
 
 
 @torch.library.custom_op("peft_sam::relpos_attention_backward", mutates_args=())
-def _relpos_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               table_h: torch.Tensor, table_w: torch.Tensor, rel_h: torch.Tensor,
-                               rel_w: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                      torch.Tensor]:
-    """dq, dk, dv, and the gradients of rel_h and rel_w (B, heads, N, rows / columns), which the tables'
-    gradient needs (_table_grad) when they train; dq includes the part through rel_h and rel_w."""
-    q, k, v, grad_out, out = _last_contiguous(q, k, v, grad_out, out)
+def _relpos_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, table_h: torch.Tensor,
+                               table_w: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
+                               out: torch.Tensor, lse: torch.Tensor,
+                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradient of qkv (B, N, 3, heads, D), and those of rel_h and rel_w (B, heads, N, rows / columns),
+    which the tables' gradient needs (_table_grad) when they train; its q part includes the part through
+    rel_h and rel_w. The kernels write dq, dk and dv straight into their places in qkv's layout: returned as
+    three tensors, autograd stacked them into it, a pass that read and wrote the whole gradient (1.35 ms of
+    a ViT-B LoRA step at batch 8 on the H100, call bc's profile)."""
+    qkv, grad_out, out = _last_contiguous(qkv, grad_out, out)
+    q, k, v = _split(qkv)
     table_h, table_w = table_h.contiguous(), table_w.contiguous()
     B, heads, N, D = q.shape
     rows, cols = _grid(table_h, table_w)
     delta = torch.empty(B, heads, N, device=q.device, dtype=torch.float32)  # written by the dq kernel
     d_rel_h, d_rel_w = q.new_empty(B, heads, N, rows), q.new_empty(B, heads, N, cols)
-    dq, dk, dv = (torch.empty(B, heads, N, D, device=q.device, dtype=t.dtype) for t in (q, k, v))
-    strides = _strides(q, k, v)
+    d_qkv = torch.empty(B, N, 3, heads, D, device=q.device, dtype=qkv.dtype)
+    dq, dk, dv = _split(d_qkv)
+    strides, grad_strides = _strides(q, k, v), _strides(dq)  # dq, dk and dv: the same strides
     meta = dict(N=N, ROWS=rows, COLS=cols, D=D, PRECISION=_precision(q.dtype))
     kernel_dq, kernel_dkdv = (_backward_dq, _backward_dkdv) if by_rows(cols) else (_window_backward_dq,
                                                                                    _window_backward_dkdv)
     launch, blocks = _launch("dq", rows, cols)
     kernel_dq[(blocks, heads, B)](
         q, k, v, table_h, table_w, rel_h, rel_w, grad_out, out, lse, delta, dq, d_rel_h, d_rel_w,
-        *strides, *_strides(grad_out.transpose(1, 2), out.transpose(1, 2)), heads, scale, **meta, **launch)
+        *strides, *_strides(grad_out.transpose(1, 2), out.transpose(1, 2)), *grad_strides, heads, scale, **meta,
+        **launch)
     launch, blocks = _launch("dkdv", rows, cols)
     kernel_dkdv[(blocks, heads, B)](
         q, k, v, rel_h, rel_w, grad_out, lse, delta, dk, dv,
-        *strides, *_strides(rel_h, rel_w, grad_out.transpose(1, 2)), heads, scale, **meta, **launch)
-    return dq, dk, dv, d_rel_h, d_rel_w
+        *strides, *_strides(rel_h, rel_w, grad_out.transpose(1, 2)), *grad_strides, heads, scale, **meta, **launch)
+    return d_qkv, d_rel_h, d_rel_w
 
 
 @_relpos_attention_backward.register_fake
-def _(grad_out, q, k, v, table_h, table_w, rel_h, rel_w, out, lse, scale):
-    B, heads, N, D = q.shape
+def _(grad_out, qkv, table_h, table_w, rel_h, rel_w, out, lse, scale):
+    B, N, _, heads, D = qkv.shape
     rows, cols = _grid(table_h, table_w)
-    return (*(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)),
-            q.new_empty(B, heads, N, rows), q.new_empty(B, heads, N, cols))
+    return (torch.empty_like(qkv, memory_format=torch.contiguous_format),
+            qkv.new_empty(B, heads, N, rows), qkv.new_empty(B, heads, N, cols))
 
 
 def _table_grad(d_rel, q, rows, cols, along_rows):
@@ -607,29 +620,31 @@ def _table_grad(d_rel, q, rows, cols, along_rows):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, table_h, table_w, scale = inputs
-    ctx.save_for_backward(q, k, v, table_h, table_w, *output)
+    qkv, table_h, table_w, scale = inputs
+    ctx.save_for_backward(qkv, table_h, table_w, *output)
     ctx.scale = scale
 
 
 def _backward(ctx, grad_out, grad_lse, grad_rel_h, grad_rel_w):  # lse, rel_h, rel_w: for the backward only
-    q, k, v, table_h, table_w, out, lse, rel_h, rel_w = ctx.saved_tensors
-    dq, dk, dv, d_rel_h, d_rel_w = _relpos_attention_backward(grad_out, q, k, v, table_h, table_w, rel_h, rel_w,
-                                                              out, lse, ctx.scale)
+    qkv, table_h, table_w, out, lse, rel_h, rel_w = ctx.saved_tensors
+    d_qkv, d_rel_h, d_rel_w = _relpos_attention_backward(grad_out, qkv, table_h, table_w, rel_h, rel_w, out, lse,
+                                                         ctx.scale)
     rows, cols = _grid(table_h, table_w)
-    d_table_h = _table_grad(d_rel_h, q, rows, cols, True).to(table_h.dtype) if ctx.needs_input_grad[3] else None
-    d_table_w = _table_grad(d_rel_w, q, rows, cols, False).to(table_w.dtype) if ctx.needs_input_grad[4] else None
-    return dq, dk, dv, d_table_h, d_table_w, None
+    q = _split(qkv)[0]
+    d_table_h = _table_grad(d_rel_h, q, rows, cols, True).to(table_h.dtype) if ctx.needs_input_grad[1] else None
+    d_table_w = _table_grad(d_rel_w, q, rows, cols, False).to(table_w.dtype) if ctx.needs_input_grad[2] else None
+    return d_qkv, d_table_h, d_table_w, None
 
 
 _relpos_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def relpos_attention(q, k, v, table_h, table_w, scale):
-    """softmax(q k^T * scale + rel_h[:, row j] + rel_w[:, col j]) v for q, k, v (B, heads, N, D) on an H x W
-    grid, with SAM's rel-pos tables table_h (2H - 1, D) and table_w (2W - 1, D) as get_rel_pos sizes them
-    (rel_h[i, r] = q_i . table_h[row i - r + H - 1], see _rel_term). Returns (B, N, heads, D)."""
-    return _relpos_attention(q, k, v, table_h, table_w, scale)[0]
+def relpos_attention(qkv, table_h, table_w, scale):
+    """softmax(q k^T * scale + rel_h[:, row j] + rel_w[:, col j]) v for q, k, v packed in qkv (B, N, 3, heads,
+    D), the layout of SAM's qkv projection, on an H x W grid (N = H * W), with SAM's rel-pos tables table_h
+    (2H - 1, D) and table_w (2W - 1, D) as get_rel_pos sizes them (rel_h[i, r] = q_i . table_h[row i - r +
+    H - 1], see _rel_term). Returns (B, N, heads, D); the backward returns qkv's gradient in qkv's layout."""
+    return _relpos_attention(qkv, table_h, table_w, scale)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -661,14 +676,13 @@ def precompile(heads, rows, cols, head_dim, dtype=torch.bfloat16):
 
 
 def _compile_by_launching(heads, rows, cols, head_dim, dtype):
-    """Forward and backward once at batch 1, with q, k, v as views of one qkv tensor (as SAM's attention
-    makes them) and an output gradient laid out as the block's projection returns it."""
+    """Forward and backward once at batch 1, with qkv laid out as SAM's attention makes it and an output
+    gradient laid out as the block's projection returns it."""
     N = rows * cols
     qkv = torch.randn(1, N, 3, heads, head_dim, device="cuda", dtype=dtype, requires_grad=True)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (1, heads, N, D)
     table_h = torch.randn(2 * rows - 1, head_dim, device="cuda")  # fp32 parameters, as SAM's
     table_w = torch.randn(2 * cols - 1, head_dim, device="cuda")
-    out = relpos_attention(q, k, v, table_h, table_w, head_dim ** -0.5)  # (1, N, heads, D)
+    out = relpos_attention(qkv, table_h, table_w, head_dim ** -0.5)  # (1, N, heads, D)
     out.backward(torch.randn_like(out))
     torch.cuda.synchronize()
 

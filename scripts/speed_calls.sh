@@ -1,4 +1,4 @@
-# The GPU calls behind the speed figures of the README (issue 7), as they ran on the lent H100, one per letter:
+# The GPU calls behind the speed figures of the README (issue 7), as they ran on the lent machine, one per letter:
 #   bash scripts/speed_calls.sh o      (each writes a tarball of its logs and JSON to $OUT)
 # g: step graphs first measured; h: cProfile of a default run and a kernel profile of ViT-B; i, k, m, n: default runs
 # end to end and the final benchmark rows; o: compile time on fresh and warm caches. j ran with in-place q/v adds, since
@@ -15,8 +15,10 @@
 # kernel and rowsum (ap, aq), LoRA's one down-projection product (aq), the patch embedding as a matmul (ar), bench rows,
 # default runs, every method on DRIVE, compile time (ar-av), the window kernels (aw-ay). az-bc: rel_h and rel_w computed
 # inside the kernels (tuned, the step against c640f29's kernels, the GPU tests). bd, be: written for commit 744410a
-# and not run yet (no machine was lent after bc): its bench rows and its compile time. Results: results/h100/*.json
-# (each names its call).
+# and not run (no machine was lent after bc; bf-bj measured their figures on the next code). Results:
+# results/h100/*.json (each names its call). From bf on the lent kind is an H200 (results/h200/): bf, bi: qkv's
+# gradient written by the kernels in its own layout, the step against caa0e4c's; bf-bj: bench rows, compile time,
+# default runs, every method on DRIVE, GPU tests.
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 
@@ -61,6 +63,13 @@ test_and_tune_relpos_kernels() {
 tune_and_step_against_head() {
   timeout 200 python3 scripts/speed_probe.py relpos --out /tmp/runs/relpos > /tmp/runs/relpos.log 2>&1
   tuned_relpos_config 600
+  step_against_head
+  cp relpos_attention.py /tmp/runs/
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+}
+# The graphed ViT-B LoRA step (speed_probe.py vitb3, profiled) of the committed tree unpacked into .data/head, then of
+# this one, one process after the other (calls az-bc, bf).
+step_against_head() {
   ( cd .data/head && PYTHONPATH=/tmp/site:$PWD PROBE_VITB3=now TORCHINDUCTOR_CACHE_DIR=/tmp/cache_az_head \
     TRITON_CACHE_DIR=/tmp/cache_az_head/triton timeout 150 python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3_head \
     > /tmp/runs/vitb3_head.log 2>&1 )
@@ -68,8 +77,6 @@ tune_and_step_against_head() {
   PROBE_VITB3=now TORCHINDUCTOR_CACHE_DIR=/tmp/cache_az TRITON_CACHE_DIR=/tmp/cache_az/triton \
     timeout 150 python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3 > /tmp/runs/vitb3.log 2>&1
   grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-300
-  cp relpos_attention.py /tmp/runs/
-  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
 }
 # $1 pairs of vit_b_run, compiled then uncompiled (run_compiled_I, run_nocompile_I), 120 s each (calls ae, ak).
 vit_b_pairs() {
@@ -80,10 +87,10 @@ vit_b_pairs() {
 }
 # What compilation adds to a whole ViT-B run with the order effects of earlier calls removed (calls an, av): a warm-up
 # run first (uncompiled, its own caches), then three pairs alternating uncompiled and compiled (scripts/timed_run.py),
-# fresh caches each. $1: the runs' name prefix.
+# fresh caches each. $1: the runs' name prefix; $2: how many pairs (3 unless given).
 alternating_pairs() {
   vit_b_run $1_warmup 120 python3 --no-compile > /dev/null
-  for i in 1 2 3; do
+  for i in $(seq ${2:-3}); do
     vit_b_run $1_nocompile_$i 120 python3 scripts/timed_run.py --no-compile
     vit_b_run $1_compiled_$i 120 python3 scripts/timed_run.py
   done
@@ -91,19 +98,28 @@ alternating_pairs() {
 # The ViT-B bench rows of calls u and aj: LoRA compiled and graphed, also checkpointed, beside stock bf16 (150 s), then
 # the other methods compiled beside stock. $1: the second command's time limit in seconds; $2: the table columns printed.
 vit_b_rows() {
-  local B="python3 benchmarks/bench.py --no-flops --no-inference --models vit_b --batches 8"
-  timeout 150 $B --methods lora --configs fast_bf16_compile_graph,fast_bf16_compile_ckpt_graph,stock_bf16 \
+  vit_b_lora_rows $2
+  vit_b_method_rows $1 $2
+}
+VIT_B_BENCH="python3 benchmarks/bench.py --no-flops --no-inference --models vit_b --batches 8"
+# The LoRA half of vit_b_rows. $1: the table columns printed.
+vit_b_lora_rows() {
+  timeout 150 $VIT_B_BENCH --methods lora --configs fast_bf16_compile_graph,fast_bf16_compile_ckpt_graph,stock_bf16 \
     --out /tmp/runs/bench_vit_b_lora > /tmp/runs/bench_vit_b_lora.log 2>&1
-  tail -n 3 /tmp/runs/bench_vit_b_lora/bench.md | cut -d'|' -f$2
-  timeout $1 $B --methods atrous_lora,salt,balr_sam,samora --configs fast_bf16_compile_graph,stock_bf16 \
+  tail -n 3 /tmp/runs/bench_vit_b_lora/bench.md | cut -d'|' -f$1
+}
+# The other methods' half of vit_b_rows. $1: its time limit in seconds; $2: the table columns printed.
+vit_b_method_rows() {
+  timeout $1 $VIT_B_BENCH --methods atrous_lora,salt,balr_sam,samora --configs fast_bf16_compile_graph,stock_bf16 \
     --out /tmp/runs/bench_vit_b_methods > /tmp/runs/bench_vit_b_methods.log 2>&1
   tail -n 8 /tmp/runs/bench_vit_b_methods/bench.md | cut -d'|' -f$2; grep -E "Error" /tmp/runs/bench_vit_b_*.log | head -3
 }
 # Every method trains on DRIVE: MobileSAM 100 steps each, and ViT-B (random weights, uncompiled) 10 steps each
-# (SAMora's stage 1: 30 steps per expert); the runs must finish and write their metrics (calls ad, at).
+# (SAMora's stage 1: 30 steps per expert); the runs must finish and write their metrics (calls ad, at). $1: the
+# models (both unless given).
 every_method_on_drive() {
   for m in lora atrous_lora salt balr_sam samora; do
-    for model in mobile_sam vit_b; do
+    for model in ${1:-mobile_sam vit_b}; do
       if [ $model = mobile_sam ]; then F="--steps 100"; else F="--model vit_b --checkpoint none --no-compile --steps 10"; fi
       [ $m = samora ] && F="$F --stage1-steps 30"
       ( time timeout 120 python3 $m.py --data drive --data-root $DRIVE --split salt $F --out /tmp/runs --run-name ${m}_$model ) \
@@ -722,5 +738,54 @@ be)
   alternating_pairs be
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be"; exit 2 ;;
+bf)
+  # Speed issue, on an H200 (the kind lent since call bc): the ViT-B LoRA step of the committed tree (git archive
+  # caa0e4c unpacked into .data/head) and of this one (the kernels write qkv's gradient in its own layout), profiled,
+  # one process after the other; LoRA's bench rows (compiled and graphed, checkpointed, stock bf16); the GPU tests.
+  step_against_head
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs  # what is done so far, should the call run out of time
+  vit_b_lora_rows 2-10
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  timeout 200 python3 -m pytest -q --durations=8 tests/test_relpos_attention.py tests/test_fastpath.py \
+    > /tmp/runs/gpu_tests.log 2>&1
+  grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | tail -n 5
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+bg)
+  # Speed issue, bf's code on an H200: what compilation adds to a whole ViT-B run (a warm-up run, then two pairs
+  # alternating uncompiled and compiled, fresh caches each), then default runs after a warm-up.
+  alternating_pairs bg 2
+  warm_up_default_run 60
+  for i in 1 2; do default_run default_$i 100 python3; done
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+bh)
+  # Speed issue, bf's code on an H200: the other methods' ViT-B bench rows beside stock bf16; every method on DRIVE
+  # with MobileSAM (100 steps each).
+  vit_b_method_rows 330 2-10
+  every_method_on_drive mobile_sam
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+bi)
+  # Speed issue, bf's code on an H200: the GPU tests without the interpreter's (bf's 200 s limit ran out inside them),
+  # then the step against the committed tree again, this tree's process first this time.
+  timeout 330 python3 -m pytest -q --durations=8 -k "not interpreter" tests/test_relpos_attention.py \
+    tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
+  grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | tail -n 5
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  PROBE_VITB3=now TORCHINDUCTOR_CACHE_DIR=/tmp/cache_bi TRITON_CACHE_DIR=/tmp/cache_bi/triton \
+    timeout 150 python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3 > /tmp/runs/vitb3.log 2>&1
+  grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-300
+  ( cd .data/head && PYTHONPATH=/tmp/site:$PWD PROBE_VITB3=now TORCHINDUCTOR_CACHE_DIR=/tmp/cache_bi_head \
+    TRITON_CACHE_DIR=/tmp/cache_bi_head/triton timeout 150 python3 scripts/speed_probe.py vitb3 \
+    --out /tmp/runs/vitb3_head > /tmp/runs/vitb3_head.log 2>&1 )
+  grep -E "^vitb3|Error" /tmp/runs/vitb3_head.log | cut -c1-300
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+bj)
+  # Speed issue, bf's code on an H200: every method on DRIVE with ViT-B (random weights, uncompiled, 10 steps).
+  every_method_on_drive vit_b
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj"; exit 2 ;;
 esac

@@ -126,7 +126,8 @@ def variant(name, H, W, scale):
                 return score + rel_h[b, h, qi, kj // W] + rel_w[b, h, qi, kj % W]
             return flex()(q, k, v, score_mod=score_mod, scale=scale)
         if name == "triton":  # relpos_attention.py, as common.fast_vit_attention calls it (the tables)
-            return __import__("relpos_attention").relpos_attention(q, k, v, Rh, Rw, scale).transpose(1, 2)
+            qkv = torch.stack([q, k, v], 2).transpose(1, 3)  # (B, N, 3, heads, hd); a copy the model does not make
+            return __import__("relpos_attention").relpos_attention(qkv, Rh, Rw, scale).transpose(1, 2)
         if name == "triton_head":  # the committed kernels, which took rel_h and rel_w (calls ap-ay)
             rel_h, rel_w = rel_terms(q, Rh, Rw, H, W)
             return head_kernels().relpos_attention(q, k, v, rel_h, rel_w, scale).transpose(1, 2)
@@ -204,7 +205,8 @@ def tune_relpos(out, shape, candidates):
     scale = 64 ** -0.5
     q, k, v, Rh, Rw = relpos_inputs(B, heads, H, W, 64, torch.bfloat16)
     g = torch.randn(B, H * W, heads, 64, device="cuda", dtype=torch.bfloat16)
-    o, lse, rel_h, rel_w = ra._relpos_attention(q, k, v, Rh, Rw, scale)
+    qkv = torch.stack([q, k, v], 2).transpose(1, 3).detach()  # (B, N, 3, heads, hd), SAM's layout
+    o, lse, rel_h, rel_w = ra._relpos_attention(qkv, Rh, Rw, scale)
 
     def settings(block_m, warps, stages, block_n=None):
         return dict(BLOCK_M=block_m, num_warps=warps, num_stages=stages, **({"BLOCK_N": block_n} if block_n else {}))
@@ -214,10 +216,10 @@ def tune_relpos(out, shape, candidates):
             ra.CONFIG[kernel] = settings(*c)
             if kernel.endswith("forward"):
                 def fn():
-                    ra._relpos_attention(q, k, v, Rh, Rw, scale)
+                    ra._relpos_attention(qkv, Rh, Rw, scale)
             else:  # both backward kernels run; only `kernel`'s settings change
                 def fn():
-                    ra._relpos_attention_backward(g, q, k, v, Rh, Rw, rel_h, rel_w, o, lse, scale)
+                    ra._relpos_attention_backward(g, qkv, Rh, Rw, rel_h, rel_w, o, lse, scale)
             try:
                 times[c] = time_ms(fn, 10, 2)
             except Exception as e:

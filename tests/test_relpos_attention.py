@@ -150,7 +150,7 @@ def test_shapes_the_kernels_do_not_take_go_the_folded_way():
     import relpos_attention
 
     def query(n, width, cuda=True):
-        return SimpleNamespace(is_cuda=cuda, shape=(1, 1, n, width), dtype=torch.bfloat16,
+        return SimpleNamespace(is_cuda=cuda, shape=(1, n, 3, 1, width), dtype=torch.bfloat16,  # qkv
                                device=torch.device("cuda" if cuda else "cpu"))
     assert relpos_attention.usable(query(64 * 64, 64), 64, 64)  # ViT-B/L global blocks at 1024
     assert relpos_attention.usable(query(14 * 14, 64), 14, 14)  # their windows (the window kernels)
