@@ -725,9 +725,10 @@ def _keep_global_attention(ctx, op, *args, **kwargs):
     """Selective checkpointing policy: keep the outputs of the global blocks' attention kernel
     (relpos_attention.py; (B, N, heads, 64) bf16, its log-sum-exp, rel_h and rel_w: 152 MB per ViT-B global
     block at 1024, batch 8), recompute everything else, the windowed blocks' attention kernels included
-    (their outputs would add 60 MB per block). ViT-B LoRA at batch 8 on the H100: 71.2 images/s at 3.5 GiB, 83% of the
-    uncheckpointed 85.6, when this policy was written (recomputing the global kernels too gave 67.9, 79.6% of
-    85.3); with the window kernels, 84.1 images/s at 3.3 GiB, 84% of 100.2 (call ax)."""
+    (their outputs would add 60 MB per block). ViT-B LoRA at batch 8 on the H100: 71.2 images/s at 3.5 GiB,
+    83% of the uncheckpointed 85.6, when this policy was written (recomputing the global kernels too gave
+    67.9, 79.6% of 85.3); with the window kernels, 84.1 images/s at 3.3 GiB, 84% of 100.2 (call ax); with
+    rel_h and rel_w kept too, on an H200: 92.9 images/s at 3.7 GiB, 84% of 110.2 (call bf)."""
     from torch.utils.checkpoint import CheckpointPolicy
     if (_RELPOS is not None and op is torch.ops.peft_sam.relpos_attention.default
             and _RELPOS.by_rows((args[2].shape[0] + 1) // 2)):  # table_w (2W - 1, hd): a global grid
