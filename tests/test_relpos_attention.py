@@ -91,6 +91,20 @@ def checkpointed(device, window=0):
     return max((a - b).abs().max().item() for a, b in zip(*grads)), calls
 
 
+def backward_nodes(H, W):
+    """Names of the autograd nodes of a ViT attention (LoRA, an H x W grid) through the kernels, from its
+    output back to its input."""
+    kernel = fast_copy(vit_attention(0, 4, grid=(H, W)))
+    assert kernel.fast_relpos, "the kernels were not picked up"
+    seen, todo = set(), [kernel(torch.randn(2, H, W, 128, requires_grad=True)).grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo += [parent for parent, _ in node.next_functions]
+    return sorted({node.name() for node in seen})
+
+
 def interpreted(call):
     """Evaluate `call` (an expression over this module, `t`) in a Python with Triton's interpreter on."""
     code = (f"import sys; sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]\n"
@@ -112,6 +126,15 @@ def test_kernels_match_stock_with_frozen_tables_under_the_interpreter(H, W):
     rel-pos term, which the dq kernels add themselves)."""
     errs = interpreted(f"t.errors({H}, {W}, 4, 'cpu', torch.float32, frozen_tables=True)[0]")
     assert len(errs) == 10 and max(errs) < TOL, errs  # output, input, qkv (2), LoRA (4), proj (2)
+
+
+@pytest.mark.parametrize("H,W", [(8, 16), (14, 14)])  # row kernels, window kernels
+def test_kernels_take_qkv_as_the_projection_writes_it_under_the_interpreter(H, W):
+    """The op takes qkv (B, N, 3, heads, D) and its backward writes qkv's gradient in that layout: no q, k, v
+    split (unbind, permute) in the graph, whose backward stacked three gradients in a pass of its own."""
+    nodes = interpreted(f"t.backward_nodes({H}, {W})")
+    assert any("relpos_attention" in n for n in nodes), nodes
+    assert not any(n.startswith(("Unbind", "Stack", "Permute")) for n in nodes), nodes
 
 
 def test_checkpointing_keeps_the_kernels_output_under_the_interpreter():
