@@ -541,7 +541,7 @@ def _relpos_attention(qkv: torch.Tensor, table_h: torch.Tensor, table_w: torch.T
                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The output (B, N, heads, D), its log2-sum-exp2 (B, heads, N) and rel_h, rel_w (B, heads, N, rows /
     columns), the last three for the backward. qkv (B, N, 3, heads, D)."""
-    q, k, v = _split(*_last_contiguous(qkv))
+    q, k, v = _split(_last_contiguous(qkv)[0])
     table_h, table_w = table_h.contiguous(), table_w.contiguous()
     B, heads, N, D = q.shape
     rows, cols = _grid(table_h, table_w)
