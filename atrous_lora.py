@@ -170,8 +170,8 @@ class AtrousLoRAQKV(nn.Linear):
         out = F.linear(x, self.weight, self.bias)  # (..., 3*width)
         down = F.linear(x, torch.cat([self.lora_A_q.weight, self.lora_A_v.weight]))  # [A_q x | A_v x]: x read once
         z = self.lora_aam(down)  # (..., 2r): [q path | v path]
-        dq, dv = self.lora_B_q(z[..., :self.rank]), self.lora_B_v(z[..., self.rank:])  # (..., width)
-        return out + common.place_qv(dq, dv, self.heads)  # q and v where the layout keeps them
+        # out + [B_q z_q | 0 | B_v z_v], q and v where the layout keeps them
+        return common.add_qv_update(out, z, self.lora_B_q.weight, self.lora_B_v.weight, self.heads)
 
 
 def grid_sides(image_encoder):

@@ -385,6 +385,25 @@ def place_qv(dq, dv, heads):
     return torch.stack([t.unflatten(-1, (heads, -1)) for t in (dq, dk, dv)], -2).flatten(-3)
 
 
+def add_qv_update(out, z, B_q, B_v, heads):
+    """out + place_qv(z_q B_q^T, z_v B_v^T, heads) for z = [z_q | z_v] (..., 2r) and up-projections B_q, B_v
+    (width, r): the low-rank update of a LoRA-style qkv adapter added to the frozen output out (..., 3 width).
+    Each up-projection reads all of z, against its B with zero columns for the other path's half, so that
+    the product's inner size is 2r, not r (rank 4: 16 bytes of bf16, which cuBLAS's Hopper kernels need; the
+    r-wide slices of z ran in Ampere-era align2 kernels, 2.0 ms of a ViT-B LoRA step at batch 8 on an H200,
+    call bk's profile)."""
+    zeros = torch.zeros_like(B_q)  # (width, r)
+    if heads is None:  # ViT: [dq | 0 | dv], which inductor adds to out in one pass
+        return out + place_qv(F.linear(z, torch.cat([B_q, zeros], 1)), F.linear(z, torch.cat([zeros, B_v], 1)),
+                              None)
+    # TinyViT: one product with [B_q^T 0; 0 B_v^T] (2r, 3 width) laid out per head, which the matmul adds to
+    # out itself (addmm), instead of stacking dq, 0 and dv per head (MobileSAM LoRA, batch 8, graphed: 254.6
+    # -> 263.7 img/s, call bk; in ViT-B's step the same took 0.7 ms more than the r-wide products and the add
+    # before it, with a copy of out ahead of the matmul)
+    up = torch.cat([place_qv(B_q.T, zeros.T, heads), place_qv(zeros.T, B_v.T, heads)])  # (2r, 3 width)
+    return torch.addmm(out.flatten(0, -2), z.flatten(0, -2), up).view(out.shape)
+
+
 def count_parameters(model):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -728,7 +747,8 @@ def _keep_global_attention(ctx, op, *args, **kwargs):
     (their outputs would add 60 MB per block). ViT-B LoRA at batch 8 on the H100: 71.2 images/s at 3.5 GiB,
     83% of the uncheckpointed 85.6, when this policy was written (recomputing the global kernels too gave
     67.9, 79.6% of 85.3); with the window kernels, 84.1 images/s at 3.3 GiB, 84% of 100.2 (call ax); with
-    rel_h and rel_w kept too, on an H200: 92.9 images/s at 3.7 GiB, 84% of 110.2 (call bf)."""
+    rel_h and rel_w kept too, on an H200: 92.9 images/s at 3.7 GiB, 84% of 110.2 (call bf); with the
+    windows' one-kernel backward, 99.6 images/s at 3.7 GiB, 85% of 116.7 (call bm)."""
     from torch.utils.checkpoint import CheckpointPolicy
     if (_RELPOS is not None and op is torch.ops.peft_sam.relpos_attention.default
             and _RELPOS.by_rows((args[2].shape[0] + 1) // 2)):  # table_w (2W - 1, hd): a global grid

@@ -18,7 +18,10 @@
 # and not run (no machine was lent after bc; bf-bj measured their figures on the next code). Results:
 # results/h100/*.json (each names its call). From bf on the lent kind is an H200 (results/h200/): bf, bi: qkv's
 # gradient written by the kernels in its own layout, the step against caa0e4c's; bf-bj: bench rows, compile time,
-# default runs, every method on DRIVE, GPU tests.
+# default runs, every method on DRIVE, GPU tests. bk-bo: the windows' one-kernel backward and LoRA's up-projections as
+# 2r-wide products (bk: an addmm in every layout, kept for TinyViT only; bl: the step against 2b94d0d, the window kernels
+# tuned; bm, bn: bench rows, every method on DRIVE with MobileSAM, default runs; bo: default runs alternating with
+# 2b94d0d's).
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 
@@ -787,5 +790,71 @@ bj)
   every_method_on_drive vit_b
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj"; exit 2 ;;
+bk)
+  # Speed issue, on an H200: the windows' one-kernel backward and LoRA's up-projections as one addmm. The GPU tests
+  # without the interpreter's; the window kernels tuned at ViT-B's windows beside the split backward kernels
+  # (speed_probe.py relpos, window shape only), the best written into CONFIG; the ViT-B LoRA step of the committed
+  # tree (2b94d0d unpacked into .data/head) and of this one, profiled; MobileSAM LoRA's bench row of both trees.
+  timeout 200 python3 -m pytest -q -k "not interpreter" tests/test_relpos_attention.py tests/test_fastpath.py \
+    > /tmp/runs/gpu_tests.log 2>&1
+  grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | tail -n 5
+  PROBE_RELPOS_SHAPES=window timeout 200 python3 scripts/speed_probe.py relpos --out /tmp/runs/relpos \
+    > /tmp/runs/relpos.log 2>&1
+  tuned_relpos_config 1200
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  step_against_head
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  B="python3 benchmarks/bench.py --no-flops --no-inference --models mobile_sam --methods lora --batches 8"
+  ( cd .data/head && PYTHONPATH=/tmp/site:$PWD timeout 60 $B --configs fast_bf16_graph --out /tmp/runs/msam_head \
+    > /tmp/runs/msam_head.log 2>&1 )
+  timeout 60 $B --configs fast_bf16_graph --out /tmp/runs/msam > /tmp/runs/msam.log 2>&1
+  for f in msam_head msam; do tail -n 1 /tmp/runs/$f/bench.md | cut -d'|' -f2-10; grep Error /tmp/runs/$f.log | head -3; done
+  cp relpos_attention.py /tmp/runs/
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+bl)
+  # Speed issue, on an H200, after bk: the one-kernel window backward with fp32 launch settings of its own (bk's ran out
+  # of shared memory in fp32), ViT's LoRA up-projections as 2r-wide products (bk's addmm kept for TinyViT). The GPU
+  # tests of the window kernels (bk's run of every GPU test ran out of its 200 s); the window kernels tuned (as bk);
+  # the ViT-B LoRA step against the committed tree.
+  timeout 150 python3 -m pytest -q -k "on_cuda and (14 or 5-7 or 18)" tests/test_relpos_attention.py \
+    > /tmp/runs/gpu_tests.log 2>&1
+  grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | tail -n 5
+  PROBE_RELPOS_SHAPES=window timeout 200 python3 scripts/speed_probe.py relpos --out /tmp/runs/relpos \
+    > /tmp/runs/relpos.log 2>&1
+  tuned_relpos_config 1500
+  cp relpos_attention.py /tmp/runs/
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  step_against_head
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+bm)
+  # Speed issue, bl's code on an H200: LoRA's ViT-B bench rows (compiled and graphed, checkpointed, stock bf16); every
+  # method on DRIVE with MobileSAM (100 steps each); a default run after a warm-up.
+  vit_b_lora_rows 2-10
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  every_method_on_drive mobile_sam
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  warm_up_default_run 60
+  default_run default_1 100 python3
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+bn)
+  # Speed issue, bl's code on an H200: the other methods' ViT-B bench rows beside stock bf16; two more default runs.
+  vit_b_method_rows 330 2-10
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  warm_up_default_run 60
+  for i in 2 3; do default_run default_$i 90 python3; done
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+bo)
+  # Speed issue: default runs of the committed tree (2b94d0d in .data/head) and of bl's code alternating, two pairs, on
+  # the machine of bn (its default runs took 54-56 s against bg's 50-52 s on another machine).
+  for i in 1 2; do
+    ( cd .data/head && PYTHONPATH=/tmp/site:$PWD DRIVE=../DRIVE default_run head_$i 90 python3 )
+    default_run now_$i 90 python3
+  done
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo"; exit 2 ;;
 esac

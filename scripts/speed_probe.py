@@ -15,6 +15,7 @@ global blocks, measured and dropped; see common.fast_vit_attention).
 import argparse
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -208,8 +209,9 @@ def tune_relpos(out, shape, candidates):
     qkv = torch.stack([q, k, v], 2).transpose(1, 3).detach()  # (B, N, 3, heads, hd), SAM's layout
     o, lse, rel_h, rel_w = ra._relpos_attention(qkv, Rh, Rw, scale)
 
-    def settings(block_m, warps, stages, block_n=None):
-        return dict(BLOCK_M=block_m, num_warps=warps, num_stages=stages, **({"BLOCK_N": block_n} if block_n else {}))
+    def settings(block_m, warps, stages, block_n=None):  # block_m 0: set by the launch (window_backward)
+        return dict(num_warps=warps, num_stages=stages, **({"BLOCK_M": block_m} if block_m else {}),
+                    **({"BLOCK_N": block_n} if block_n else {}))
     for kernel, tried in candidates.items():
         times = {}
         for c in tried:
@@ -230,10 +232,15 @@ def tune_relpos(out, shape, candidates):
     names = ("triton", "sdpa_cudnn_padv", "nobias_cudnn")
     if HEAD_KERNELS.exists() and name == "global":  # the committed kernels beside these (call ap)
         names = ("triton_head",) + names
+    if name == "window":  # the split backward kernels (window_dq, window_dkdv) beside the one-kernel backward
+        names = ("triton_split",) + names
+    whole = ra.WHOLE_WINDOW
     for variant_name in names:
-        out[f"{name}_{variant_name}"] = time_variant(variant_name, variant(variant_name, H, W, scale),
-                                                     (q, k, v, Rh, Rw), g.transpose(1, 2))
+        ra.WHOLE_WINDOW = 0 if variant_name == "triton_split" else whole
+        out[f"{name}_{variant_name}"] = time_variant(variant_name, variant(variant_name.replace("_split", ""), H, W,
+                                                                           scale), (q, k, v, Rh, Rw), g.transpose(1, 2))
         print("relpos", name, variant_name, out[f"{name}_{variant_name}"], flush=True)
+    ra.WHOLE_WINDOW = whole
 
 
 def probe_relpos():
@@ -254,15 +261,22 @@ def probe_relpos():
         out[f"exact_fp32_{H}x{W}"] = dict(out=(o - ref).abs().max().item(),
                                           grads=[(a - b).abs().max().item() for a, b in zip(grads, ref_grads)])
     print("relpos", out, flush=True)
-    tune_relpos(out, ("global", (8, 12, 64, 64)), dict(  # (BLOCK_M, warps, stages[, BLOCK_N])
-        forward=[(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 2), (128, 8, 3)],
-        dq=[(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 3), (128, 8, 2), (128, 8, 3)],
-        dkdv=[(32, 4, 2, 64), (64, 4, 2, 64), (64, 4, 3, 64), (32, 4, 2, 128), (32, 4, 3, 128), (64, 4, 2, 128),
-              (64, 8, 2, 128), (64, 8, 3, 128), (128, 8, 2, 128), (16, 4, 2, 128)]))
-    blocks = [(64, 4, 2, 64), (64, 4, 3, 64), (32, 4, 2, 64), (64, 4, 2, 32), (32, 4, 2, 32), (128, 8, 2, 64),
-              (64, 8, 2, 128), (16, 4, 2, 64)]
-    tune_relpos(out, ("window", (200, 12, 14, 14)), dict(window_forward=blocks, window_dq=blocks,
-                                                         window_dkdv=blocks))
+    shapes = os.environ.get("PROBE_RELPOS_SHAPES", "global,window").split(",")
+    if "global" in shapes:
+        tune_relpos(out, ("global", (8, 12, 64, 64)), dict(  # (BLOCK_M, warps, stages[, BLOCK_N])
+            forward=[(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 2), (128, 8, 3)],
+            dq=[(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 3), (128, 8, 2), (128, 8, 3)],
+            dkdv=[(32, 4, 2, 64), (64, 4, 2, 64), (64, 4, 3, 64), (32, 4, 2, 128), (32, 4, 3, 128),
+                  (64, 4, 2, 128), (64, 8, 2, 128), (64, 8, 3, 128), (128, 8, 2, 128), (16, 4, 2, 128)]))
+    if "window" in shapes:
+        # ViT's 14 x 14 windows: 196 tokens, so the one-kernel backward (window_backward, every query in a tile
+        # of 256); calls before this one tuned the split kernels (window_dq, window_dkdv) here, which now serve
+        # only grids of more than relpos_attention.WHOLE_WINDOW tokens
+        tune_relpos(out, ("window", (200, 12, 14, 14)), dict(
+            window_forward=[(128, 8, 2, 64), (256, 8, 2, 64), (256, 16, 2, 64), (64, 4, 2, 256), (64, 8, 2, 256),
+                            (128, 8, 2, 128)],
+            window_backward=[(0, 8, 2, 64), (0, 8, 2, 32), (0, 16, 2, 64), (0, 16, 2, 32), (0, 4, 2, 32),
+                             (0, 8, 3, 32), (0, 8, 2, 16)]))
     out["best"] = dict(ra.CONFIG)
     print("RELPOS_CONFIG", json.dumps(out["best"]), flush=True)
     RESULTS["relpos"] = out

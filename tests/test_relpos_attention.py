@@ -19,9 +19,10 @@ pytest.importorskip("triton", reason="PyTorch without Triton: the kernels are no
 TOL = 1e-5  # fp32, as the folded path (test_fastpath.TOL); measured ~2e-6 under the interpreter
 # (grid rows, grid columns, LoRA rank): the row kernels on a square grid and on rows != columns (query blocks
 # of several grid rows), and on a grid 64 wide (each query block within one grid row: rel_h from one slice of
-# the table); the window kernels on ViT's 14 x 14 window (four blocks of 64 tokens, the last one part padding)
-# and on a 5 x 7 grid (less than one block, rows != columns)
-CASES = [(16, 16, 0), (8, 16, 4), (4, 64, 0), (14, 14, 4), (5, 7, 0)]
+# the table); the window kernels on ViT's 14 x 14 window (the one-kernel backward: 196 queries in a tile of
+# 256, keys in blocks, the last one part padding) and on a 5 x 7 grid (less than one block, rows != columns),
+# and on an 18 x 18 grid (324 tokens, more than relpos_attention.WHOLE_WINDOW: the split backward kernels)
+CASES = [(16, 16, 0), (8, 16, 4), (4, 64, 0), (14, 14, 4), (5, 7, 0), (18, 18, 0)]
 
 
 def grads(attn, x, g):
@@ -92,9 +93,9 @@ def checkpointed(device, window=0):
 
 
 def backward_nodes(H, W):
-    """Names of the autograd nodes of a ViT attention (LoRA, an H x W grid) through the kernels, from its
-    output back to its input."""
-    kernel = fast_copy(vit_attention(0, 4, grid=(H, W)))
+    """Names of the autograd nodes of a ViT attention (an H x W grid, no adapter: LoRA's own transposes are
+    permutes too) through the kernels, from its output back to its input."""
+    kernel = fast_copy(vit_attention(0, 0, grid=(H, W)))
     assert kernel.fast_relpos, "the kernels were not picked up"
     seen, todo = set(), [kernel(torch.randn(2, H, W, 128, requires_grad=True)).grad_fn]
     while todo:
