@@ -47,6 +47,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): softmax through exp2; kernels see only constexpr globals
 
@@ -556,6 +557,11 @@ CONFIG = dict(forward=dict(BLOCK_M=64, num_warps=4, num_stages=4),
 # tile (BLOCK_M: N rounded up to a power of two): 196 in ViT's 14 x 14 windows. Larger grids (a global
 # grid that is not a power of two, such as 56 x 56 at 896) take the split kernels.
 WHOLE_WINDOW = 256
+# Its tiles take more shared memory than some GPUs have: 336 KB in fp32 at the bf16 settings (call bk), about
+# half that in bf16, which fits an H100 or H200 (227 KB per SM) but perhaps not an A100 (163 KB) or a 24 GB
+# Ampere or Ada card (100 KB). Where Triton finds it does not fit, the split kernels run instead, and the
+# (device, dtype) is noted here so that later calls go straight to them.
+_SPLIT_ONLY = set()
 
 
 def _launch(name, rows, cols):
@@ -651,13 +657,16 @@ def _relpos_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, table_
     dq, dk, dv = _split(d_qkv)
     strides, grad_strides = _strides(q, k, v), _strides(dq)  # dq, dk and dv: the same strides
     meta = dict(N=N, ROWS=rows, COLS=cols, D=D, PRECISION=_precision(q.dtype))
-    if not by_rows(cols) and N <= WHOLE_WINDOW:
+    if not by_rows(cols) and N <= WHOLE_WINDOW and (q.device, q.dtype) not in _SPLIT_ONLY:
         launch, _ = _launch("backward" if q.element_size() == 2 else "backward_fp32", rows, cols)
-        _window_backward[(heads, B)](
-            q, k, v, table_h, table_w, rel_h, rel_w, grad_out, out, lse, dq, dk, dv, d_rel_h, d_rel_w,
-            *strides, *_strides(grad_out.transpose(1, 2), out.transpose(1, 2)), *grad_strides, heads, scale,
-            **meta, **launch)
-        return d_qkv, d_rel_h, d_rel_w
+        try:
+            _window_backward[(heads, B)](
+                q, k, v, table_h, table_w, rel_h, rel_w, grad_out, out, lse, dq, dk, dv, d_rel_h, d_rel_w,
+                *strides, *_strides(grad_out.transpose(1, 2), out.transpose(1, 2)), *grad_strides, heads, scale,
+                **meta, **launch)
+            return d_qkv, d_rel_h, d_rel_w
+        except OutOfResources:  # raised before the launch: nothing was written; the split kernels then
+            _SPLIT_ONLY.add((q.device, q.dtype))
     delta = torch.empty(B, heads, N, device=q.device, dtype=torch.float32)  # written by the dq kernel
     kernel_dq, kernel_dkdv = (_backward_dq, _backward_dkdv) if by_rows(cols) else (_window_backward_dq,
                                                                                    _window_backward_dkdv)

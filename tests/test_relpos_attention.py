@@ -92,6 +92,24 @@ def checkpointed(device, window=0):
     return max((a - b).abs().max().item() for a, b in zip(*grads)), calls
 
 
+def errors_where_the_whole_window_does_not_fit(H, W):
+    """errors() with the one-kernel window backward refusing to launch as Triton does where its tiles need
+    more shared memory than the GPU has; and the (device, dtype) pairs relpos_attention then noted."""
+    import relpos_attention as ra
+    from triton.runtime.errors import OutOfResources
+
+    class NoRoom:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise OutOfResources(172032, 101376, "shared memory")
+            return launch
+    whole, ra._window_backward = ra._window_backward, NoRoom()
+    try:
+        return errors(H, W, 4, "cpu", torch.float32)[0], [str(key) for key in ra._SPLIT_ONLY]
+    finally:
+        ra._window_backward = whole
+
+
 def backward_nodes(H, W):
     """Names of the autograd nodes of a ViT attention (an H x W grid, no adapter: LoRA's own transposes are
     permutes too) through the kernels, from its output back to its input."""
@@ -127,6 +145,14 @@ def test_kernels_match_stock_with_frozen_tables_under_the_interpreter(H, W):
     rel-pos term, which the dq kernels add themselves)."""
     errs = interpreted(f"t.errors({H}, {W}, 4, 'cpu', torch.float32, frozen_tables=True)[0]")
     assert len(errs) == 10 and max(errs) < TOL, errs  # output, input, qkv (2), LoRA (4), proj (2)
+
+
+def test_windows_take_the_split_kernels_where_the_one_kernel_backward_does_not_fit_under_the_interpreter():
+    """A GPU with less shared memory than the one-kernel window backward needs (an A100, a 24 GB Ampere or
+    Ada card) gets the same gradients from the split kernels, and later calls go straight to them."""
+    errs, noted = interpreted("t.errors_where_the_whole_window_does_not_fit(14, 14)")
+    assert max(errs) < TOL, errs
+    assert noted == ["(device(type='cpu'), torch.float32)"], noted
 
 
 @pytest.mark.parametrize("H,W", [(8, 16), (14, 14)])  # row kernels, window kernels
