@@ -24,7 +24,7 @@ d rel_w into q's gradient (_rel_term_grad). Graphed ViT-B LoRA step 79.8 -> 76.2
 Kernels (after the FlashAttention-2 backward split): `_forward` (queries in blocks, keys row by row),
 `_backward_dq` (the same walk: dq, d rel_h, d rel_w), `_backward_dkdv` (a block of keys, queries in blocks:
 dk, dv); the window kernels likewise, but a window's backward is one kernel where all its queries fit one
-tile (`_window_backward`). Inputs: qkv (B, N, 3, heads, D) as SAM's qkv projection writes it, N = H * W;
+tile (`_window_backward_dq`, WHOLE). Inputs: qkv (B, N, 3, heads, D) as SAM's qkv projection writes it, N = H * W;
 SAM's tables Rh (2H - 1, D), Rw (2W - 1, D). The output is (B, N, heads, D), the layout the block's
 projection reads, and the backward kernels write dq, dk and dv into one gradient laid out as qkv (returned
 as three tensors, they were stacked into it by autograd, a pass over the whole gradient: graphed ViT-B LoRA
@@ -321,8 +321,9 @@ def _backward_dkdv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
 # cuDNN's took 9.2 ms with its conversions; inductor had already fused most of the folded form's other
 # passes. With rel_h and rel_w computed inside (call bc):
 # 1.70 ms forward and backward, everything included. A window of 196 tokens fits one tile of queries, so its
-# backward is one kernel (_window_backward, no FlashAttention-2 split): on an H200 the window backward kernels
-# of the graphed ViT-B LoRA step went from 6.17 to 4.28 ms (call bl's profile; bk's, 6.16 -> 4.27).
+# backward is one kernel (_window_backward_dq with WHOLE, no FlashAttention-2 split): on an H200 the window
+# backward kernels of the graphed ViT-B LoRA step went from 6.17 to 4.28 ms (call bl's profile; bk's, 6.16 ->
+# 4.27; both a separate kernel of the same operations, merged into _window_backward_dq since).
 
 
 @triton.jit
@@ -394,15 +395,19 @@ def _window_forward(Q, K, V, TH, TW, O, LSE, RH, RW,
 
 
 @triton.jit
-def _window_backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
+def _window_backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DK, DV, DRH, DRW,
                         sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_n, so_b, so_h, so_n,
                         sg_b, sg_h, sg_n, heads, scale,
                         N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, HP: tl.constexpr,
                         WP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        WHOLE: tl.constexpr, PRECISION: tl.constexpr):
     """One query block against every key block: dq, d rel_h and d rel_w (the one-hot products transposed),
     and dq's part through them; DELTA = rowsum(o * do) for _window_backward_dkdv. RH, RW (the forward's),
-    DRH, DRW contiguous (B, heads, N, H / W); DQ strided (sg_*), as in _backward_dq."""
+    DRH, DRW contiguous (B, heads, N, H / W); DQ, DK, DV strided (sg_*), as in _backward_dq.
+    WHOLE: the block holds every query of the window (the launch makes BLOCK_M cover N), so each key block's
+    dk and dv, p^T do and ds^T q, are whole within this program, which writes them too: the window's
+    backward in one kernel, five products per tile instead of the split's seven (_window_backward_dkdv
+    recomputes the logits and do v^T), and q, k, v, do read once. Not WHOLE: DELTA for the key-side kernel."""
     b, h = tl.program_id(2), tl.program_id(1)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N
@@ -413,7 +418,8 @@ def _window_backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW
     rh = _load_rows(RH + bh * N * ROWS, offs_m, ROWS, mask_m, ROWS, HP)  # (BLOCK_M, HP)
     rw = _load_rows(RW + bh * N * COLS, offs_m, COLS, mask_m, COLS, WP)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,); 0 for padded queries
-    tl.store(DELTA + bh * N + offs_m, delta, mask=mask_m)
+    if not WHOLE:
+        tl.store(DELTA + bh * N + offs_m, delta, mask=mask_m)
     lse = tl.load(LSE + bh * N + offs_m, mask=mask_m, other=0.0)
     qk_scale = scale * LOG2E
     dq = tl.zeros([BLOCK_M, D], tl.float32)
@@ -426,12 +432,17 @@ def _window_backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW
         v = _load_rows(V + b * sv_b + h * sv_h, offs_j, sv_n, mask_j, D, D)
         code_h, code_w = _onehots(offs_j, N, COLS, HP, WP, q.dtype)
         s = _window_logits(q, k, rh, rw, code_h, code_w, qk_scale, PRECISION)
-        p = tl.where(mask_j[None, :], tl.exp2(s - lse[:, None]), 0.0)  # the softmax, recomputed
+        p = tl.where(mask_m[:, None] & mask_j[None, :], tl.exp2(s - lse[:, None]), 0.0)  # the softmax, recomputed
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = (p * (dp - delta[:, None])).to(q.dtype)  # gradient of the logits
         dq += tl.dot(ds, k, input_precision=PRECISION)
         drh += tl.dot(ds, code_h, input_precision=PRECISION)  # summed over the keys of each key row
         drw += tl.dot(ds, code_w, input_precision=PRECISION)  # ... of each key column
+        if WHOLE:  # (BLOCK_N, D), summed over every query of the window
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION) * scale
+            _store_rows(DK + b * sg_b + h * sg_h, offs_j, sg_n, mask_j, dk.to(DK.dtype.element_ty), D, D)
+            _store_rows(DV + b * sg_b + h * sg_h, offs_j, sg_n, mask_j, dv.to(DV.dtype.element_ty), D, D)
     drh, drw = drh.to(q.dtype), drw.to(q.dtype)
     _store_rows(DRH + bh * N * ROWS, offs_m, ROWS, mask_m, drh, ROWS, HP)
     _store_rows(DRW + bh * N * COLS, offs_m, COLS, mask_m, drw, COLS, WP)
@@ -478,58 +489,6 @@ def _window_backward_dkdv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
     _store_rows(DV + b * sg_b + h * sg_h, offs_j, sg_n, mask_j, dv.to(DV.dtype.element_ty), D, D)
 
 
-@triton.jit
-def _window_backward(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DQ, DK, DV, DRH, DRW,
-                     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_n, so_b, so_h, so_n,
-                     sg_b, sg_h, sg_n, heads, scale,
-                     N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
-                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """The whole backward of one (window, head), for windows of at most BLOCK_M tokens (the launch makes it
-    all of them): every query in one tile, keys in blocks. A program that holds all the queries finishes
-    each key block's dk and dv in one step, and dq accumulates over the key blocks in registers, so the
-    FlashAttention-2 split (two kernels, each recomputing the logits and do v^T) is not needed: five
-    products per tile instead of seven, and q, k, v, do read once. dk, dv, dq strided (sg_*), as in
-    _backward_dq."""
-    b, h = tl.program_id(1), tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
-    mask_m = offs_m < N
-    bh = b * heads + h
-    q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, sq_n, mask_m, D, D)  # (BLOCK_M, D)
-    do = _load_rows(DO + b * sdo_b + h * sdo_h, offs_m, sdo_n, mask_m, D, D)
-    o = _load_rows(O + b * so_b + h * so_h, offs_m, so_n, mask_m, D, D)
-    rh = _load_rows(RH + bh * N * ROWS, offs_m, ROWS, mask_m, ROWS, HP)  # (BLOCK_M, HP)
-    rw = _load_rows(RW + bh * N * COLS, offs_m, COLS, mask_m, COLS, WP)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,) rowsum(o * do)
-    lse = tl.load(LSE + bh * N + offs_m, mask=mask_m, other=0.0)
-    qk_scale = scale * LOG2E
-    dq = tl.zeros([BLOCK_M, D], tl.float32)
-    drh = tl.zeros([BLOCK_M, HP], tl.float32)
-    drw = tl.zeros([BLOCK_M, WP], tl.float32)
-    for start in range(0, N, BLOCK_N):
-        offs_j = start + tl.arange(0, BLOCK_N)
-        mask_j = offs_j < N
-        k = _load_rows(K + b * sk_b + h * sk_h, offs_j, sk_n, mask_j, D, D)  # (BLOCK_N, D)
-        v = _load_rows(V + b * sv_b + h * sv_h, offs_j, sv_n, mask_j, D, D)
-        code_h, code_w = _onehots(offs_j, N, COLS, HP, WP, q.dtype)
-        s = _window_logits(q, k, rh, rw, code_h, code_w, qk_scale, PRECISION)  # (BLOCK_M, BLOCK_N)
-        p = tl.where(mask_m[:, None] & mask_j[None, :], tl.exp2(s - lse[:, None]), 0.0)  # the softmax
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = (p * (dp - delta[:, None])).to(q.dtype)  # gradient of the logits
-        dq += tl.dot(ds, k, input_precision=PRECISION)
-        drh += tl.dot(ds, code_h, input_precision=PRECISION)  # summed over the keys of each key row
-        drw += tl.dot(ds, code_w, input_precision=PRECISION)  # ... of each key column
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)  # (BLOCK_N, D): every query in
-        dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION) * scale  # the tile, so these are whole
-        _store_rows(DK + b * sg_b + h * sg_h, offs_j, sg_n, mask_j, dk.to(DK.dtype.element_ty), D, D)
-        _store_rows(DV + b * sg_b + h * sg_h, offs_j, sg_n, mask_j, dv.to(DV.dtype.element_ty), D, D)
-    drh, drw = drh.to(q.dtype), drw.to(q.dtype)
-    _store_rows(DRH + bh * N * ROWS, offs_m, ROWS, mask_m, drh, ROWS, HP)
-    _store_rows(DRW + bh * N * COLS, offs_m, COLS, mask_m, drw, COLS, WP)
-    dq = (dq * scale + _rel_term_grad(drh, TH, offs_m // COLS, ROWS, HP, D, PRECISION)
-          + _rel_term_grad(drw, TW, offs_m % COLS, COLS, WP, D, PRECISION))
-    _store_rows(DQ + b * sg_b + h * sg_h, offs_m, sg_n, mask_m, dq.to(DQ.dtype.element_ty), D, D)
-
-
 def _strides(*tensors):
     """(batch, head, token) strides of (B, heads, N, X) tensors whose last axis is contiguous."""
     out = []
@@ -553,9 +512,9 @@ CONFIG = dict(forward=dict(BLOCK_M=64, num_warps=4, num_stages=4),
               # Hopper SM (call bk)
               window_backward_fp32=dict(BLOCK_N=16, num_warps=8, num_stages=1))
 
-# Windows of at most this many tokens take the one-kernel backward (_window_backward), all their queries in one
-# tile (BLOCK_M: N rounded up to a power of two): 196 in ViT's 14 x 14 windows. Larger grids (a global
-# grid that is not a power of two, such as 56 x 56 at 896) take the split kernels.
+# Windows of at most this many tokens take the one-kernel backward (_window_backward_dq, WHOLE), all their
+# queries in one tile (BLOCK_M: N rounded up to a power of two): 196 in ViT's 14 x 14 windows. Larger grids
+# (a global grid that is not a power of two, such as 56 x 56 at 896) take the split kernels.
 WHOLE_WINDOW = 256
 # Its tiles take more shared memory than some GPUs have: 336 KB in fp32 at the bf16 settings (call bk), about
 # half that in bf16, which fits an H100 or H200 (227 KB per SM) but perhaps not an A100 (163 KB) or a 24 GB
@@ -657,24 +616,26 @@ def _relpos_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, table_
     dq, dk, dv = _split(d_qkv)
     strides, grad_strides = _strides(q, k, v), _strides(dq)  # dq, dk and dv: the same strides
     meta = dict(N=N, ROWS=rows, COLS=cols, D=D, PRECISION=_precision(q.dtype))
-    if not by_rows(cols) and N <= WHOLE_WINDOW and (q.device, q.dtype) not in _SPLIT_ONLY:
-        launch, _ = _launch("backward" if q.element_size() == 2 else "backward_fp32", rows, cols)
-        try:
-            _window_backward[(heads, B)](
-                q, k, v, table_h, table_w, rel_h, rel_w, grad_out, out, lse, dq, dk, dv, d_rel_h, d_rel_w,
-                *strides, *_strides(grad_out.transpose(1, 2), out.transpose(1, 2)), *grad_strides, heads, scale,
-                **meta, **launch)
-            return d_qkv, d_rel_h, d_rel_w
-        except OutOfResources:  # raised before the launch: nothing was written; the split kernels then
-            _SPLIT_ONLY.add((q.device, q.dtype))
-    delta = torch.empty(B, heads, N, device=q.device, dtype=torch.float32)  # written by the dq kernel
-    kernel_dq, kernel_dkdv = (_backward_dq, _backward_dkdv) if by_rows(cols) else (_window_backward_dq,
-                                                                                   _window_backward_dkdv)
-    launch, blocks = _launch("dq", rows, cols)
-    kernel_dq[(blocks, heads, B)](
-        q, k, v, table_h, table_w, rel_h, rel_w, grad_out, out, lse, delta, dq, d_rel_h, d_rel_w,
-        *strides, *_strides(grad_out.transpose(1, 2), out.transpose(1, 2)), *grad_strides, heads, scale, **meta,
-        **launch)
+    delta = torch.empty(B, heads, N, device=q.device, dtype=torch.float32)  # written by the split dq kernels
+    dq_inputs = (q, k, v, table_h, table_w, rel_h, rel_w, grad_out, out, lse, delta, dq)
+    dq_strides = (*strides, *_strides(grad_out.transpose(1, 2), out.transpose(1, 2)), *grad_strides, heads, scale)
+    if by_rows(cols):
+        launch, blocks = _launch("dq", rows, cols)
+        _backward_dq[(blocks, heads, B)](*dq_inputs, d_rel_h, d_rel_w, *dq_strides, **meta, **launch)
+        kernel_dkdv = _backward_dkdv
+    else:
+        def window_dq(name, whole):  # whole: every query in one tile, and dk, dv written too
+            launch, blocks = _launch(name, rows, cols)
+            _window_backward_dq[(blocks, heads, B)](*dq_inputs, dk, dv, d_rel_h, d_rel_w, *dq_strides, WHOLE=whole,
+                                                    **meta, **launch)
+        if N <= WHOLE_WINDOW and (q.device, q.dtype) not in _SPLIT_ONLY:
+            try:
+                window_dq("backward" if q.element_size() == 2 else "backward_fp32", True)
+                return d_qkv, d_rel_h, d_rel_w
+            except OutOfResources:  # raised before the launch: nothing was written; the split kernels then
+                _SPLIT_ONLY.add((q.device, q.dtype))
+        window_dq("dq", False)
+        kernel_dkdv = _window_backward_dkdv
     launch, blocks = _launch("dkdv", rows, cols)
     kernel_dkdv[(blocks, heads, B)](
         q, k, v, rel_h, rel_w, grad_out, lse, delta, dk, dv,
