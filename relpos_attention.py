@@ -323,7 +323,10 @@ def _backward_dkdv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
 # 1.70 ms forward and backward, everything included. A window of 196 tokens fits one tile of queries, so its
 # backward is one kernel (_window_backward_dq with WHOLE, no FlashAttention-2 split): on an H200 the window
 # backward kernels of the graphed ViT-B LoRA step went from 6.17 to 4.28 ms (call bl's profile; bk's, 6.16 ->
-# 4.27; both a separate kernel of the same operations, merged into _window_backward_dq since).
+# 4.27; both a separate kernel of the same operations, merged into _window_backward_dq since). Merged, it took
+# 4.71 ms in call bp's profile while its queries were offset by the grid's first axis as the split kernel's are;
+# from 0 (WHOLE's branch, so that the compiler knows them) 4.26 ms (call bq), and alone 0.534 ms against 0.556
+# for the separate kernel of 89b3de7 in one call (bq).
 
 
 @triton.jit
@@ -409,7 +412,10 @@ def _window_backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DK, DV, 
     backward in one kernel, five products per tile instead of the split's seven (_window_backward_dkdv
     recomputes the logits and do v^T), and q, k, v, do read once. Not WHOLE: DELTA for the key-side kernel."""
     b, h = tl.program_id(2), tl.program_id(1)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if WHOLE:  # the grid's first axis is 1: queries from 0, which the compiler then knows
+        offs_m = tl.arange(0, BLOCK_M)
+    else:
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N
     bh = b * heads + h
     q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, sq_n, mask_m, D, D)

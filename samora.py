@@ -180,10 +180,10 @@ class SAMoraQKV(nn.Linear):
                 M.append(torch.cat([P[:, :self.width] @ Bq, P[:, self.width:] @ Bv], 1))  # (w, 2r)
             u = F.linear(F.linear(x, torch.cat(A)), torch.block_diag(*M))  # (..., 3w): image, patch, pixel
             dq, dv = self.samora_hl(u).chunk(2, -1)  # (..., width) each
-        else:
-            Aq, Av, Bq, Bv = self.expert(self.active)
-            dq, dv = F.linear(F.linear(x, Aq), Bq), F.linear(F.linear(x, Av), Bv)
-        return out + common.place_qv(dq, dv, self.heads)  # q and v where the layout keeps them
+            return out + common.place_qv(dq, dv, self.heads)  # q and v where the layout keeps them
+        # stage 1: one expert's update, as lora.py's LoRAQKV (one down-projection, the shared up-projections)
+        Aq, Av, Bq, Bv = self.expert(self.active)
+        return common.add_qv_update(out, F.linear(x, torch.cat([Aq, Av])), Bq, Bv, self.heads)
 
 
 def inject(model, rank=4, hl_width=32, hl_heads=4):

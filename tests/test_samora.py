@@ -97,6 +97,10 @@ def test_updates_reach_q_and_v_only_and_fusion_reads_the_expert_updates(heads):
                      else delta.unflatten(-1, (heads, 3, -1)).transpose(-3, -2).flatten(-2))
             assert parts[..., 1, :].abs().max() == 0
             assert parts[..., 0, :].abs().max() > 1e-3 and parts[..., 2, :].abs().max() > 1e-3
+            if active != "fused":  # stage 1: the expert's own update, B_q A_q x and B_v A_v x
+                Aq, Av, Bq, Bv = qkv.expert(active)
+                assert torch.allclose(parts[..., 0, :], x @ Aq.T @ Bq.T, atol=1e-5)
+                assert torch.allclose(parts[..., 2, :], x @ Av.T @ Bv.T, atol=1e-5)
         # fused: HL-Attn of the shared projection P of each expert's explicit d-wide update [B_q A_q x | B_v A_v x]
         hl = qkv.samora_hl
         u = [torch.cat([x @ Aq.T @ Bq.T, x @ Av.T @ Bv.T], -1) @ hl.proj_in.weight.T
