@@ -748,7 +748,8 @@ def _keep_global_attention(ctx, op, *args, **kwargs):
     83% of the uncheckpointed 85.6, when this policy was written (recomputing the global kernels too gave
     67.9, 79.6% of 85.3); with the window kernels, 84.1 images/s at 3.3 GiB, 84% of 100.2 (call ax); with
     rel_h and rel_w kept too, on an H200: 92.9 images/s at 3.7 GiB, 84% of 110.2 (call bf); with the
-    windows' one-kernel backward, 99.6 images/s at 3.7 GiB, 85% of 116.7 (call bm)."""
+    windows' one-kernel backward, 99.6 images/s at 3.7 GiB, 85% of 116.7 (call bm), and as a mode of the
+    query-side window kernel 97.9 at 3.7 GiB, 85% of 115.1, on a slower H200 (call bs)."""
     from torch.utils.checkpoint import CheckpointPolicy
     if (_RELPOS is not None and op is torch.ops.peft_sam.relpos_attention.default
             and _RELPOS.by_rows((args[2].shape[0] + 1) // 2)):  # table_w (2W - 1, hd): a global grid
@@ -827,9 +828,11 @@ def compile_model(model):
     per block, and a method's own code paths (extra losses, other stages) still run through compiled
     blocks. The first block shares the windowed blocks' graph (share_first_block_graph: ViT-B LoRA graphed
     step 91.9 -> 89.0 ms on the H100, no compilation added; call ah). Not compiled, because each would cost
-    a graph of its own for little: the mask decoder (small kernels, whose launch cost the step's CUDA graph
-    removes) and anything under evaluation (see predict: eval mode and no_grad would be two more graphs
-    per block kind).
+    a graph of its own for little: the encoder's neck and the mask decoder (compiled, its transformer, its
+    output upscaling and the neck took the graphed ViT-B LoRA step from 69.4 to 66.8 ms on an H200, but
+    compilation then added 24-25 s to a 20-step run instead of 8-13 s: more than a 1000-step run saves;
+    calls bp, br, bt) and anything under evaluation (see predict: eval mode and no_grad would be two more
+    graphs per block kind).
     Pointwise kernels take inductor's default launch configuration instead of timing several.
     Measured on the H100, ViT-B LoRA, batch 8, steps replayed from a CUDA graph (bench.py, fresh caches,
     compilation of the training steps): 27.4 s for 72.5 images/s (32.5 s for 72.6 with pointwise timing);

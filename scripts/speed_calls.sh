@@ -21,7 +21,9 @@
 # default runs, every method on DRIVE, GPU tests. bk-bo: the windows' one-kernel backward and LoRA's up-projections as
 # 2r-wide products (bk: an addmm in every layout, kept for TinyViT only; bl: the step against 2b94d0d, the window kernels
 # tuned; bm, bn: bench rows, every method on DRIVE with MobileSAM, default runs; bo: default runs alternating with
-# 2b94d0d's).
+# 2b94d0d's). bp-bt: the merged window kernel re-timed (bp: slower in the step; bq: its queries from 0, against the
+# separate kernel of 89b3de7 in .data/pre), the decoder side compiled in common.compile_model (bp-br: step, compile
+# times, bench row; reverted), the bench rows, GPU tests and compile time of the committed code (bs, bt).
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 
@@ -856,5 +858,82 @@ bo)
   done
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo"; exit 2 ;;
+bp)
+  # Speed issue, on an H200: the merged window kernel (_window_backward_dq's WHOLE mode, 3ffa6a9) and the decoder side
+  # compiled (common.decoder_side_parts). GPU tests of the window kernels, of graphed and of compiled training; the
+  # window kernels timed over their launch settings (as bl); the ViT-B LoRA step of the committed tree (e288d67 in
+  # .data/head) and of this one, whose process also runs it with the decoder side uncompiled (eager_decoder).
+  timeout 200 python3 -m pytest -q -k "(on_cuda and (14 or 5-7 or 18)) or compiled_training or graphed" \
+    tests/test_relpos_attention.py tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
+  grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | tail -n 5
+  PROBE_RELPOS_SHAPES=window timeout 150 python3 scripts/speed_probe.py relpos --out /tmp/runs/relpos \
+    > /tmp/runs/relpos.log 2>&1
+  grep -E "^relpos|RELPOS|Error" /tmp/runs/relpos.log | cut -c1-1500
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ( cd .data/head && PYTHONPATH=/tmp/site:$PWD PROBE_VITB3=now TORCHINDUCTOR_CACHE_DIR=/tmp/cache_bp_head \
+    TRITON_CACHE_DIR=/tmp/cache_bp_head/triton timeout 150 python3 scripts/speed_probe.py vitb3 \
+    --out /tmp/runs/vitb3_head > /tmp/runs/vitb3_head.log 2>&1 )
+  grep -E "^vitb3|Error" /tmp/runs/vitb3_head.log | cut -c1-300
+  PROBE_VITB3=now,eager_decoder TORCHINDUCTOR_CACHE_DIR=/tmp/cache_bp TRITON_CACHE_DIR=/tmp/cache_bp/triton \
+    timeout 150 python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3 > /tmp/runs/vitb3.log 2>&1
+  grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-300
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+bq)
+  # Speed issue, on an H200, after bp (the merged window backward 10% slower in the step than bl's separate kernel; the
+  # decoder side compiled: 2.6 ms less a step, 25 s more in the first): the window kernels of this tree (the merged
+  # kernel's queries from 0 where it holds them all) and of 89b3de7 (the separate kernel, in .data/pre); the ViT-B
+  # LoRA step with every decoder-side part compiled and with the transformer only, dynamo's compile times of each.
+  for tree in . .data/pre; do
+    ( cd $tree && PYTHONPATH=/tmp/site:$PWD PROBE_RELPOS_SHAPES=window timeout 150 python3 scripts/speed_probe.py relpos \
+      --out /tmp/runs/relpos_${tree//[.\/]/} > /tmp/runs/relpos_${tree//[.\/]/}.log 2>&1 )
+    echo "tree $tree"; grep -E "^relpos window|Error" /tmp/runs/relpos_${tree//[.\/]/}.log | cut -c1-400
+  done
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  for parts in neck,transformer,upscaling transformer; do
+    PROBE_DECODER_PARTS=$parts PROBE_VITB3=now TORCHINDUCTOR_CACHE_DIR=/tmp/cache_bq_$parts \
+      TRITON_CACHE_DIR=/tmp/cache_bq_$parts/triton timeout 150 python3 scripts/speed_probe.py vitb3 \
+      --out /tmp/runs/vitb3_$parts > /tmp/runs/vitb3_$parts.log 2>&1
+    echo "parts $parts"; grep -E "^vitb3|Error" /tmp/runs/vitb3_$parts.log | cut -c1-300
+  done
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+br)
+  # Speed issue, bq's code on an H200 (the decoder side compiled in common.compile_model, since reverted): what
+  # compilation adds to a whole ViT-B run (as bg); LoRA's ViT-B bench rows (compiled and graphed, checkpointed, stock
+  # bf16).
+  alternating_pairs br 2
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  vit_b_lora_rows 2-10
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+bs)
+  # Speed issue, on an H200: the committed code after bq (the merged window kernel's queries from 0; the decoder side
+  # not compiled, as before bp): LoRA's ViT-B bench rows, then the other methods' beside stock bf16.
+  vit_b_lora_rows 2-10
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  vit_b_method_rows 400 2-10
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+bt)
+  # Speed issue, bs's code on an H200: the GPU tests of the window kernels and of graphed and compiled training; what
+  # compilation adds to a whole ViT-B run (as bg, br).
+  timeout 200 python3 -m pytest -q -k "(on_cuda and (14 or 5-7 or 18)) or compiled_training or graphed" \
+    tests/test_relpos_attention.py tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
+  grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | tail -n 5
+  alternating_pairs bt 2
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+bu)
+  # Speed issue, 0a2c166 on an H200: SAMora's stage-1 update through common.add_qv_update, both stages on DRIVE with
+  # MobileSAM (100 steps, 30 per expert, as bm) and with ViT-B compiled (random weights, 20 steps, 10 per expert).
+  for model in mobile_sam vit_b; do
+    if [ $model = mobile_sam ]; then F="--steps 100 --stage1-steps 30"; else F="--model vit_b --checkpoint none --steps 20 --stage1-steps 10"; fi
+    ( time timeout 200 python3 samora.py --data drive --data-root $DRIVE --split salt $F --out /tmp/runs --run-name samora_$model ) \
+      > /tmp/runs/samora_$model.log 2>&1
+    echo "samora $model"; tr '\r' '\n' < /tmp/runs/samora_$model.log | grep -E "^stage|img/s|^test|^real|Error|error" | tail -12 | cut -c1-160
+  done
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu"; exit 2 ;;
 esac

@@ -605,7 +605,9 @@ def probe_vitb3():
     Call aq also ran lora_cat after them, a prototype of LoRAQKV.forward's one down-projection product, which
     is now the code itself (the variant was dropped since). PROBE_VITB3 (comma-separated) picks variants:
     call ar ran now,conv_patch_embed (the patch embedding back to stock's convolution), call aw
-    now,folded_windows (the windowed blocks' attention back to the folded SDPA form)."""
+    now,folded_windows (the windowed blocks' attention back to the folded SDPA form). Calls bp and bq compiled the
+    decoder side in common.compile_model (bp: now,eager_decoder, that undone; bq: PROBE_DECODER_PARTS=transformer,
+    only that part): with today's code, now,decoder_compiled."""
     import os
     out = {}
     args, dev, model, x, y = build_lora("vit_b", 8)
@@ -629,6 +631,14 @@ def probe_vitb3():
         embed = model.image_encoder.patch_embed
         embed.__class__ = type(embed).__bases__[0]
 
+    def decoder_compiled():
+        # the encoder's neck, the decoder's transformer and its output upscaling compiled too, or those of them
+        # PROBE_DECODER_PARTS names; calls bp-br ran this inside common.compile_model (since reverted)
+        named = dict(neck=model.image_encoder.neck, transformer=model.mask_decoder.transformer,
+                     upscaling=model.mask_decoder.output_upscaling)
+        for name in os.environ.get("PROBE_DECODER_PARTS", ",".join(named)).split(","):
+            named[name].compile()
+
     def folded_windows():
         for blk in model.image_encoder.blocks:
             if blk.window_size > 0:
@@ -637,12 +647,13 @@ def probe_vitb3():
     # head (the committed kernels, call aq) needs kernels that take what common.fast_vit_attention passes
     # (rel_h and rel_w until call ay, the tables since): two commits are compared in two processes since
     variants = dict(now=kernels(own), neck_cl=neck_channels_last, conv_patch_embed=conv_patch_embed,
-                    folded_windows=folded_windows)
+                    folded_windows=folded_windows, decoder_compiled=decoder_compiled)
     picked = os.environ.get("PROBE_VITB3", ",".join(variants)).split(",")
     for name in picked:
         measure_variant("vitb3", out, name, model, params, x, y, dev, apply=variants[name], reps=20, firsts=3,
                         profile=name == "now", shapes=name == "now")
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    out["compile_times"] = torch._dynamo.utils.compile_times()  # dynamo's and inductor's phases, per graph
     RESULTS["vitb3"] = out
 
 
