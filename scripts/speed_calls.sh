@@ -137,6 +137,13 @@ every_method_on_drive() {
 NOAHEAD="import sys, runpy, common; common.compile_ahead = lambda *a, **k: None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 # python3 -c "$LNFP32" SCRIPT ARGS...: SCRIPT with TinyViT's LayerNorms as stock runs them (call ag).
 LNFP32="import sys, runpy, common, torch; common.layer_norm_in_compute_dtype = torch.nn.LayerNorm.forward; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+# The GPU tests of the window kernels (14 x 14: the one-kernel backward; 5 x 7, 18 x 18: the split kernels) and of
+# graphed and compiled training (bp, bt).
+window_and_training_gpu_tests() {
+  timeout 200 python3 -m pytest -q -k "(on_cuda and (14 or 5-7 or 18)) or compiled_training or graphed" \
+    tests/test_relpos_attention.py tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
+  grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | tail -n 5
+}
 # A timed default run (lora.py --data drive --split salt) and its figures. $1: run name; $2: time limit in seconds; then
 # the interpreter (python3, or python3 -c "$WRAPPER").
 default_run() {
@@ -860,12 +867,11 @@ bo)
   ;;
 bp)
   # Speed issue, on an H200: the merged window kernel (_window_backward_dq's WHOLE mode, 3ffa6a9) and the decoder side
-  # compiled (common.decoder_side_parts). GPU tests of the window kernels, of graphed and of compiled training; the
+  # compiled (by common.compile_model in this call's tree; reverted since, speed_probe.py vitb3's decoder_compiled
+  # now). GPU tests of the window kernels, of graphed and of compiled training; the
   # window kernels timed over their launch settings (as bl); the ViT-B LoRA step of the committed tree (e288d67 in
   # .data/head) and of this one, whose process also runs it with the decoder side uncompiled (eager_decoder).
-  timeout 200 python3 -m pytest -q -k "(on_cuda and (14 or 5-7 or 18)) or compiled_training or graphed" \
-    tests/test_relpos_attention.py tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
-  grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | tail -n 5
+  window_and_training_gpu_tests
   PROBE_RELPOS_SHAPES=window timeout 150 python3 scripts/speed_probe.py relpos --out /tmp/runs/relpos \
     > /tmp/runs/relpos.log 2>&1
   grep -E "^relpos|RELPOS|Error" /tmp/runs/relpos.log | cut -c1-1500
@@ -918,9 +924,7 @@ bs)
 bt)
   # Speed issue, bs's code on an H200: the GPU tests of the window kernels and of graphed and compiled training; what
   # compilation adds to a whole ViT-B run (as bg, br).
-  timeout 200 python3 -m pytest -q -k "(on_cuda and (14 or 5-7 or 18)) or compiled_training or graphed" \
-    tests/test_relpos_attention.py tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
-  grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | tail -n 5
+  window_and_training_gpu_tests
   alternating_pairs bt 2
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
