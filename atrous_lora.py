@@ -150,6 +150,9 @@ class AtrousLoRAQKV(nn.Linear):
     As LoRAQKV in lora.py: subclasses nn.Linear and keeps the frozen weight and bias under the same names
     (checkpoint keys unchanged); `heads=None`: output [q | k | v] (SAM's ViT), `heads=h`: per head
     [q_1 k_1 v_1 | q_2 k_2 v_2 | ...] (MobileSAM's TinyViT), whose flat window tokens have grid `side`."""
+    # the AAM's convolutions and pooling mix the tokens of a window, padding included (its zero tokens get a
+    # non-zero update from the convolutions' biases): windowed ViT blocks keep stock SAM's padded windows
+    tokenwise = False
 
     def __init__(self, qkv: nn.Linear, rank: int, rates, heads=None, side=None):
         super().__init__(qkv.in_features, qkv.out_features, bias=qkv.bias is not None, device="meta")

@@ -128,6 +128,7 @@ class CDEN(nn.Module):
 class LoRAQKV(nn.Linear):
     """As lora.py: frozen qkv plus trainable low-rank updates of q and v. `heads=None`: output [q | k | v]
     (SAM's ViT); `heads=h`: per head [q_1 k_1 v_1 | q_2 k_2 v_2 | ...] (MobileSAM's TinyViT)."""
+    tokenwise = True  # per token, a zero token gives the bias: no window padding needed (common.tokenwise)
 
     def __init__(self, qkv: nn.Linear, rank: int, heads=None):
         super().__init__(qkv.in_features, qkv.out_features, bias=qkv.bias is not None, device="meta")

@@ -458,7 +458,8 @@ def fast_vit_attention(self, x):
     Windowed blocks at 1024 see a 64 x 64 grid padded to 70 x 70 (64 is not a multiple of 14): 25 windows,
     4900 tokens of which 804 (16.4%) are padding; stock SAM spends the qkv, attention and proj work of
     those tokens too, and the padding (zeros after norm1, so k = v = qkv bias) takes part in the border
-    windows' softmax as keys. We keep that, for exactness.
+    windows' softmax as keys. This forward keeps that, for exactness; where the kernels run and the qkv is
+    tokenwise, fast_vit_block does not come here for windowed blocks (fast_vit_window_attention).
 
     On CUDA (self.fast_relpos) the Triton kernels of relpos_attention.py take the qkv output as it is and the
     two tables, without the widening, compute rel_h and rel_w themselves (no einsums), and write the gradient
@@ -500,6 +501,60 @@ def fast_vit_attention(self, x):
         scale = 1.0
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)[..., :hd]  # (B, heads, N, hd)
     return self.proj(out.transpose(1, 2).reshape(B, H, W, heads * hd))  # channels head-major, as stock
+
+
+def tokenwise(qkv):
+    """Whether an attention's qkv module maps each token alone and a zero token to its bias: nn.Linear, and an
+    adapter that says so with `tokenwise = True` (a linear layer plus a low-rank or re-parametrised weight:
+    LoRA, SALT, SAMora's single experts). Such a qkv lets windowed blocks skip the window padding
+    (fast_vit_block); an adapter that mixes tokens (AtrousLoRA's convolutions, SAMora's fused experts) sees
+    the padded windows, as in stock SAM."""
+    return getattr(qkv, "tokenwise", type(qkv) is nn.Linear)
+
+
+def fast_vit_block(self, x):
+    """forward of SAM ViT's Block: a windowed block's attention through the window kernels on the whole
+    grid (fast_vit_window_attention) where they take it, else stock Block.forward (whose attention is
+    fast_vit_attention). x: (B, H, W, C)."""
+    from segment_anything.modeling.image_encoder import Block
+    attn = self.attn
+    if self.window_size and attn.use_rel_pos and getattr(attn, "fast_relpos", False) and tokenwise(attn.qkv):
+        shortcut = x
+        x = self.norm1(x)
+        qkv = attn.qkv(x)  # (B, H, W, 3C)
+        B, H, W, _ = x.shape
+        qkv = qkv.reshape(B, H * W, 3, attn.num_heads, -1)  # (B, N, 3, heads, hd)
+        if _RELPOS.usable_windows(qkv, (self.window_size, self.window_size)):
+            x = shortcut + fast_vit_window_attention(attn, x, qkv, self.window_size)
+            return x + self.mlp(self.norm2(x))
+        x = shortcut  # a dtype the kernels do not take (fp16): stock's way (qkv computed again)
+    return Block.forward(self, x)
+
+
+def fast_vit_window_attention(attn, x, qkv, window):
+    """A windowed block's attention over the whole H x W grid, without stock SAM's padding: x (B, H, W, C)
+    (after norm1), qkv (B, H*W, 3, heads, hd) its qkv; returns the projected output (B, H, W, C).
+
+    Stock window_partition pads the grid with zero tokens to whole windows (64 x 64 -> 70 x 70 at 1024: 4900
+    tokens, 804 of them padding, 16.4%), runs qkv, attention and proj on every window, then drops the
+    padding's outputs. The padding's q, k and v are what qkv gives a zero token: its bias, for a tokenwise
+    qkv. Here qkv and proj run on the grid's tokens only, and the window kernels (relpos_attention.
+    window_attention) read each window's tokens where they lie in the grid, use the bias's k and v for the
+    padding keys (which take part in the border windows' softmax, as in stock SAM), skip the padding
+    queries (stock drops their outputs) and write the output in the grid's layout: no pad, partition or
+    unpartition copies either. Graphed ViT-B LoRA step at batch 8 on an H200, one process: 68.49 ms with
+    the padding, 66.95 ms without (call bw); in the profile the matmuls took 0.9 ms less and inductor's
+    elementwise kernels 0.75 ms less, the window kernels 0.2 ms more (the padding keys' pointers)."""
+    B, H, W, C = x.shape
+    heads = attn.num_heads
+    bias = attn.qkv.bias
+    pad_kv = None
+    if H % window or W % window:  # the padding tokens' k and v: (2, heads, hd)
+        pad = bias.to(qkv.dtype) if bias is not None else qkv.new_zeros(qkv.shape[2] * heads * qkv.shape[-1])
+        pad_kv = pad.view(3, heads, -1)[1:]
+    out = _RELPOS.window_attention(qkv, _rel_pos_sized(attn.rel_pos_h, window), _rel_pos_sized(attn.rel_pos_w, window),
+                                   attn.scale, (H, W), pad_kv)  # (B, N, heads, hd)
+    return attn.proj(out.reshape(B, H, W, C))
 
 
 def fast_tinyvit_attention(self, x):
@@ -656,7 +711,8 @@ def use_fast_attention(image_encoder, pad_v=True, relpos_kernel=True):
     frozen BatchNorms and run the convolutions channels-last (fast_tinyvit_block, folded_conv_bn,
     channels_last_patch_embed; the three took a graphed MobileSAM LoRA step at batch 8 from 49.4 to 42.1 ms
     on the H100), and run its frozen LayerNorms in bf16 (layer_norm_in_compute_dtype: 41.2 -> 37.8 ms). In
-    SAM's ViT run the patch embedding as a matmul (patch_embed_as_matmul).
+    SAM's ViT run the patch embedding as a matmul (patch_embed_as_matmul), and the windowed blocks without
+    window padding where their qkv is tokenwise (fast_vit_block).
     Works before or after an adapter replaced `attn.qkv`.
     pad_v=False leaves v at its own width (fewer FLOPs where the kernel accepts it)."""
     for attn, heads in encoder_attentions(image_encoder):
@@ -668,7 +724,10 @@ def use_fast_attention(image_encoder, pad_v=True, relpos_kernel=True):
             attn.fast_relpos = relpos_kernel and _relpos_kernels() is not None
         else:  # MobileSAM's TinyViT
             _swap_class(attn, "FastTinyViTAttention", forward=fast_tinyvit_attention, is_fast=True)
-    from segment_anything.modeling.image_encoder import PatchEmbed as VitPatchEmbed
+    from segment_anything.modeling.image_encoder import Block, PatchEmbed as VitPatchEmbed
+    for blk in getattr(image_encoder, "blocks", ()):
+        if isinstance(blk, Block) and not getattr(blk, "is_fast", False):
+            _swap_class(blk, "Fast" + type(blk).__name__, forward=fast_vit_block, is_fast=True)
     if type(getattr(image_encoder, "patch_embed", None)) is VitPatchEmbed:
         _swap_class(image_encoder.patch_embed, "MatmulPatchEmbed", forward=patch_embed_as_matmul)
     if isinstance(image_encoder, nn.Module) and not hasattr(image_encoder, "blocks"):  # TinyViT: its convolutions
@@ -699,12 +758,17 @@ def compile_ahead(model, compiling):
     per shape: windowed and global) and, when the blocks are compiled, inductor's pool of compile workers
     (inductor starts the pool at its first graph and compiles serially in this process until the pool is
     up)."""
-    for attn, heads in encoder_attentions(model.image_encoder):
-        if heads is None and getattr(attn, "fast_relpos", False) and attn.use_rel_pos:
+    encoder = model.image_encoder
+    for blk in getattr(encoder, "blocks", ()):  # SAM's ViT
+        attn = blk.attn
+        if getattr(attn, "fast_relpos", False) and attn.use_rel_pos:
             rows, cols = (attn.rel_pos_h.shape[0] + 1) // 2, (attn.rel_pos_w.shape[0] + 1) // 2  # tables 2S - 1
             head_dim = attn.proj.in_features // attn.num_heads
             if _RELPOS.usable_shape(rows, cols, head_dim):
-                _RELPOS.precompile(attn.num_heads, rows, cols, head_dim)
+                if blk.window_size:  # the whole grid's windows first (fast_vit_block; the adapter is not in yet)
+                    side = encoder.img_size // encoder.patch_embed.proj.kernel_size[0]  # the token grid
+                    _RELPOS.precompile(attn.num_heads, rows, cols, head_dim, grid=(side, side))
+                _RELPOS.precompile(attn.num_heads, rows, cols, head_dim)  # the padded windows too (AtrousLoRA...)
     if compiling:
         try:
             from torch._inductor.async_compile import maybe_warm_pool

@@ -37,6 +37,9 @@ class LoRAQKV(nn.Linear):
     Subclasses nn.Linear and keeps the frozen weight under the same name, so `...attn.qkv.weight` still
     loads from a SAM checkpoint. `heads=None`: output laid out [q | k | v] (SAM's ViT); `heads=h`: laid out
     per head [q_1 k_1 v_1 | q_2 k_2 v_2 | ...] (MobileSAM's TinyViT)."""
+    # each token's output depends on that token alone, and a zero token gives the bias: windowed ViT blocks
+    # need not pad their windows (common.tokenwise)
+    tokenwise = True
 
     def __init__(self, qkv: nn.Linear, rank: int, heads=None):
         super().__init__(qkv.in_features, qkv.out_features, bias=qkv.bias is not None, device="meta")

@@ -34,6 +34,12 @@ attentions the kernels take: D one of 16, 32, 64, 128, fp32 or bf16 CUDA tensors
 for the window kernels (their 14 x 14 windows); not ViT-H, whose heads are 80 wide. Everything else goes
 through the folded path. Softmax in fp32, exp2 with log2(e) folded into the logits.
 
+window_attention gives the window kernels a windowed block's whole grid instead of its padded windows: they
+read each window's tokens where they lie in the grid (B, H * W tokens), take the padding keys' k and v (stock
+SAM pads 64 x 64 to 70 x 70 with zero tokens, whose k and v are the qkv bias) from a (2, heads, D) input, skip
+the padding queries and write the output in the grid's layout, so that the block's qkv and proj run on 4096
+tokens instead of 4900 and no pad, partition or unpartition copies are made (common.fast_vit_window_attention).
+
 Measured on the H100 (bf16, batch 8, 12 heads, 64 x 64 tokens; scripts/speed_probe.py relpos, forward and
 backward with the rel-pos einsums): 7.2 ms against 12.1 ms for the folded form and 3.2 ms for the same
 attention without the term; a compiled, graphed ViT-B LoRA step went from 72.0 to 85.3 images/s. The
@@ -43,8 +49,10 @@ the query-side kernel (call ap, one machine) took it from 7.31 to 6.74 ms, and t
 from 89.0 to 86.8 ms (call aq).
 """
 import os
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
@@ -67,12 +75,16 @@ def usable_shape(H, W, D):
     return D in (16, 32, 64, 128) and (by_rows(W) or H <= 64 and W <= 64)
 
 
-def usable(qkv, H, W):
-    """Whether the kernels take this attention, qkv (B, N, 3, heads, D): CUDA (or Triton's interpreter), a
-    shape the tiles fit, fp32 or bf16."""
+def _takes(qkv):
+    """Whether the kernels run on qkv's device and dtype: CUDA (or Triton's interpreter), fp32 or bf16 (the
+    dtypes the tests check: autocast's and fp32)."""
     on_device = qkv.is_cuda or INTERPRETED and qkv.device.type == "cpu"
-    return (on_device and usable_shape(H, W, qkv.shape[-1]) and qkv.shape[1] == H * W
-            and qkv.dtype in (torch.float32, torch.bfloat16))  # the dtypes the tests check (autocast's and fp32)
+    return on_device and qkv.dtype in (torch.float32, torch.bfloat16)
+
+
+def usable(qkv, H, W):
+    """Whether the kernels take this attention, qkv (B, N, 3, heads, D): as _takes, and a shape the tiles fit."""
+    return _takes(qkv) and usable_shape(H, W, qkv.shape[-1]) and qkv.shape[1] == H * W
 
 
 @triton.jit
@@ -340,6 +352,51 @@ def _onehots(offs_j, N: tl.constexpr, W: tl.constexpr, HP: tl.constexpr, WP: tl.
 
 
 @triton.jit
+def _window_tokens(offs, w, N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, GH: tl.constexpr,
+                   GW: tl.constexpr, NWX: tl.constexpr):
+    """Tokens at positions offs (row-major) of window w of a GH x GW grid cut into ROWS x COLS windows, NWX of
+    them along a row: their index in the grid (row-major), whether they are in the window (offs < N: the
+    tile's rows past it are masked) and whether in the grid (a window across the grid's edge holds padding
+    tokens beyond it, as stock SAM pads the grid to whole windows)."""
+    y = (w // NWX) * ROWS + offs // COLS
+    x = (w % NWX) * COLS + offs % COLS
+    in_window = offs < N
+    return y * GW + x, in_window, in_window & (y < GH) & (x < GW)
+
+
+@triton.jit
+def _window_keys(K, V, PAD, h, heads, sk_n, sv_n, tok, in_window, in_grid, D: tl.constexpr,
+                 HAS_PAD: tl.constexpr):
+    """(BLOCK_N, D) k and v of a key block: read from the grid, and the padding tokens' k and v (PAD: (2,
+    heads, D), what the qkv projection gives a zero token) where the window crosses the grid's edge. The
+    padding rows point into PAD, and one load reads both: swapping them in after the load (tl.where on the
+    loaded tiles) took the windows' forward in a ViT-B LoRA step from 2.06 ms (padded windows, commit
+    2b257fa) to 3.30 ms, and their backward from 4.23 to 4.98 ms (call bv's profile); like this, 2.07 and
+    4.42 ms (call bw). Our reading: a tile that goes from the load straight into the products is one that
+    Triton copies to shared memory ahead of use, in its pipeline; one changed in registers in between is not."""
+    d = tl.arange(0, D)[None, :]
+    k_rows = K + tok[:, None] * sk_n  # (BLOCK_N, 1)
+    v_rows = V + tok[:, None] * sv_n
+    if HAS_PAD:
+        pad = (in_window != in_grid)[:, None]  # in the window, beyond the grid
+        k_rows = tl.where(pad, PAD + h * D, k_rows)
+        v_rows = tl.where(pad, PAD + (heads + h) * D, v_rows)
+    k = tl.load(k_rows + d, mask=in_window[:, None], other=0.0)
+    v = tl.load(v_rows + d, mask=in_window[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
+def _store_pad_grad(DPAD, slot, dk, dv, in_window, in_grid, D: tl.constexpr):
+    """The padding keys' part of a key block's dk and dv (BLOCK_N, D), summed over them, into DPAD's (2, D)
+    slot: every padding key is the same k and v, so their gradients add up (to the qkv bias's, in the end)."""
+    pad = (in_window != in_grid)[:, None]
+    d = tl.arange(0, D)
+    tl.store(DPAD + slot * 2 * D + d, tl.sum(tl.where(pad, dk, 0.0), 0))
+    tl.store(DPAD + slot * 2 * D + D + d, tl.sum(tl.where(pad, dv, 0.0), 0))
+
+
+@triton.jit
 def _load_rows(ptr, offs, stride, mask, width: tl.constexpr, WIDTH: tl.constexpr):
     """(len(offs), WIDTH) tile of a (tokens, width) matrix with row stride `stride`, zero beyond its edges."""
     cols = tl.arange(0, WIDTH)
@@ -363,82 +420,95 @@ def _window_logits(q, k, rh, rw, code_h, code_w, qk_scale, PRECISION: tl.constex
     return tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias * LOG2E
 
 
+# Grid and windows: the program's third axis runs over the windows of every image, wb = b * NWIN + w (NWIN
+# windows per image, NWX along a row). q, k, v, the output and the gradients are read and written in the
+# grid's own layout (B, GH * GW tokens), at the tokens _window_tokens names; what is kept per window (LSE,
+# DELTA, rel_h, rel_w and their gradients) is (B * NWIN, heads, N, ...). Padding queries (window tokens
+# beyond the grid) are computed on zeros and never stored: stock SAM drops their outputs, so they get no
+# gradient either. Padding keys are PAD's k and v, as in stock SAM's border windows.
+
+
 @triton.jit
-def _window_forward(Q, K, V, TH, TW, O, LSE, RH, RW,
+def _window_forward(Q, K, V, PAD, TH, TW, O, LSE, RH, RW,
                     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
                     heads, scale,
                     N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
-                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    b, h = tl.program_id(2), tl.program_id(1)
-    bh = b * heads + h
+                    D: tl.constexpr, GH: tl.constexpr, GW: tl.constexpr, NWX: tl.constexpr, NWIN: tl.constexpr,
+                    HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    wb, h = tl.program_id(2), tl.program_id(1)
+    b, w = wb // NWIN, wb % NWIN
+    bh = wb * heads + h
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < N
-    q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, sq_n, mask_m, D, D)  # (BLOCK_M, D)
+    tok_m, win_m, grid_m = _window_tokens(offs_m, w, N, ROWS, COLS, GH, GW, NWX)
+    q = _load_rows(Q + b * sq_b + h * sq_h, tok_m, sq_n, grid_m, D, D)  # (BLOCK_M, D); padding queries zero
     rh = _rel_term(q, TH, offs_m // COLS, ROWS, HP, D, PRECISION)  # (BLOCK_M, HP)
     rw = _rel_term(q, TW, offs_m % COLS, COLS, WP, D, PRECISION)  # (BLOCK_M, WP)
-    _store_rows(RH + bh * N * ROWS, offs_m, ROWS, mask_m, rh, ROWS, HP)  # for the backward
-    _store_rows(RW + bh * N * COLS, offs_m, COLS, mask_m, rw, COLS, WP)
+    _store_rows(RH + bh * N * ROWS, offs_m, ROWS, win_m, rh, ROWS, HP)  # for the backward
+    _store_rows(RW + bh * N * COLS, offs_m, COLS, win_m, rw, COLS, WP)
     qk_scale = scale * LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     for start in range(0, N, BLOCK_N):
         offs_j = start + tl.arange(0, BLOCK_N)
-        mask_j = offs_j < N
-        k = _load_rows(K + b * sk_b + h * sk_h, offs_j, sk_n, mask_j, D, D)  # (BLOCK_N, D)
-        v = _load_rows(V + b * sv_b + h * sv_h, offs_j, sv_n, mask_j, D, D)
+        tok_j, win_j, grid_j = _window_tokens(offs_j, w, N, ROWS, COLS, GH, GW, NWX)
+        k, v = _window_keys(K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h, PAD, h, heads, sk_n, sv_n, tok_j,
+                            win_j, grid_j, D, HAS_PAD)  # (BLOCK_N, D)
         code_h, code_w = _onehots(offs_j, N, COLS, HP, WP, q.dtype)
         s = _window_logits(q, k, rh, rw, code_h, code_w, qk_scale, PRECISION)
-        s = tl.where(mask_j[None, :], s, float("-inf"))  # padded keys take no weight
+        s = tl.where(win_j[None, :], s, float("-inf"))  # the tile's keys past the window take no weight
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
     acc = acc / l_i[:, None]
-    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_n + tl.arange(0, D)[None, :],
-             acc.to(O.dtype.element_ty), mask=mask_m[:, None])
-    tl.store(LSE + bh * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+    tl.store(O + b * so_b + h * so_h + tok_m[:, None] * so_n + tl.arange(0, D)[None, :],
+             acc.to(O.dtype.element_ty), mask=grid_m[:, None])
+    tl.store(LSE + bh * N + offs_m, m_i + tl.log2(l_i), mask=win_m)
 
 
 @triton.jit
-def _window_backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DK, DV, DRH, DRW,
+def _window_backward_dq(Q, K, V, PAD, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DK, DV, DPAD, DRH, DRW,
                         sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_n, so_b, so_h, so_n,
                         sg_b, sg_h, sg_n, heads, scale,
                         N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, HP: tl.constexpr,
-                        WP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        WHOLE: tl.constexpr, PRECISION: tl.constexpr):
+                        WP: tl.constexpr, D: tl.constexpr, GH: tl.constexpr, GW: tl.constexpr, NWX: tl.constexpr,
+                        NWIN: tl.constexpr, HAS_PAD: tl.constexpr, PAD_GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, WHOLE: tl.constexpr, PRECISION: tl.constexpr):
     """One query block against every key block: dq, d rel_h and d rel_w (the one-hot products transposed),
     and dq's part through them; DELTA = rowsum(o * do) for _window_backward_dkdv. RH, RW (the forward's),
-    DRH, DRW contiguous (B, heads, N, H / W); DQ, DK, DV strided (sg_*), as in _backward_dq.
+    DRH, DRW contiguous (B * NWIN, heads, N, H / W); DQ, DK, DV strided (sg_*), as in _backward_dq.
     WHOLE: the block holds every query of the window (the launch makes BLOCK_M cover N), so each key block's
-    dk and dv, p^T do and ds^T q, are whole within this program, which writes them too: the window's
-    backward in one kernel, five products per tile instead of the split's seven (_window_backward_dkdv
-    recomputes the logits and do v^T), and q, k, v, do read once. Not WHOLE: DELTA for the key-side kernel."""
-    b, h = tl.program_id(2), tl.program_id(1)
+    dk and dv, p^T do and ds^T q, are whole within this program, which writes them too (and, PAD_GRAD, the
+    padding keys' sums into DPAD (B * NWIN, heads, key blocks, 2, D)): the window's backward in one kernel,
+    five products per tile instead of the split's seven (_window_backward_dkdv recomputes the logits and
+    do v^T), and q, k, v, do read once. Not WHOLE: DELTA for the key-side kernel."""
+    wb, h = tl.program_id(2), tl.program_id(1)
+    b, w = wb // NWIN, wb % NWIN
     if WHOLE:  # the grid's first axis is 1: queries from 0, which the compiler then knows
         offs_m = tl.arange(0, BLOCK_M)
     else:
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < N
-    bh = b * heads + h
-    q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, sq_n, mask_m, D, D)
-    do = _load_rows(DO + b * sdo_b + h * sdo_h, offs_m, sdo_n, mask_m, D, D)
-    o = _load_rows(O + b * so_b + h * so_h, offs_m, so_n, mask_m, D, D)
-    rh = _load_rows(RH + bh * N * ROWS, offs_m, ROWS, mask_m, ROWS, HP)  # (BLOCK_M, HP)
-    rw = _load_rows(RW + bh * N * COLS, offs_m, COLS, mask_m, COLS, WP)
+    tok_m, win_m, grid_m = _window_tokens(offs_m, w, N, ROWS, COLS, GH, GW, NWX)
+    bh = wb * heads + h
+    q = _load_rows(Q + b * sq_b + h * sq_h, tok_m, sq_n, grid_m, D, D)
+    do = _load_rows(DO + b * sdo_b + h * sdo_h, tok_m, sdo_n, grid_m, D, D)
+    o = _load_rows(O + b * so_b + h * so_h, tok_m, so_n, grid_m, D, D)
+    rh = _load_rows(RH + bh * N * ROWS, offs_m, ROWS, win_m, ROWS, HP)  # (BLOCK_M, HP)
+    rw = _load_rows(RW + bh * N * COLS, offs_m, COLS, win_m, COLS, WP)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,); 0 for padded queries
     if not WHOLE:
-        tl.store(DELTA + bh * N + offs_m, delta, mask=mask_m)
-    lse = tl.load(LSE + bh * N + offs_m, mask=mask_m, other=0.0)
+        tl.store(DELTA + bh * N + offs_m, delta, mask=win_m)
+    lse = tl.load(LSE + bh * N + offs_m, mask=win_m, other=0.0)
     qk_scale = scale * LOG2E
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     drh = tl.zeros([BLOCK_M, HP], tl.float32)
     drw = tl.zeros([BLOCK_M, WP], tl.float32)
     for start in range(0, N, BLOCK_N):
         offs_j = start + tl.arange(0, BLOCK_N)
-        mask_j = offs_j < N
-        k = _load_rows(K + b * sk_b + h * sk_h, offs_j, sk_n, mask_j, D, D)
-        v = _load_rows(V + b * sv_b + h * sv_h, offs_j, sv_n, mask_j, D, D)
+        tok_j, win_j, grid_j = _window_tokens(offs_j, w, N, ROWS, COLS, GH, GW, NWX)
+        k, v = _window_keys(K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h, PAD, h, heads, sk_n, sv_n, tok_j,
+                            win_j, grid_j, D, HAS_PAD)
         code_h, code_w = _onehots(offs_j, N, COLS, HP, WP, q.dtype)
         s = _window_logits(q, k, rh, rw, code_h, code_w, qk_scale, PRECISION)
-        p = tl.where(mask_m[:, None] & mask_j[None, :], tl.exp2(s - lse[:, None]), 0.0)  # the softmax, recomputed
+        p = tl.where(grid_m[:, None] & win_j[None, :], tl.exp2(s - lse[:, None]), 0.0)  # the softmax, recomputed
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = (p * (dp - delta[:, None])).to(q.dtype)  # gradient of the logits
         dq += tl.dot(ds, k, input_precision=PRECISION)
@@ -447,52 +517,59 @@ def _window_backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DK, DV, 
         if WHOLE:  # (BLOCK_N, D), summed over every query of the window
             dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION) * scale
-            _store_rows(DK + b * sg_b + h * sg_h, offs_j, sg_n, mask_j, dk.to(DK.dtype.element_ty), D, D)
-            _store_rows(DV + b * sg_b + h * sg_h, offs_j, sg_n, mask_j, dv.to(DV.dtype.element_ty), D, D)
+            _store_rows(DK + b * sg_b + h * sg_h, tok_j, sg_n, grid_j, dk.to(DK.dtype.element_ty), D, D)
+            _store_rows(DV + b * sg_b + h * sg_h, tok_j, sg_n, grid_j, dv.to(DV.dtype.element_ty), D, D)
+            if PAD_GRAD:
+                _store_pad_grad(DPAD, bh * ((N + BLOCK_N - 1) // BLOCK_N) + start // BLOCK_N, dk, dv, win_j, grid_j, D)
     drh, drw = drh.to(q.dtype), drw.to(q.dtype)
-    _store_rows(DRH + bh * N * ROWS, offs_m, ROWS, mask_m, drh, ROWS, HP)
-    _store_rows(DRW + bh * N * COLS, offs_m, COLS, mask_m, drw, COLS, WP)
+    _store_rows(DRH + bh * N * ROWS, offs_m, ROWS, win_m, drh, ROWS, HP)
+    _store_rows(DRW + bh * N * COLS, offs_m, COLS, win_m, drw, COLS, WP)
     dq = (dq * scale + _rel_term_grad(drh, TH, offs_m // COLS, ROWS, HP, D, PRECISION)
           + _rel_term_grad(drw, TW, offs_m % COLS, COLS, WP, D, PRECISION))
-    _store_rows(DQ + b * sg_b + h * sg_h, offs_m, sg_n, mask_m, dq.to(DQ.dtype.element_ty), D, D)
+    _store_rows(DQ + b * sg_b + h * sg_h, tok_m, sg_n, grid_m, dq.to(DQ.dtype.element_ty), D, D)
 
 
 @triton.jit
-def _window_backward_dkdv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
+def _window_backward_dkdv(Q, K, V, PAD, RH, RW, DO, LSE, DELTA, DK, DV, DPAD,
                           sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                           srh_b, srh_h, srh_n, srw_b, srw_h, srw_n, sdo_b, sdo_h, sdo_n, sg_b, sg_h, sg_n,
                           heads, scale,
                           N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, HP: tl.constexpr,
-                          WP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          PRECISION: tl.constexpr):
-    """One key block against every query block: dk, dv, computed transposed (keys along the first axis). DK,
-    DV strided (sg_*), as in _backward_dkdv."""
-    b, h = tl.program_id(2), tl.program_id(1)
+                          WP: tl.constexpr, D: tl.constexpr, GH: tl.constexpr, GW: tl.constexpr, NWX: tl.constexpr,
+                          NWIN: tl.constexpr, HAS_PAD: tl.constexpr, PAD_GRAD: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block against every query block: dk, dv, computed transposed (keys along the first axis), and
+    (PAD_GRAD) the padding keys' sums into DPAD. DK, DV strided (sg_*), as in _backward_dkdv."""
+    wb, h = tl.program_id(2), tl.program_id(1)
+    b, w = wb // NWIN, wb % NWIN
     offs_j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_j = offs_j < N
-    bh = b * heads + h
-    k = _load_rows(K + b * sk_b + h * sk_h, offs_j, sk_n, mask_j, D, D)
-    v = _load_rows(V + b * sv_b + h * sv_h, offs_j, sv_n, mask_j, D, D)
+    tok_j, win_j, grid_j = _window_tokens(offs_j, w, N, ROWS, COLS, GH, GW, NWX)
+    bh = wb * heads + h
+    k, v = _window_keys(K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h, PAD, h, heads, sk_n, sv_n, tok_j, win_j,
+                        grid_j, D, HAS_PAD)
     code_h, code_w = _onehots(offs_j, N, COLS, HP, WP, k.dtype)  # (BLOCK_N, HP), (BLOCK_N, WP)
     qk_scale = scale * LOG2E
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     for start in range(0, N, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < N
-        q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, sq_n, mask_m, D, D)
-        do = _load_rows(DO + b * sdo_b + h * sdo_h, offs_m, sdo_n, mask_m, D, D)
-        rh = _load_rows(RH + b * srh_b + h * srh_h, offs_m, srh_n, mask_m, ROWS, HP)
-        rw = _load_rows(RW + b * srw_b + h * srw_h, offs_m, srw_n, mask_m, COLS, WP)
-        lse = tl.load(LSE + bh * N + offs_m, mask=mask_m, other=0.0)
-        delta = tl.load(DELTA + bh * N + offs_m, mask=mask_m, other=0.0)
+        tok_m, win_m, grid_m = _window_tokens(offs_m, w, N, ROWS, COLS, GH, GW, NWX)
+        q = _load_rows(Q + b * sq_b + h * sq_h, tok_m, sq_n, grid_m, D, D)
+        do = _load_rows(DO + b * sdo_b + h * sdo_h, tok_m, sdo_n, grid_m, D, D)
+        rh = _load_rows(RH + wb * srh_b + h * srh_h, offs_m, srh_n, win_m, ROWS, HP)
+        rw = _load_rows(RW + wb * srw_b + h * srw_h, offs_m, srw_n, win_m, COLS, WP)
+        lse = tl.load(LSE + bh * N + offs_m, mask=win_m, other=0.0)
+        delta = tl.load(DELTA + bh * N + offs_m, mask=win_m, other=0.0)
         bias_t = (tl.dot(code_h, tl.trans(rh), input_precision=PRECISION)
                   + tl.dot(code_w, tl.trans(rw), input_precision=PRECISION))  # (BLOCK_N, BLOCK_M)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + bias_t * LOG2E
-        p_t = tl.where(mask_m[None, :], tl.exp2(s_t - lse[None, :]), 0.0)  # padded queries (do = 0): no overflow
+        p_t = tl.where(grid_m[None, :], tl.exp2(s_t - lse[None, :]), 0.0)  # padded queries (do = 0): no overflow
         dk, dv = _dkdv_step(p_t, q, do, v, delta, dk, dv, PRECISION)
-    _store_rows(DK + b * sg_b + h * sg_h, offs_j, sg_n, mask_j, (dk * scale).to(DK.dtype.element_ty), D, D)
-    _store_rows(DV + b * sg_b + h * sg_h, offs_j, sg_n, mask_j, dv.to(DV.dtype.element_ty), D, D)
+    dk = dk * scale
+    _store_rows(DK + b * sg_b + h * sg_h, tok_j, sg_n, grid_j, dk.to(DK.dtype.element_ty), D, D)
+    _store_rows(DV + b * sg_b + h * sg_h, tok_j, sg_n, grid_j, dv.to(DV.dtype.element_ty), D, D)
+    if PAD_GRAD:
+        _store_pad_grad(DPAD, bh * tl.num_programs(0) + tl.program_id(0), dk, dv, win_j, grid_j, D)
 
 
 def _strides(*tensors):
@@ -575,92 +652,141 @@ def _grid(table_h, table_w):
     return (table_h.shape[0] + 1) // 2, (table_w.shape[0] + 1) // 2
 
 
+def _windowing(table_h, table_w, grid_h, grid_w):
+    """The attention's window (rows, cols: the tables' grid), the whole grid (grid_h x grid_w; 0: one window)
+    and its windows: along a column, along a row."""
+    rows, cols = _grid(table_h, table_w)
+    grid_h, grid_w = grid_h or rows, grid_w or cols
+    return rows, cols, grid_h, grid_w, triton.cdiv(grid_h, rows), triton.cdiv(grid_w, cols)
+
+
+def _window_meta(rows, cols, grid_h, grid_w, pad_kv):
+    """The window kernels' constexprs for a grid cut into windows; HAS_PAD where windows cross its edge."""
+    nwy, nwx = triton.cdiv(grid_h, rows), triton.cdiv(grid_w, cols)
+    has_pad = (grid_h % rows or grid_w % cols) != 0
+    assert not has_pad or pad_kv is not None, "windows cross the grid's edge: the padding tokens' k and v needed"
+    return dict(GH=grid_h, GW=grid_w, NWX=nwx, NWIN=nwy * nwx, HAS_PAD=has_pad)
+
+
 @torch.library.custom_op("peft_sam::relpos_attention", mutates_args=())
-def _relpos_attention(qkv: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The output (B, N, heads, D), its log2-sum-exp2 (B, heads, N) and rel_h, rel_w (B, heads, N, rows /
-    columns), the last three for the backward. qkv (B, N, 3, heads, D)."""
+def _relpos_attention(qkv: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor, scale: float,
+                      grid_h: int = 0, grid_w: int = 0, pad_kv: Optional[torch.Tensor] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The output (B, T, heads, D), its log2-sum-exp2 (B', heads, N) and rel_h, rel_w (B', heads, N, rows /
+    columns), the last three for the backward. qkv (B, T, 3, heads, D) of a grid_h x grid_w grid (0: the
+    tables' grid, one window) of T tokens, cut into windows of N tokens (the tables' grid; B' = B times the
+    windows of an image); pad_kv (2, heads, D): k and v of the padding tokens where windows cross the grid's
+    edge (window_attention)."""
     q, k, v = _split(_last_contiguous(qkv)[0])
     table_h, table_w = table_h.contiguous(), table_w.contiguous()
-    B, heads, N, D = q.shape
-    rows, cols = _grid(table_h, table_w)
-    out = q.new_empty(B, N, heads, D)
-    lse = torch.empty(B, heads, N, device=q.device, dtype=torch.float32)
-    rel_h, rel_w = q.new_empty(B, heads, N, rows), q.new_empty(B, heads, N, cols)
+    B, heads, T, D = q.shape
+    rows, cols, grid_h, grid_w, nwy, nwx = _windowing(table_h, table_w, grid_h, grid_w)
+    N, windows = rows * cols, B * nwy * nwx
+    out = q.new_empty(B, T, heads, D)
+    lse = torch.empty(windows, heads, N, device=q.device, dtype=torch.float32)
+    rel_h, rel_w = q.new_empty(windows, heads, N, rows), q.new_empty(windows, heads, N, cols)
     launch, blocks = _launch("forward", rows, cols)
-    (_forward if by_rows(cols) else _window_forward)[(blocks, heads, B)](
-        q, k, v, table_h, table_w, out, lse, rel_h, rel_w, *_strides(q, k, v, out.transpose(1, 2)), heads, scale,
-        N=N, ROWS=rows, COLS=cols, D=D, PRECISION=_precision(q.dtype), **launch)
+    strides = (*_strides(q, k, v, out.transpose(1, 2)), heads, scale)
+    meta = dict(N=N, ROWS=rows, COLS=cols, D=D, PRECISION=_precision(q.dtype), **launch)
+    if by_rows(cols):
+        assert (grid_h, grid_w) == (rows, cols), "the row kernels take one whole grid"
+        _forward[(blocks, heads, B)](q, k, v, table_h, table_w, out, lse, rel_h, rel_w, *strides, **meta)
+    else:
+        pad = q if pad_kv is None else pad_kv.contiguous()  # (2, heads, D); not read without padding
+        _window_forward[(blocks, heads, windows)](q, k, v, pad, table_h, table_w, out, lse, rel_h, rel_w, *strides,
+                                                  **_window_meta(rows, cols, grid_h, grid_w, pad_kv), **meta)
     return out, lse, rel_h, rel_w
 
 
 @_relpos_attention.register_fake
-def _(qkv, table_h, table_w, scale):
-    B, N, _, heads, D = qkv.shape
-    rows, cols = _grid(table_h, table_w)
-    return (qkv.new_empty(B, N, heads, D), qkv.new_empty(B, heads, N, dtype=torch.float32),
-            qkv.new_empty(B, heads, N, rows), qkv.new_empty(B, heads, N, cols))
+def _(qkv, table_h, table_w, scale, grid_h=0, grid_w=0, pad_kv=None):
+    B, T, _, heads, D = qkv.shape
+    rows, cols, _, _, nwy, nwx = _windowing(table_h, table_w, grid_h, grid_w)
+    windows = B * nwy * nwx
+    return (qkv.new_empty(B, T, heads, D), qkv.new_empty(windows, heads, rows * cols, dtype=torch.float32),
+            qkv.new_empty(windows, heads, rows * cols, rows), qkv.new_empty(windows, heads, rows * cols, cols))
 
 
 @torch.library.custom_op("peft_sam::relpos_attention_backward", mutates_args=())
 def _relpos_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, table_h: torch.Tensor,
                                table_w: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
-                               out: torch.Tensor, lse: torch.Tensor,
-                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradient of qkv (B, N, 3, heads, D), and those of rel_h and rel_w (B, heads, N, rows / columns),
+                               out: torch.Tensor, lse: torch.Tensor, scale: float, grid_h: int = 0,
+                               grid_w: int = 0, pad_kv: Optional[torch.Tensor] = None, pad_grad: bool = False
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradient of qkv (B, T, 3, heads, D), and those of rel_h and rel_w (B', heads, N, rows / columns),
     which the tables' gradient needs (_table_grad) when they train; its q part includes the part through
     rel_h and rel_w. The kernels write dq, dk and dv straight into their places in qkv's layout: returned as
     three tensors, autograd stacked them into it, a pass that read and wrote the whole gradient (1.35 ms of
-    a ViT-B LoRA step at batch 8 on the H100, call bc's profile)."""
+    a ViT-B LoRA step at batch 8 on the H100, call bc's profile). Last, pad_kv's gradient (2, heads, D) where
+    pad_grad (else empty): the padding keys' dk and dv, summed."""
     qkv, grad_out, out = _last_contiguous(qkv, grad_out, out)
     q, k, v = _split(qkv)
     table_h, table_w = table_h.contiguous(), table_w.contiguous()
-    B, heads, N, D = q.shape
-    rows, cols = _grid(table_h, table_w)
-    d_rel_h, d_rel_w = q.new_empty(B, heads, N, rows), q.new_empty(B, heads, N, cols)
-    d_qkv = torch.empty(B, N, 3, heads, D, device=q.device, dtype=qkv.dtype)
+    B, heads, T, D = q.shape
+    rows, cols, grid_h, grid_w, nwy, nwx = _windowing(table_h, table_w, grid_h, grid_w)
+    N, windows = rows * cols, B * nwy * nwx
+    d_rel_h, d_rel_w = q.new_empty(windows, heads, N, rows), q.new_empty(windows, heads, N, cols)
+    d_qkv = torch.empty(B, T, 3, heads, D, device=q.device, dtype=qkv.dtype)
     dq, dk, dv = _split(d_qkv)
     strides, grad_strides = _strides(q, k, v), _strides(dq)  # dq, dk and dv: the same strides
     meta = dict(N=N, ROWS=rows, COLS=cols, D=D, PRECISION=_precision(q.dtype))
-    delta = torch.empty(B, heads, N, device=q.device, dtype=torch.float32)  # written by the split dq kernels
-    dq_inputs = (q, k, v, table_h, table_w, rel_h, rel_w, grad_out, out, lse, delta, dq)
+    delta = torch.empty(windows, heads, N, device=q.device, dtype=torch.float32)  # written by the split dq kernels
     dq_strides = (*strides, *_strides(grad_out.transpose(1, 2), out.transpose(1, 2)), *grad_strides, heads, scale)
     if by_rows(cols):
         launch, blocks = _launch("dq", rows, cols)
-        _backward_dq[(blocks, heads, B)](*dq_inputs, d_rel_h, d_rel_w, *dq_strides, **meta, **launch)
-        kernel_dkdv = _backward_dkdv
-    else:
-        def window_dq(name, whole):  # whole: every query in one tile, and dk, dv written too
-            launch, blocks = _launch(name, rows, cols)
-            _window_backward_dq[(blocks, heads, B)](*dq_inputs, dk, dv, d_rel_h, d_rel_w, *dq_strides, WHOLE=whole,
-                                                    **meta, **launch)
-        if N <= WHOLE_WINDOW and (q.device, q.dtype) not in _SPLIT_ONLY:
-            try:
-                window_dq("backward" if q.element_size() == 2 else "backward_fp32", True)
-                return d_qkv, d_rel_h, d_rel_w
-            except OutOfResources:  # raised before the launch: nothing was written; the split kernels then
-                _SPLIT_ONLY.add((q.device, q.dtype))
-        window_dq("dq", False)
-        kernel_dkdv = _window_backward_dkdv
+        _backward_dq[(blocks, heads, B)](q, k, v, table_h, table_w, rel_h, rel_w, grad_out, out, lse, delta, dq,
+                                         d_rel_h, d_rel_w, *dq_strides, **meta, **launch)
+        launch, blocks = _launch("dkdv", rows, cols)
+        _backward_dkdv[(blocks, heads, B)](
+            q, k, v, rel_h, rel_w, grad_out, lse, delta, dk, dv,
+            *strides, *_strides(rel_h, rel_w, grad_out.transpose(1, 2)), *grad_strides, heads, scale, **meta, **launch)
+        return d_qkv, d_rel_h, d_rel_w, q.new_empty(0)
+    pad = q if pad_kv is None else pad_kv.contiguous()
+    window = _window_meta(rows, cols, grid_h, grid_w, pad_kv)
+    pad_grad = pad_grad and window["HAS_PAD"]
+    meta.update(window, PAD_GRAD=pad_grad)
+
+    def pad_sums(key_blocks):  # (windows, heads, key blocks, 2, D): each key block's padding keys' dk, dv summed
+        return torch.empty(windows, heads, key_blocks, 2, D, device=q.device, dtype=torch.float32) if pad_grad else q
+
+    def d_pad(sums):  # pad_kv's gradient (2, heads, D)
+        return sums.sum((0, 2)).transpose(0, 1).to(pad_kv.dtype) if pad_grad else q.new_empty(0)
+
+    def window_dq(name, whole, sums):  # whole: every query in one tile, and dk, dv written too
+        launch, blocks = _launch(name, rows, cols)
+        _window_backward_dq[(blocks, heads, windows)](q, k, v, pad, table_h, table_w, rel_h, rel_w, grad_out, out, lse,
+                                                      delta, dq, dk, dv, sums, d_rel_h, d_rel_w, *dq_strides,
+                                                      WHOLE=whole, **meta, **launch)
+    if N <= WHOLE_WINDOW and (q.device, q.dtype) not in _SPLIT_ONLY:
+        name = "backward" if q.element_size() == 2 else "backward_fp32"
+        sums = pad_sums(triton.cdiv(N, _launch(name, rows, cols)[0]["BLOCK_N"]))
+        try:
+            window_dq(name, True, sums)
+            return d_qkv, d_rel_h, d_rel_w, d_pad(sums)
+        except OutOfResources:  # raised before the launch: nothing was written; the split kernels then
+            _SPLIT_ONLY.add((q.device, q.dtype))
+    window_dq("dq", False, q)
     launch, blocks = _launch("dkdv", rows, cols)
-    kernel_dkdv[(blocks, heads, B)](
-        q, k, v, rel_h, rel_w, grad_out, lse, delta, dk, dv,
+    sums = pad_sums(blocks)
+    _window_backward_dkdv[(blocks, heads, windows)](
+        q, k, v, pad, rel_h, rel_w, grad_out, lse, delta, dk, dv, sums,
         *strides, *_strides(rel_h, rel_w, grad_out.transpose(1, 2)), *grad_strides, heads, scale, **meta, **launch)
-    return d_qkv, d_rel_h, d_rel_w
+    return d_qkv, d_rel_h, d_rel_w, d_pad(sums)
 
 
 @_relpos_attention_backward.register_fake
-def _(grad_out, qkv, table_h, table_w, rel_h, rel_w, out, lse, scale):
-    B, N, _, heads, D = qkv.shape
-    rows, cols = _grid(table_h, table_w)
-    return (torch.empty_like(qkv, memory_format=torch.contiguous_format),
-            qkv.new_empty(B, heads, N, rows), qkv.new_empty(B, heads, N, cols))
+def _(grad_out, qkv, table_h, table_w, rel_h, rel_w, out, lse, scale, grid_h=0, grid_w=0, pad_kv=None,
+      pad_grad=False):
+    rows, cols, grid_h, grid_w, _, _ = _windowing(table_h, table_w, grid_h, grid_w)
+    has_pad = pad_grad and (grid_h % rows or grid_w % cols) != 0 and not by_rows(cols)
+    return (torch.empty_like(qkv, memory_format=torch.contiguous_format), torch.empty_like(rel_h),
+            torch.empty_like(rel_w), pad_kv.new_empty(pad_kv.shape) if has_pad else qkv.new_empty(0))
 
 
 def _table_grad(d_rel, q, rows, cols, along_rows):
     """Gradient of a rel-pos table (2 S - 1, D) from that of rel_h (along_rows) or rel_w, (B, heads, N, S),
-    and q: what autograd gives through SAM's einsum against the table gathered to (S, S, D), whose entry
-    [a, r] is table row a - r + S - 1. Only for tables that train (our methods freeze them)."""
+    and q (B, heads, N, D): what autograd gives through SAM's einsum against the table gathered to (S, S, D),
+    whose entry [a, r] is table row a - r + S - 1. Only for tables that train (our methods freeze them)."""
     B, heads, N, D = q.shape
     grid, d_rel = q.reshape(B, heads, rows, cols, D), d_rel.reshape(B, heads, rows, cols, -1)
     per_pair = torch.einsum("bnawr,bnawd->ard" if along_rows else "bnawc,bnawd->wcd", d_rel, grid)  # (S, S, D)
@@ -670,21 +796,36 @@ def _table_grad(d_rel, q, rows, cols, along_rows):
     return per_pair.new_zeros(2 * size - 1, D).index_add_(0, index, per_pair.flatten(0, 1))
 
 
+def _window_queries(q, rows, cols, grid_h, grid_w):
+    """q (B, heads, T, D) of a grid_h x grid_w grid -> (B', heads, N, D) per rows x cols window, as the kernels
+    number them (b * windows + w, w row-major); zeros for the padding queries, whose d rel_h and d rel_w the
+    kernels write as zeros."""
+    B, heads, _, D = q.shape
+    nwy, nwx = triton.cdiv(grid_h, rows), triton.cdiv(grid_w, cols)
+    q = F.pad(q.reshape(B, heads, grid_h, grid_w, D), (0, 0, 0, nwx * cols - grid_w, 0, nwy * rows - grid_h))
+    q = q.reshape(B, heads, nwy, rows, nwx, cols, D).permute(0, 2, 4, 1, 3, 5, 6)  # (B, nwy, nwx, heads, rows, cols, D)
+    return q.reshape(B * nwy * nwx, heads, rows * cols, D)
+
+
 def _setup_context(ctx, inputs, output):
-    qkv, table_h, table_w, scale = inputs
-    ctx.save_for_backward(qkv, table_h, table_w, *output)
-    ctx.scale = scale
+    qkv, table_h, table_w, scale, grid_h, grid_w, pad_kv = inputs
+    ctx.save_for_backward(qkv, table_h, table_w, pad_kv, *output)
+    ctx.scale, ctx.grid = scale, (grid_h, grid_w)
 
 
 def _backward(ctx, grad_out, grad_lse, grad_rel_h, grad_rel_w):  # lse, rel_h, rel_w: for the backward only
-    qkv, table_h, table_w, out, lse, rel_h, rel_w = ctx.saved_tensors
-    d_qkv, d_rel_h, d_rel_w = _relpos_attention_backward(grad_out, qkv, table_h, table_w, rel_h, rel_w, out, lse,
-                                                         ctx.scale)
-    rows, cols = _grid(table_h, table_w)
-    q = _split(qkv)[0]
-    d_table_h = _table_grad(d_rel_h, q, rows, cols, True).to(table_h.dtype) if ctx.needs_input_grad[1] else None
-    d_table_w = _table_grad(d_rel_w, q, rows, cols, False).to(table_w.dtype) if ctx.needs_input_grad[2] else None
-    return d_qkv, d_table_h, d_table_w, None
+    qkv, table_h, table_w, pad_kv, out, lse, rel_h, rel_w = ctx.saved_tensors
+    pad_grad = len(ctx.needs_input_grad) > 6 and ctx.needs_input_grad[6]  # trailing defaults are not counted
+    d_qkv, d_rel_h, d_rel_w, d_pad_kv = _relpos_attention_backward(grad_out, qkv, table_h, table_w, rel_h, rel_w,
+                                                                   out, lse, ctx.scale, *ctx.grid, pad_kv, pad_grad)
+    d_tables = [None, None]
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        rows, cols, grid_h, grid_w, _, _ = _windowing(table_h, table_w, *ctx.grid)
+        q = _window_queries(_split(qkv)[0], rows, cols, grid_h, grid_w)
+        d_tables = [_table_grad(d_rel, q, rows, cols, along_rows).to(table.dtype) if ctx.needs_input_grad[i] else None
+                    for i, d_rel, table, along_rows in ((1, d_rel_h, table_h, True), (2, d_rel_w, table_w, False))]
+    d_pad_kv = d_pad_kv if pad_grad and d_pad_kv.numel() else None  # no padding: the padding keys were never used
+    return d_qkv, *d_tables, None, None, None, d_pad_kv
 
 
 _relpos_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -695,7 +836,25 @@ def relpos_attention(qkv, table_h, table_w, scale):
     D), the layout of SAM's qkv projection, on an H x W grid (N = H * W), with SAM's rel-pos tables table_h
     (2H - 1, D) and table_w (2W - 1, D) as get_rel_pos sizes them (rel_h[i, r] = q_i . table_h[row i - r +
     H - 1], see _rel_term). Returns (B, N, heads, D); the backward returns qkv's gradient in qkv's layout."""
-    return _relpos_attention(qkv, table_h, table_w, scale)[0]
+    return _relpos_attention(qkv, table_h, table_w, scale, 0, 0, None)[0]  # every input given: _backward's grads
+
+
+def window_attention(qkv, table_h, table_w, scale, grid, pad_kv):
+    """SAM's windowed attention over a whole grid, without stock SAM's window padding in memory: qkv (B, T, 3,
+    heads, D) of a grid = (rows, cols) grid (T = rows * cols), cut into windows of the tables' size (table_h
+    (2h - 1, D), table_w (2w - 1, D): h x w windows, row-major, the last row and column of windows crossing
+    the grid's edge when it is not a multiple of them), and relpos_attention within each window. Where a
+    window crosses the edge, stock SAM pads the grid with zero tokens, which take part in the softmax as keys:
+    their k and v are pad_kv (2, heads, D), what the qkv projection gives a zero token (its bias, for a linear
+    layer), and their gradient comes back to pad_kv. Returns (B, T, heads, D), in the grid's own layout."""
+    return _relpos_attention(qkv, table_h, table_w, scale, grid[0], grid[1], pad_kv)[0]
+
+
+def usable_windows(qkv, window):
+    """Whether the window kernels take window_attention's qkv (B, T, 3, heads, D) with windows window = (rows,
+    cols): as _takes, and windows that the window kernels take (not the row kernels' grids)."""
+    rows, cols = window
+    return _takes(qkv) and usable_shape(rows, cols, qkv.shape[-1]) and not by_rows(cols)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -713,12 +872,14 @@ def relpos_attention(qkv, table_h, table_w, scale):
 _PRECOMPILING = set()
 
 
-def precompile(heads, rows, cols, head_dim, dtype=torch.bfloat16):
+def precompile(heads, rows, cols, head_dim, dtype=torch.bfloat16, grid=None):
     """Start compiling the kernels for one attention shape in a background process (CUDA only; once per
-    shape and process). Returns at once, with the child (subprocess.Popen) or None."""
+    shape and process): rows x cols attention (relpos_attention), or, given grid = (rows, columns), its
+    windows over that grid (window_attention; the kernels differ where windows cross the grid's edge).
+    Returns at once, with the child (subprocess.Popen) or None."""
     import subprocess
     import sys
-    key = (heads, rows, cols, head_dim, str(dtype).replace("torch.", ""))
+    key = (heads, rows, cols, head_dim, str(dtype).replace("torch.", ""), *(grid or ()))
     if key in _PRECOMPILING or INTERPRETED or not torch.cuda.is_available():
         return None
     _PRECOMPILING.add(key)
@@ -726,19 +887,25 @@ def precompile(heads, rows, cols, head_dim, dtype=torch.bfloat16):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _compile_by_launching(heads, rows, cols, head_dim, dtype):
+def _compile_by_launching(heads, rows, cols, head_dim, dtype, grid=None):
     """Forward and backward once at batch 1, with qkv laid out as SAM's attention makes it and an output
-    gradient laid out as the block's projection returns it."""
-    N = rows * cols
-    qkv = torch.randn(1, N, 3, heads, head_dim, device="cuda", dtype=dtype, requires_grad=True)
+    gradient laid out as the block's projection returns it; over a grid, with the padding tokens' k and v
+    frozen (a frozen qkv bias, as our methods have it)."""
+    T = grid[0] * grid[1] if grid else rows * cols
+    qkv = torch.randn(1, T, 3, heads, head_dim, device="cuda", dtype=dtype, requires_grad=True)
     table_h = torch.randn(2 * rows - 1, head_dim, device="cuda")  # fp32 parameters, as SAM's
     table_w = torch.randn(2 * cols - 1, head_dim, device="cuda")
-    out = relpos_attention(qkv, table_h, table_w, head_dim ** -0.5)  # (1, N, heads, D)
+    if grid:
+        pad_kv = torch.randn(2, heads, head_dim, device="cuda", dtype=dtype)
+        out = window_attention(qkv, table_h, table_w, head_dim ** -0.5, grid, pad_kv)  # (1, T, heads, D)
+    else:
+        out = relpos_attention(qkv, table_h, table_w, head_dim ** -0.5)  # (1, T, heads, D)
     out.backward(torch.randn_like(out))
     torch.cuda.synchronize()
 
 
-if __name__ == "__main__":  # the child of precompile: python relpos_attention.py HEADS ROWS COLS HEAD_DIM DTYPE
+if __name__ == "__main__":  # the child of precompile: relpos_attention.py HEADS ROWS COLS HEAD_DIM DTYPE [GH GW]
     import sys
     heads, rows, cols, head_dim = map(int, sys.argv[1:5])
-    _compile_by_launching(heads, rows, cols, head_dim, getattr(torch, sys.argv[5]))
+    _compile_by_launching(heads, rows, cols, head_dim, getattr(torch, sys.argv[5]),
+                          tuple(map(int, sys.argv[6:8])) or None)

@@ -160,6 +160,7 @@ class SALTMixin:
 
 class SALTLinear(SALTMixin, nn.Linear):
     """A frozen nn.Linear whose weight is W~ = U ReLU(Sigma') Vt; `weight`/`bias` are SAM's, shared not copied."""
+    tokenwise = True  # per token, a zero token gives the bias: no window padding needed (common.tokenwise)
 
     def __init__(self, layer: nn.Linear, top, rank, relu="sigma"):
         super().__init__(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")

@@ -162,6 +162,13 @@ class SAMoraQKV(nn.Linear):
                 setattr(self, f"samora_{e}_B_{t}", b)
         self.samora_hl = HLAttn(self.width, hl_width, hl_heads).to(dev)
 
+    @property
+    def tokenwise(self):
+        """A single expert (stage 1) maps each token alone, a zero token to the bias: windowed ViT blocks need
+        no padding (common.tokenwise). HL-Attn's fusion (stage 2) attends across a window's tokens, padding
+        included, so it sees stock SAM's padded windows."""
+        return self.active != "fused"
+
     def expert(self, e):
         """Weights A_q (r, d), A_v (r, d), B_q (width, r), B_v (width, r) of expert e."""
         return [getattr(self, f"samora_{e}_{name}").weight for name in ("A_q", "A_v", "B_q", "B_v")]

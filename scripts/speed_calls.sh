@@ -23,7 +23,9 @@
 # tuned; bm, bn: bench rows, every method on DRIVE with MobileSAM, default runs; bo: default runs alternating with
 # 2b94d0d's). bp-bt: the merged window kernel re-timed (bp: slower in the step; bq: its queries from 0, against the
 # separate kernel of 89b3de7 in .data/pre), the decoder side compiled in common.compile_model (bp-br: step, compile
-# times, bench row; reverted), the bench rows, GPU tests and compile time of the committed code (bs, bt).
+# times, bench row; reverted), the bench rows, GPU tests and compile time of the committed code (bs, bt). bv-bx: the
+# windowed blocks without window padding (bv: GPU tests, the step with and without padding; bw: the same after the
+# padding keys' loads changed; bx: bench rows; by: compile time; bz: SALT, BALR-SAM and SAMora on DRIVE with ViT-B).
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 
@@ -143,6 +145,27 @@ window_and_training_gpu_tests() {
   timeout 200 python3 -m pytest -q -k "(on_cuda and (14 or 5-7 or 18)) or compiled_training or graphed" \
     tests/test_relpos_attention.py tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
   grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | tail -n 5
+}
+# The graphed ViT-B LoRA step of the committed tree unpacked into .data/head (speed_probe.py vitb3, profiled; calls bi,
+# bp, bv). $1: the name of its fresh caches (/tmp/cache_$1_head).
+head_step() {
+  ( cd .data/head && PYTHONPATH=/tmp/site:$PWD PROBE_VITB3=now TORCHINDUCTOR_CACHE_DIR=/tmp/cache_$1_head \
+    TRITON_CACHE_DIR=/tmp/cache_$1_head/triton timeout 150 python3 scripts/speed_probe.py vitb3 \
+    --out /tmp/runs/vitb3_head > /tmp/runs/vitb3_head.log 2>&1 )
+  grep -E "^vitb3|Error" /tmp/runs/vitb3_head.log | cut -c1-300
+}
+# The GPU tests of test_relpos_attention.py that pytest's -k $1 picks, in at most $2 seconds (calls bw, by).
+picked_gpu_tests() {
+  timeout $2 python3 -m pytest -q -k "$1" tests/test_relpos_attention.py > /tmp/runs/gpu_tests.log 2>&1
+  grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | tail -n 5
+}
+# The graphed ViT-B LoRA step with the windowed blocks unpadded, then padded, in one process (speed_probe.py vitb3;
+# calls bv, bw). $1: the name of its fresh caches.
+step_unpadded_and_padded() {
+  PROBE_VITB3=now,padded_windows TORCHINDUCTOR_CACHE_DIR=/tmp/cache_$1 TRITON_CACHE_DIR=/tmp/cache_$1/triton \
+    timeout 200 python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3 > /tmp/runs/vitb3.log 2>&1
+  grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-300
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
 }
 # A timed default run (lora.py --data drive --split salt) and its figures. $1: run name; $2: time limit in seconds; then
 # the interpreter (python3, or python3 -c "$WRAPPER").
@@ -788,10 +811,7 @@ bi)
   PROBE_VITB3=now TORCHINDUCTOR_CACHE_DIR=/tmp/cache_bi TRITON_CACHE_DIR=/tmp/cache_bi/triton \
     timeout 150 python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3 > /tmp/runs/vitb3.log 2>&1
   grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-300
-  ( cd .data/head && PYTHONPATH=/tmp/site:$PWD PROBE_VITB3=now TORCHINDUCTOR_CACHE_DIR=/tmp/cache_bi_head \
-    TRITON_CACHE_DIR=/tmp/cache_bi_head/triton timeout 150 python3 scripts/speed_probe.py vitb3 \
-    --out /tmp/runs/vitb3_head > /tmp/runs/vitb3_head.log 2>&1 )
-  grep -E "^vitb3|Error" /tmp/runs/vitb3_head.log | cut -c1-300
+  head_step bi
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
 bj)
@@ -876,10 +896,7 @@ bp)
     > /tmp/runs/relpos.log 2>&1
   grep -E "^relpos|RELPOS|Error" /tmp/runs/relpos.log | cut -c1-1500
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
-  ( cd .data/head && PYTHONPATH=/tmp/site:$PWD PROBE_VITB3=now TORCHINDUCTOR_CACHE_DIR=/tmp/cache_bp_head \
-    TRITON_CACHE_DIR=/tmp/cache_bp_head/triton timeout 150 python3 scripts/speed_probe.py vitb3 \
-    --out /tmp/runs/vitb3_head > /tmp/runs/vitb3_head.log 2>&1 )
-  grep -E "^vitb3|Error" /tmp/runs/vitb3_head.log | cut -c1-300
+  head_step bp
   PROBE_VITB3=now,eager_decoder TORCHINDUCTOR_CACHE_DIR=/tmp/cache_bp TRITON_CACHE_DIR=/tmp/cache_bp/triton \
     timeout 150 python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3 > /tmp/runs/vitb3.log 2>&1
   grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-300
@@ -913,9 +930,10 @@ br)
   vit_b_lora_rows 2-10
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
-bs)
+bs|bx)
   # Speed issue, on an H200: the committed code after bq (the merged window kernel's queries from 0; the decoder side
-  # not compiled, as before bp): LoRA's ViT-B bench rows, then the other methods' beside stock bf16.
+  # not compiled, as before bp): LoRA's ViT-B bench rows, then the other methods' beside stock bf16. bx: the same with
+  # bw's code (the windowed blocks without window padding).
   vit_b_lora_rows 2-10
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   vit_b_method_rows 400 2-10
@@ -939,5 +957,44 @@ bu)
   done
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu"; exit 2 ;;
+bv)
+  # Speed issue, on an H200: windowed blocks without stock's window padding (common.fast_vit_window_attention: qkv and
+  # proj on the 64 x 64 grid's tokens, the window kernels reading each window in place, the padding keys' k and v from
+  # the qkv bias). The GPU tests (window kernels, the block against stock, graphed and compiled training); the ViT-B
+  # LoRA step without and with the padding in one process (now,padded_windows), then of the committed tree (2b257fa in
+  # .data/head).
+  window_and_training_gpu_tests
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  step_unpadded_and_padded bv
+  head_step bv
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+bw)
+  # Speed issue, on an H200, after bv (without padding the step was no faster: 69.12 against 69.24 ms, the window
+  # kernels 2.0 ms a step slower, their padding keys' k and v swapped into the loaded tiles by tl.where): the padding
+  # keys' rows now point into the padding's k and v before the load. The window GPU tests, the step as in bv.
+  picked_gpu_tests "windowed_block or (on_cuda and 14)" 200
+  step_unpadded_and_padded bw
+  ;;
+by)
+  # Speed issue, bw's code on an H200: the windowed block's GPU test again, its bf16 bound now stock bf16's own error
+  # (bw: 0.055 against a fixed 0.05); what compilation adds to a whole ViT-B run (as bt; compile_ahead's children now
+  # also compile the windows over the whole grid).
+  picked_gpu_tests "windowed_block and on_cuda" 150
+  alternating_pairs by 2
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+bz)
+  # Speed issue, bw's code on an H200: the methods whose windowed blocks changed path run through on DRIVE with ViT-B
+  # compiled (random weights, 20 steps): SALT and BALR-SAM (no padding), SAMora (stage 1 without padding, 10 steps per
+  # expert, then stage 2 on the padded windows: the blocks change path between the stages).
+  for method in salt balr_sam samora; do
+    F="--model vit_b --checkpoint none --steps 20"; [ $method = samora ] && F="$F --stage1-steps 10"
+    ( time timeout 150 python3 $method.py --data drive --data-root $DRIVE --split salt $F --out /tmp/runs --run-name ${method}_vit_b ) \
+      > /tmp/runs/${method}_vit_b.log 2>&1
+    echo "$method vit_b"; tr '\r' '\n' < /tmp/runs/${method}_vit_b.log | grep -E "^stage|img/s|^test|^real|Error|error" | tail -6 | cut -c1-160
+  done
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz"; exit 2 ;;
 esac

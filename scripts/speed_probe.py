@@ -607,7 +607,8 @@ def probe_vitb3():
     call ar ran now,conv_patch_embed (the patch embedding back to stock's convolution), call aw
     now,folded_windows (the windowed blocks' attention back to the folded SDPA form). Calls bp and bq compiled the
     decoder side in common.compile_model (bp: now,eager_decoder, that undone; bq: PROBE_DECODER_PARTS=transformer,
-    only that part): with today's code, now,decoder_compiled."""
+    only that part): with today's code, now,decoder_compiled. now,padded_windows: the windowed blocks on stock's
+    padded windows, as before fast_vit_window_attention (call bv)."""
     import os
     out = {}
     args, dev, model, x, y = build_lora("vit_b", 8)
@@ -639,6 +640,14 @@ def probe_vitb3():
         for name in os.environ.get("PROBE_DECODER_PARTS", ",".join(named)).split(","):
             named[name].compile()
 
+    def padded_windows():
+        # the windowed blocks' attention on stock's padded windows (70 x 70 tokens at 1024), as before
+        # common.fast_vit_window_attention: their qkv marked as not tokenwise (see common.tokenwise)
+        for blk in model.image_encoder.blocks:
+            if blk.window_size > 0:
+                blk.attn.qkv.tokenwise = False
+        torch._dynamo.reset()
+
     def folded_windows():
         for blk in model.image_encoder.blocks:
             if blk.window_size > 0:
@@ -647,7 +656,7 @@ def probe_vitb3():
     # head (the committed kernels, call aq) needs kernels that take what common.fast_vit_attention passes
     # (rel_h and rel_w until call ay, the tables since): two commits are compared in two processes since
     variants = dict(now=kernels(own), neck_cl=neck_channels_last, conv_patch_embed=conv_patch_embed,
-                    folded_windows=folded_windows, decoder_compiled=decoder_compiled)
+                    folded_windows=folded_windows, decoder_compiled=decoder_compiled, padded_windows=padded_windows)
     picked = os.environ.get("PROBE_VITB3", ",".join(variants)).split(",")
     for name in picked:
         measure_variant("vitb3", out, name, model, params, x, y, dev, apply=variants[name], reps=20, firsts=3,

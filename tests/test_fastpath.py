@@ -423,7 +423,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
     use_fast_attention(stock.image_encoder)
     use_fast_attention(ckpt.image_encoder)
     use_grad_checkpointing(ckpt.image_encoder)
-    assert all(type(b).__name__ == "CheckpointedBlock" for b in ckpt.image_encoder.blocks)
+    assert all(type(b).__name__ == "CheckpointedFastBlock" for b in ckpt.image_encoder.blocks)
     x = torch.rand(2, 3, args.img_size, args.img_size)
     masks = (torch.rand(2, args.img_size, args.img_size) < 0.2).to(torch.uint8)
     for m in (stock, ckpt):
