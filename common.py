@@ -755,7 +755,8 @@ def compile_ahead(model, compiling):
     """Start, in other processes, compilation that a CUDA run would otherwise do inside its first training
     step, so that it overlaps the loading of weights, the evaluation before training and the tracing of
     the blocks: the Triton kernels of the blocks' attention (relpos_attention.precompile, one child process
-    per shape: windowed and global) and, when the blocks are compiled, inductor's pool of compile workers
+    per shape: the windows over the whole grid, the padded windows, the global grid) and, when the blocks
+    are compiled, inductor's pool of compile workers
     (inductor starts the pool at its first graph and compiles serially in this process until the pool is
     up)."""
     encoder = model.image_encoder
@@ -813,7 +814,8 @@ def _keep_global_attention(ctx, op, *args, **kwargs):
     67.9, 79.6% of 85.3); with the window kernels, 84.1 images/s at 3.3 GiB, 84% of 100.2 (call ax); with
     rel_h and rel_w kept too, on an H200: 92.9 images/s at 3.7 GiB, 84% of 110.2 (call bf); with the
     windows' one-kernel backward, 99.6 images/s at 3.7 GiB, 85% of 116.7 (call bm), and as a mode of the
-    query-side window kernel 97.9 at 3.7 GiB, 85% of 115.1, on a slower H200 (call bs)."""
+    query-side window kernel 97.9 at 3.7 GiB, 85% of 115.1, on a slower H200 (call bs); with the windowed
+    blocks unpadded, 102.6 at 3.7 GiB, 86% of 119.1 (call bx)."""
     from torch.utils.checkpoint import CheckpointPolicy
     if (_RELPOS is not None and op is torch.ops.peft_sam.relpos_attention.default
             and _RELPOS.by_rows((args[2].shape[0] + 1) // 2)):  # table_w (2W - 1, hd): a global grid

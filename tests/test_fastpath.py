@@ -415,6 +415,31 @@ def test_release_compile_workers_shuts_them_down_in_another_thread(monkeypatch):
     assert seen == ["release-compile-workers"]
 
 
+@pytest.mark.parametrize("adapter", ["linear", "lora", "balr_sam", "salt", "atrous_lora"])
+def test_tokenwise_says_what_the_qkv_does(adapter):
+    """common.tokenwise lets a windowed ViT block skip stock's window padding (fast_vit_block): it must hold
+    exactly when the qkv maps each token alone (moving one token leaves the others' output) and a zero token
+    to its bias (the padding's k and v). AtrousLoRA's convolutions break both. SAMora: test_samora."""
+    import atrous_lora
+    import balr_sam
+    import salt
+    torch.manual_seed(0)
+    qkv = torch.nn.Linear(32, 96)
+    qkv = dict(linear=lambda q: q, lora=lambda q: lora.LoRAQKV(q, 4), balr_sam=lambda q: balr_sam.LoRAQKV(q, 4),
+               salt=lambda q: salt.SALTLinear(q, 8, 4),
+               atrous_lora=lambda q: atrous_lora.AtrousLoRAQKV(q, 4, (1, 2)))[adapter](qkv)
+    for name, p in qkv.named_parameters():
+        if name not in ("weight", "bias"):  # adapters start as the identity update, which would hide them
+            p.data.copy_(torch.randn(p.shape) * 0.5)
+    x = torch.randn(1, 4, 4, 32)
+    moved = x.clone()
+    moved[0, 0, 0] += 1.0
+    with torch.no_grad():
+        others_kept = torch.allclose(qkv(x).flatten(1, 2)[:, 1:], qkv(moved).flatten(1, 2)[:, 1:])
+        zero_gives_bias = torch.allclose(qkv(torch.zeros(1, 1, 1, 32)).flatten(), qkv.bias)
+    assert common.tokenwise(qkv) == (others_kept and zero_gives_bias) == (adapter != "atrous_lora")
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     args, stock = tiny_model()
     lora.inject(stock, rank=4)

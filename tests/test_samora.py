@@ -139,6 +139,28 @@ def test_trainable_sets_of_both_stages():
     assert common.count_parameters(model)[0] == hl + decoder_count()
 
 
+def test_only_single_experts_let_windowed_blocks_skip_the_padding():
+    """common.tokenwise, which lets a windowed ViT block skip stock's window padding, must hold exactly when the
+    qkv maps each token alone and a zero token to the bias: a single expert (stage 1) does; HL-Attn's fusion
+    (stage 2) attends across the tokens, so changing one token changes the others' update."""
+    args, device, model = tiny()
+    samora.inject(model, args.rank, args.hl_width, args.hl_heads)
+    qkv = common.encoder_attentions(model.image_encoder)[0][0].qkv
+    g = torch.Generator().manual_seed(0)
+    for name, p in qkv.named_parameters():
+        if "_B_" in name or "proj_out" in name:  # zero at init, which would hide the updates
+            p.data.copy_(torch.randn(p.shape, generator=g))
+    x = torch.randn(1, 4, 4, qkv.in_features, generator=g)
+    moved = x.clone()
+    moved[0, 0, 0] += 1.0
+    for stage, tokenwise in ((samora.EXPERTS[0], True), ("fused", False)):
+        qkv.active = stage
+        with torch.no_grad():
+            others_kept = torch.allclose(qkv(x).flatten(1, 2)[:, 1:], qkv(moved).flatten(1, 2)[:, 1:])
+            zero_gives_bias = torch.allclose(qkv(torch.zeros(1, 1, 1, qkv.in_features)).flatten(), qkv.bias)
+        assert common.tokenwise(qkv) == tokenwise == (others_kept and zero_gives_bias), stage
+
+
 @pytest.mark.parametrize("expert", samora.EXPERTS)
 def test_stage1_objective_falls(expert, tmp_path):
     args, device, model = tiny("--stage1-steps", "30", "--log-every", "1", "--batch-size", "8", "--stage1-lr", "3e-3")
