@@ -653,19 +653,21 @@ def _grid(table_h, table_w):
 
 
 def _windowing(table_h, table_w, grid_h, grid_w):
-    """The attention's window (rows, cols: the tables' grid), the whole grid (grid_h x grid_w; 0: one window)
-    and its windows: along a column, along a row."""
+    """The window (rows, cols: the tables' grid) and the window kernels' constexprs for a grid_h x grid_w grid
+    (0: the tables' grid, one window) cut into such windows: the grid GH x GW, its windows along a row (NWX)
+    and in all (NWIN), HAS_PAD where windows cross the grid's edge."""
     rows, cols = _grid(table_h, table_w)
     grid_h, grid_w = grid_h or rows, grid_w or cols
-    return rows, cols, grid_h, grid_w, triton.cdiv(grid_h, rows), triton.cdiv(grid_w, cols)
+    nwx = triton.cdiv(grid_w, cols)
+    return rows, cols, dict(GH=grid_h, GW=grid_w, NWX=nwx, NWIN=triton.cdiv(grid_h, rows) * nwx,
+                            HAS_PAD=bool(grid_h % rows or grid_w % cols))
 
 
-def _window_meta(rows, cols, grid_h, grid_w, pad_kv):
-    """The window kernels' constexprs for a grid cut into windows; HAS_PAD where windows cross its edge."""
-    nwy, nwx = triton.cdiv(grid_h, rows), triton.cdiv(grid_w, cols)
-    has_pad = (grid_h % rows or grid_w % cols) != 0
-    assert not has_pad or pad_kv is not None, "windows cross the grid's edge: the padding tokens' k and v needed"
-    return dict(GH=grid_h, GW=grid_w, NWX=nwx, NWIN=nwy * nwx, HAS_PAD=has_pad)
+def _pad_input(window, pad_kv, q):
+    """pad_kv (2, heads, D) as the window kernels read it; where no window crosses the grid's edge they read
+    nothing there, and get q."""
+    assert pad_kv is not None or not window["HAS_PAD"], "windows cross the grid's edge: pad_kv is needed"
+    return q if pad_kv is None else pad_kv.contiguous()
 
 
 @torch.library.custom_op("peft_sam::relpos_attention", mutates_args=())
@@ -680,8 +682,8 @@ def _relpos_attention(qkv: torch.Tensor, table_h: torch.Tensor, table_w: torch.T
     q, k, v = _split(_last_contiguous(qkv)[0])
     table_h, table_w = table_h.contiguous(), table_w.contiguous()
     B, heads, T, D = q.shape
-    rows, cols, grid_h, grid_w, nwy, nwx = _windowing(table_h, table_w, grid_h, grid_w)
-    N, windows = rows * cols, B * nwy * nwx
+    rows, cols, window = _windowing(table_h, table_w, grid_h, grid_w)
+    N, windows = rows * cols, B * window["NWIN"]
     out = q.new_empty(B, T, heads, D)
     lse = torch.empty(windows, heads, N, device=q.device, dtype=torch.float32)
     rel_h, rel_w = q.new_empty(windows, heads, N, rows), q.new_empty(windows, heads, N, cols)
@@ -689,20 +691,19 @@ def _relpos_attention(qkv: torch.Tensor, table_h: torch.Tensor, table_w: torch.T
     strides = (*_strides(q, k, v, out.transpose(1, 2)), heads, scale)
     meta = dict(N=N, ROWS=rows, COLS=cols, D=D, PRECISION=_precision(q.dtype), **launch)
     if by_rows(cols):
-        assert (grid_h, grid_w) == (rows, cols), "the row kernels take one whole grid"
+        assert (window["GH"], window["GW"]) == (rows, cols), "the row kernels take one whole grid"
         _forward[(blocks, heads, B)](q, k, v, table_h, table_w, out, lse, rel_h, rel_w, *strides, **meta)
     else:
-        pad = q if pad_kv is None else pad_kv.contiguous()  # (2, heads, D); not read without padding
-        _window_forward[(blocks, heads, windows)](q, k, v, pad, table_h, table_w, out, lse, rel_h, rel_w, *strides,
-                                                  **_window_meta(rows, cols, grid_h, grid_w, pad_kv), **meta)
+        _window_forward[(blocks, heads, windows)](q, k, v, _pad_input(window, pad_kv, q), table_h, table_w, out, lse,
+                                                  rel_h, rel_w, *strides, **window, **meta)
     return out, lse, rel_h, rel_w
 
 
 @_relpos_attention.register_fake
 def _(qkv, table_h, table_w, scale, grid_h=0, grid_w=0, pad_kv=None):
     B, T, _, heads, D = qkv.shape
-    rows, cols, _, _, nwy, nwx = _windowing(table_h, table_w, grid_h, grid_w)
-    windows = B * nwy * nwx
+    rows, cols, window = _windowing(table_h, table_w, grid_h, grid_w)
+    windows = B * window["NWIN"]
     return (qkv.new_empty(B, T, heads, D), qkv.new_empty(windows, heads, rows * cols, dtype=torch.float32),
             qkv.new_empty(windows, heads, rows * cols, rows), qkv.new_empty(windows, heads, rows * cols, cols))
 
@@ -723,8 +724,8 @@ def _relpos_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, table_
     q, k, v = _split(qkv)
     table_h, table_w = table_h.contiguous(), table_w.contiguous()
     B, heads, T, D = q.shape
-    rows, cols, grid_h, grid_w, nwy, nwx = _windowing(table_h, table_w, grid_h, grid_w)
-    N, windows = rows * cols, B * nwy * nwx
+    rows, cols, window = _windowing(table_h, table_w, grid_h, grid_w)
+    N, windows = rows * cols, B * window["NWIN"]
     d_rel_h, d_rel_w = q.new_empty(windows, heads, N, rows), q.new_empty(windows, heads, N, cols)
     d_qkv = torch.empty(B, T, 3, heads, D, device=q.device, dtype=qkv.dtype)
     dq, dk, dv = _split(d_qkv)
@@ -741,8 +742,7 @@ def _relpos_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, table_
             q, k, v, rel_h, rel_w, grad_out, lse, delta, dk, dv,
             *strides, *_strides(rel_h, rel_w, grad_out.transpose(1, 2)), *grad_strides, heads, scale, **meta, **launch)
         return d_qkv, d_rel_h, d_rel_w, q.new_empty(0)
-    pad = q if pad_kv is None else pad_kv.contiguous()
-    window = _window_meta(rows, cols, grid_h, grid_w, pad_kv)
+    pad = _pad_input(window, pad_kv, q)
     pad_grad = pad_grad and window["HAS_PAD"]
     meta.update(window, PAD_GRAD=pad_grad)
 
@@ -777,8 +777,7 @@ def _relpos_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, table_
 @_relpos_attention_backward.register_fake
 def _(grad_out, qkv, table_h, table_w, rel_h, rel_w, out, lse, scale, grid_h=0, grid_w=0, pad_kv=None,
       pad_grad=False):
-    rows, cols, grid_h, grid_w, _, _ = _windowing(table_h, table_w, grid_h, grid_w)
-    has_pad = pad_grad and (grid_h % rows or grid_w % cols) != 0 and not by_rows(cols)
+    has_pad = pad_grad and _windowing(table_h, table_w, grid_h, grid_w)[2]["HAS_PAD"]  # never the row kernels'
     return (torch.empty_like(qkv, memory_format=torch.contiguous_format), torch.empty_like(rel_h),
             torch.empty_like(rel_w), pad_kv.new_empty(pad_kv.shape) if has_pad else qkv.new_empty(0))
 
@@ -796,12 +795,13 @@ def _table_grad(d_rel, q, rows, cols, along_rows):
     return per_pair.new_zeros(2 * size - 1, D).index_add_(0, index, per_pair.flatten(0, 1))
 
 
-def _window_queries(q, rows, cols, grid_h, grid_w):
-    """q (B, heads, T, D) of a grid_h x grid_w grid -> (B', heads, N, D) per rows x cols window, as the kernels
-    number them (b * windows + w, w row-major); zeros for the padding queries, whose d rel_h and d rel_w the
-    kernels write as zeros."""
+def _window_queries(q, rows, cols, window):
+    """q (B, heads, T, D) of the grid of `window` (_windowing) -> (B', heads, N, D) per rows x cols window, as
+    the kernels number them (b * windows + w, w row-major); zeros for the padding queries, whose d rel_h and
+    d rel_w the kernels write as zeros."""
     B, heads, _, D = q.shape
-    nwy, nwx = triton.cdiv(grid_h, rows), triton.cdiv(grid_w, cols)
+    grid_h, grid_w, nwx = window["GH"], window["GW"], window["NWX"]
+    nwy = window["NWIN"] // nwx
     q = F.pad(q.reshape(B, heads, grid_h, grid_w, D), (0, 0, 0, nwx * cols - grid_w, 0, nwy * rows - grid_h))
     q = q.reshape(B, heads, nwy, rows, nwx, cols, D).permute(0, 2, 4, 1, 3, 5, 6)  # (B, nwy, nwx, heads, rows, cols, D)
     return q.reshape(B * nwy * nwx, heads, rows * cols, D)
@@ -820,8 +820,8 @@ def _backward(ctx, grad_out, grad_lse, grad_rel_h, grad_rel_w):  # lse, rel_h, r
                                                                    out, lse, ctx.scale, *ctx.grid, pad_kv, pad_grad)
     d_tables = [None, None]
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        rows, cols, grid_h, grid_w, _, _ = _windowing(table_h, table_w, *ctx.grid)
-        q = _window_queries(_split(qkv)[0], rows, cols, grid_h, grid_w)
+        rows, cols, window = _windowing(table_h, table_w, *ctx.grid)
+        q = _window_queries(_split(qkv)[0], rows, cols, window)
         d_tables = [_table_grad(d_rel, q, rows, cols, along_rows).to(table.dtype) if ctx.needs_input_grad[i] else None
                     for i, d_rel, table, along_rows in ((1, d_rel_h, table_h, True), (2, d_rel_w, table_w, False))]
     d_pad_kv = d_pad_kv if pad_grad and d_pad_kv.numel() else None  # no padding: the padding keys were never used

@@ -415,6 +415,18 @@ def test_release_compile_workers_shuts_them_down_in_another_thread(monkeypatch):
     assert seen == ["release-compile-workers"]
 
 
+def tokenwise_in_fact(qkv, seed=0):
+    """Whether qkv (a ViT attention's, on (B, H, W, C) tokens) maps each token alone, moving one token leaving
+    the others' output, and a zero token to its bias: what common.tokenwise must say of it."""
+    x = torch.randn(1, 4, 4, qkv.in_features, generator=torch.Generator().manual_seed(seed))
+    moved = x.clone()
+    moved[0, 0, 0] += 1.0
+    with torch.no_grad():
+        others_kept = torch.allclose(qkv(x).flatten(1, 2)[:, 1:], qkv(moved).flatten(1, 2)[:, 1:])
+        zero_gives_bias = torch.allclose(qkv(torch.zeros(1, 1, 1, qkv.in_features)).flatten(), qkv.bias)
+    return others_kept and zero_gives_bias
+
+
 @pytest.mark.parametrize("adapter", ["linear", "lora", "balr_sam", "salt", "atrous_lora"])
 def test_tokenwise_says_what_the_qkv_does(adapter):
     """common.tokenwise lets a windowed ViT block skip stock's window padding (fast_vit_block): it must hold
@@ -431,13 +443,7 @@ def test_tokenwise_says_what_the_qkv_does(adapter):
     for name, p in qkv.named_parameters():
         if name not in ("weight", "bias"):  # adapters start as the identity update, which would hide them
             p.data.copy_(torch.randn(p.shape) * 0.5)
-    x = torch.randn(1, 4, 4, 32)
-    moved = x.clone()
-    moved[0, 0, 0] += 1.0
-    with torch.no_grad():
-        others_kept = torch.allclose(qkv(x).flatten(1, 2)[:, 1:], qkv(moved).flatten(1, 2)[:, 1:])
-        zero_gives_bias = torch.allclose(qkv(torch.zeros(1, 1, 1, 32)).flatten(), qkv.bias)
-    assert common.tokenwise(qkv) == (others_kept and zero_gives_bias) == (adapter != "atrous_lora")
+    assert common.tokenwise(qkv) == tokenwise_in_fact(qkv) == (adapter != "atrous_lora")
 
 
 def test_grad_checkpointing_gives_the_same_gradients():

@@ -30,6 +30,11 @@ def grads(attn, x, g):
     return [y, *torch.autograd.grad(y, [x, *(p for p in attn.parameters() if p.requires_grad)], g)]
 
 
+def relative_errors(got, want):
+    """Max |got - want| of each output or gradient, over max(1, max |want|); want in fp32."""
+    return [(a.float() - b).abs().max().item() / max(1.0, b.abs().max().item()) for a, b in zip(got, want)]
+
+
 def errors(H, W, lora_rank, device, dtype, frozen_tables=False):
     """Max |kernel - stock| over the output and every gradient, stock in fp32; and the same for the folded
     SDPA form in `dtype` (the path the kernels replace), as a yardstick for bf16. The rel-pos tables train
@@ -48,9 +53,7 @@ def errors(H, W, lora_rank, device, dtype, frozen_tables=False):
                         enabled=dtype != torch.float32):
         got = grads(kernel, x, g)
         yardstick = grads(folded, x, g)
-    scale = [max(1.0, w.abs().max().item()) for w in want]
-    return ([(a.float() - b).abs().max().item() / s for a, b, s in zip(got, want, scale)],
-            [(a.float() - b).abs().max().item() / s for a, b, s in zip(yardstick, want, scale)])
+    return relative_errors(got, want), relative_errors(yardstick, want)
 
 
 def checkpointed(device, window=0):
@@ -122,13 +125,8 @@ def windowed_block_errors(grid, window, adapter, dtype=torch.float32, device="cp
 
     def run(blk, dtype):
         with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
-            y = blk(x)
-        return [y, *torch.autograd.grad(y, [x, *(p for p in blk.parameters() if p.requires_grad)], g)]
-
-    def errors(got):
-        return [(a.float() - b).abs().max().item() / s for a, b, s in zip(got, want, scale)]
+            return grads(blk, x, g)
     want = run(stock, torch.float32)
-    scale = [max(1.0, w.abs().max().item()) for w in want]
     partition, calls = vit.window_partition, []
     vit.window_partition = lambda *a: calls.append(1) or partition(*a)
     try:
@@ -136,8 +134,9 @@ def windowed_block_errors(grid, window, adapter, dtype=torch.float32, device="cp
     finally:
         vit.window_partition = partition
     if dtype == torch.float32:
-        return errors(got), len(calls)
-    return errors(got), len(calls), errors(run(stock, dtype))  # and stock's own in dtype, as a yardstick
+        return relative_errors(got, want), len(calls)
+    # and stock's own in dtype, as a yardstick
+    return relative_errors(got, want), len(calls), relative_errors(run(stock, dtype), want)
 
 
 def errors_where_the_whole_window_does_not_fit(H, W):
