@@ -18,8 +18,9 @@ keys of one query block writes both without atomics.
 
 rel_h and rel_w themselves are computed in the kernels too, from q and the tables (_rel_term): SAM's two
 einsums per block ran as small batched matmuls with copies of q around them, about 4 ms of a ViT-B LoRA
-step at batch 8. The forward kernels write them for the backward; the query-side kernels turn d rel_h and
-d rel_w into q's gradient (_rel_term_grad). Graphed ViT-B LoRA step 79.8 -> 76.2 ms (call bc, one machine).
+step at batch 8. The forward kernels write them for the backward (the row kernels' transposed, as the
+key-side kernel reads them: _backward_dkdv); the query-side kernels turn d rel_h and d rel_w into q's
+gradient (_rel_term_grad). Graphed ViT-B LoRA step 79.8 -> 76.2 ms (call bc, one machine).
 
 Kernels (after the FlashAttention-2 backward split): `_forward` (queries in blocks, keys row by row),
 `_backward_dq` (the same walk: dq, d rel_h, d rel_w), `_backward_dkdv` (a block of keys, queries in blocks:
@@ -183,8 +184,9 @@ def _forward(Q, K, V, TH, TW, O, LSE, RH, RW,
              heads, scale,
              N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
              BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
-    """One query block, keys row by row. Also writes rel_h and rel_w to RH, RW (contiguous (B, heads, N, ROWS
-    / COLS)), which the backward kernels read."""
+    """One query block, keys row by row. Also writes rel_h and rel_w to RH, RW, transposed (contiguous (B,
+    heads, ROWS / COLS, N): a key row's rel_h and a key column's rel_w run along the queries), which the
+    backward kernels read."""
     b, h = tl.program_id(2), tl.program_id(1)
     bh = b * heads + h
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # this program's queries
@@ -195,12 +197,13 @@ def _forward(Q, K, V, TH, TW, O, LSE, RH, RW,
     rel_h = _row_kernels_rel_h(q, TH, offs_m, ROWS, COLS, RP, D, BLOCK_M, PRECISION)  # (BLOCK_M, RP)
     rw = _rel_term(q, TW, offs_m % COLS, COLS, COLS, D, PRECISION)  # (BLOCK_M, COLS)
     # rel_w[i, c]: the same for every key row, kept in registers; rel_h[:, r] is one column per key row, which
-    # registers cannot index: read back from memory, where other threads of the program wrote it (barrier)
-    tl.store(RH + (bh * N + offs_m[:, None]) * ROWS + offs_r[None, :], rel_h, mask=offs_r[None, :] < ROWS)
-    tl.store(RW + (bh * N + offs_m[:, None]) * COLS + offs_c[None, :], rw)
+    # registers cannot index: read back from memory, where other threads of the program wrote it (barrier),
+    # one contiguous row of RH per key row
+    tl.store(RH + (bh * ROWS + offs_r[:, None]) * N + offs_m[None, :], tl.trans(rel_h), mask=offs_r[:, None] < ROWS)
+    tl.store(RW + (bh * COLS + offs_c[:, None]) * N + offs_m[None, :], tl.trans(rw))
     rw = rw.to(tl.float32) * LOG2E  # in log2 units, like the logits
     tl.debug_barrier()
-    rh_ptrs = RH + (bh * N + offs_m) * ROWS  # rel_h[i, 0]; + r for key row r
+    rh_ptrs = RH + bh * ROWS * N + offs_m  # rel_h[i, 0]; + r * N for key row r
     k_ptrs = K + b * sk_b + h * sk_h + offs_c[:, None] * sk_n + offs_d[None, :]  # keys of row 0, (COLS, D)
     v_ptrs = V + b * sv_b + h * sv_h + offs_c[:, None] * sv_n + offs_d[None, :]
     qk_scale = scale * LOG2E
@@ -210,7 +213,7 @@ def _forward(Q, K, V, TH, TW, O, LSE, RH, RW,
     for r in range(ROWS):
         k = tl.load(k_ptrs + r * COLS * sk_n)
         v = tl.load(v_ptrs + r * COLS * sv_n)
-        rh = tl.load(rh_ptrs + r).to(tl.float32) * LOG2E  # (BLOCK_M,)
+        rh = tl.load(rh_ptrs + r * N).to(tl.float32) * LOG2E  # (BLOCK_M,)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + rh[:, None] + rw  # (BLOCK_M, COLS)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
     acc = acc / l_i[:, None]
@@ -227,8 +230,9 @@ def _backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
     """One query block, keys row by row: dq, with the part through rel_h and rel_w (_rel_term_grad). Also
     writes DELTA = rowsum(o * do), which _backward_dkdv reads after it (eager, that sum was four passes over
     fp32 copies of o and do), and d rel_h, d rel_w to DRH, DRW (the tables' gradient, when they train; DRH
-    is also this kernel's scratch). RH, RW (the forward's), DRH, DRW contiguous (B, heads, N, ROWS / COLS); DQ
-    strided as the gradient's q part (sg_*), a view of the one (B, N, 3, heads, D) gradient of qkv."""
+    is also this kernel's scratch). RH, RW as the forward writes them (B, heads, ROWS / COLS, N); DRH, DRW
+    contiguous (B, heads, N, ROWS / COLS); DQ strided as the gradient's q part (sg_*), a view of the one (B,
+    N, 3, heads, D) gradient of qkv."""
     b, h = tl.program_id(2), tl.program_id(1)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, COLS)
@@ -238,12 +242,12 @@ def _backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
     q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :])
     do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :])
     rows = (bh * N + offs_m)[:, None]
-    rw = tl.load(RW + rows * COLS + offs_c[None, :]).to(tl.float32) * LOG2E
+    rw = tl.trans(tl.load(RW + (bh * COLS + offs_c[:, None]) * N + offs_m[None, :])).to(tl.float32) * LOG2E
     lse = tl.load(LSE + bh * N + offs_m)
     o = tl.load(O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :])
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
     tl.store(DELTA + bh * N + offs_m, delta)
-    rh_ptrs = RH + (bh * N + offs_m) * ROWS
+    rh_ptrs = RH + bh * ROWS * N + offs_m
     k_ptrs = K + b * sk_b + h * sk_h + offs_c[:, None] * sk_n + offs_d[None, :]
     v_ptrs = V + b * sv_b + h * sv_h + offs_c[:, None] * sv_n + offs_d[None, :]
     drh_ptrs = DRH + (bh * N + offs_m) * ROWS
@@ -253,7 +257,7 @@ def _backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
     for r in range(ROWS):
         k = tl.load(k_ptrs + r * COLS * sk_n)
         v = tl.load(v_ptrs + r * COLS * sv_n)
-        rh = tl.load(rh_ptrs + r).to(tl.float32) * LOG2E
+        rh = tl.load(rh_ptrs + r * N).to(tl.float32) * LOG2E
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + rh[:, None] + rw
         p = tl.exp2(s - lse[:, None])  # the softmax, recomputed
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, COLS)
@@ -272,19 +276,23 @@ def _backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
 
 @triton.jit
 def _backward_dkdv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
-                   sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                   srh_b, srh_h, srh_n, srw_b, srw_h, srw_n, sdo_b, sdo_h, sdo_n, sg_b, sg_h, sg_n,
+                   sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_n, sg_b, sg_h, sg_n,
                    heads, scale,
                    N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_PER: tl.constexpr, PRECISION: tl.constexpr):
     """ROWS_PER whole key rows (BLOCK_N = ROWS_PER * COLS keys), queries in blocks: dk, dv. Computed
     transposed, keys along the first axis, so that the products accumulate into (BLOCK_N, D) tiles. The bias
-    of the tile is built from the rows of rel_h and rel_w as they lie in memory, (BLOCK_M, ROWS_PER) and
-    (BLOCK_M, COLS), then transposed in registers: gathered element by element in the transposed order,
-    neighbouring threads read addresses a row of rel_w apart, and that gather was the slowest part of this
-    kernel. BLOCK_N may be several rows (128: two rows at ViT-B's 64, reading q and do half as often), but
-    tuning kept one row (call ap: two rows were slower). DK, DV strided alike (sg_*): views of the one
-    (B, N, 3, heads, D) gradient of qkv."""
+    of the tile is read as the forward wrote rel_h and rel_w, transposed ((B, heads, ROWS / COLS, N)): its
+    (ROWS_PER, BLOCK_M) and (COLS, BLOCK_M) tiles are then contiguous along the queries, as the transposed
+    logits want them. Laid out as SAM's (queries first), the tile was first gathered element by element in
+    the transposed order (neighbouring threads a row of rel_w apart: the slowest part of this kernel), then
+    read row-wise and transposed in registers once per query block (calls ap to bw). Read like this, the
+    forward and backward of one global ViT-B block at batch 8 took 6.31 ms against 6.71 (H200, call cd), and
+    in a graphed ViT-B LoRA step this kernel 8.35 ms against 10.56, while the forward and query-side kernels,
+    which now transpose a tile once per query block, took 0.31 and 0.50 ms more (call cc). BLOCK_N may be
+    several rows (128: two rows at ViT-B's 64, reading q and do half as often), but tuning kept one row
+    (calls ap and cb: two rows were slower). DK, DV strided alike (sg_*): views of the one (B, N, 3, heads,
+    D) gradient of qkv."""
     b, h = tl.program_id(2), tl.program_id(1)
     row0 = tl.program_id(0) * ROWS_PER  # this program's first key row
     offs_j = row0 * COLS + tl.arange(0, BLOCK_N)  # its keys
@@ -294,8 +302,8 @@ def _backward_dkdv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
     bh = b * heads + h
     k = tl.load(K + b * sk_b + h * sk_h + offs_j[:, None] * sk_n + offs_d[None, :])  # (BLOCK_N, D)
     v = tl.load(V + b * sv_b + h * sv_h + offs_j[:, None] * sv_n + offs_d[None, :])
-    rh_ptrs = RH + b * srh_b + h * srh_h + offs_r[None, :]  # + query * srh_n: (BLOCK_M, ROWS_PER)
-    rw_ptrs = RW + b * srw_b + h * srw_h + offs_c[None, :]  # + query * srw_n: (BLOCK_M, COLS)
+    rh_ptrs = RH + (bh * ROWS + offs_r[:, None]) * N  # + queries: (ROWS_PER, BLOCK_M)
+    rw_ptrs = RW + (bh * COLS + offs_c[:, None]) * N  # + queries: (COLS, BLOCK_M)
     qk_scale = scale * LOG2E
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
@@ -303,10 +311,10 @@ def _backward_dkdv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
         offs_m = start + tl.arange(0, BLOCK_M)
         q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :])  # (BLOCK_M, D)
         do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :])
-        rh = tl.load(rh_ptrs + offs_m[:, None] * srh_n).to(tl.float32)  # rel_h[i, row0 + r]
-        rw = tl.load(rw_ptrs + offs_m[:, None] * srw_n).to(tl.float32)  # rel_w[i, c]
-        # key j of the tile is (row0 + j // COLS, j % COLS): (BLOCK_M, ROWS_PER, COLS) -> (BLOCK_N, BLOCK_M)
-        bias_t = tl.trans(tl.reshape(rh[:, :, None] + rw[:, None, :], (BLOCK_M, BLOCK_N))) * LOG2E
+        rh_t = tl.load(rh_ptrs + offs_m[None, :]).to(tl.float32)  # rel_h[i, row0 + r], (ROWS_PER, BLOCK_M)
+        rw_t = tl.load(rw_ptrs + offs_m[None, :]).to(tl.float32)  # rel_w[i, c], (COLS, BLOCK_M)
+        # key j of the tile is (row0 + j // COLS, j % COLS): (ROWS_PER, COLS, BLOCK_M) -> (BLOCK_N, BLOCK_M)
+        bias_t = tl.reshape(rh_t[:, None, :] + rw_t[None, :, :], (BLOCK_N, BLOCK_M)) * LOG2E
         lse = tl.load(LSE + bh * N + offs_m)
         delta = tl.load(DELTA + bh * N + offs_m)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + bias_t  # (BLOCK_N, BLOCK_M)
@@ -670,12 +678,21 @@ def _pad_input(window, pad_kv, q):
     return q if pad_kv is None else pad_kv.contiguous()
 
 
+def _rel_terms_out(q, windows, heads, rows, cols):
+    """rel_h and rel_w as the forward kernels write them: the row kernels' transposed, (B, heads, rows /
+    columns, N) (see _backward_dkdv), the window kernels' as SAM lays them out, (B', heads, N, rows / cols)."""
+    N = rows * cols
+    if by_rows(cols):
+        return q.new_empty(windows, heads, rows, N), q.new_empty(windows, heads, cols, N)
+    return q.new_empty(windows, heads, N, rows), q.new_empty(windows, heads, N, cols)
+
+
 @torch.library.custom_op("peft_sam::relpos_attention", mutates_args=())
 def _relpos_attention(qkv: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor, scale: float,
                       grid_h: int = 0, grid_w: int = 0, pad_kv: Optional[torch.Tensor] = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The output (B, T, heads, D), its log2-sum-exp2 (B', heads, N) and rel_h, rel_w (B', heads, N, rows /
-    columns), the last three for the backward. qkv (B, T, 3, heads, D) of a grid_h x grid_w grid (0: the
+    """The output (B, T, heads, D), its log2-sum-exp2 (B', heads, N) and rel_h, rel_w (_rel_terms_out), the last
+    three for the backward. qkv (B, T, 3, heads, D) of a grid_h x grid_w grid (0: the
     tables' grid, one window) of T tokens, cut into windows of N tokens (the tables' grid; B' = B times the
     windows of an image); pad_kv (2, heads, D): k and v of the padding tokens where windows cross the grid's
     edge (window_attention)."""
@@ -686,7 +703,7 @@ def _relpos_attention(qkv: torch.Tensor, table_h: torch.Tensor, table_w: torch.T
     N, windows = rows * cols, B * window["NWIN"]
     out = q.new_empty(B, T, heads, D)
     lse = torch.empty(windows, heads, N, device=q.device, dtype=torch.float32)
-    rel_h, rel_w = q.new_empty(windows, heads, N, rows), q.new_empty(windows, heads, N, cols)
+    rel_h, rel_w = _rel_terms_out(q, windows, heads, rows, cols)
     launch, blocks = _launch("forward", rows, cols)
     strides = (*_strides(q, k, v, out.transpose(1, 2)), heads, scale)
     meta = dict(N=N, ROWS=rows, COLS=cols, D=D, PRECISION=_precision(q.dtype), **launch)
@@ -705,7 +722,7 @@ def _(qkv, table_h, table_w, scale, grid_h=0, grid_w=0, pad_kv=None):
     rows, cols, window = _windowing(table_h, table_w, grid_h, grid_w)
     windows = B * window["NWIN"]
     return (qkv.new_empty(B, T, heads, D), qkv.new_empty(windows, heads, rows * cols, dtype=torch.float32),
-            qkv.new_empty(windows, heads, rows * cols, rows), qkv.new_empty(windows, heads, rows * cols, cols))
+            *_rel_terms_out(qkv, windows, heads, rows, cols))
 
 
 @torch.library.custom_op("peft_sam::relpos_attention_backward", mutates_args=())
@@ -740,7 +757,7 @@ def _relpos_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, table_
         launch, blocks = _launch("dkdv", rows, cols)
         _backward_dkdv[(blocks, heads, B)](
             q, k, v, rel_h, rel_w, grad_out, lse, delta, dk, dv,
-            *strides, *_strides(rel_h, rel_w, grad_out.transpose(1, 2)), *grad_strides, heads, scale, **meta, **launch)
+            *strides, *_strides(grad_out.transpose(1, 2)), *grad_strides, heads, scale, **meta, **launch)
         return d_qkv, d_rel_h, d_rel_w, q.new_empty(0)
     pad = _pad_input(window, pad_kv, q)
     pad_grad = pad_grad and window["HAS_PAD"]
@@ -750,7 +767,7 @@ def _relpos_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, table_
         return torch.empty(windows, heads, key_blocks, 2, D, device=q.device, dtype=torch.float32) if pad_grad else q
 
     def d_pad(sums):  # pad_kv's gradient (2, heads, D)
-        return sums.sum((0, 2)).transpose(0, 1).to(pad_kv.dtype) if pad_grad else q.new_empty(0)
+        return sums.sum((0, 2)).transpose(0, 1).contiguous().to(pad_kv.dtype) if pad_grad else q.new_empty(0)
 
     def window_dq(name, whole, sums):  # whole: every query in one tile, and dk, dv written too
         launch, blocks = _launch(name, rows, cols)
@@ -777,9 +794,11 @@ def _relpos_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, table_
 @_relpos_attention_backward.register_fake
 def _(grad_out, qkv, table_h, table_w, rel_h, rel_w, out, lse, scale, grid_h=0, grid_w=0, pad_kv=None,
       pad_grad=False):
-    has_pad = pad_grad and _windowing(table_h, table_w, grid_h, grid_w)[2]["HAS_PAD"]  # never the row kernels'
-    return (torch.empty_like(qkv, memory_format=torch.contiguous_format), torch.empty_like(rel_h),
-            torch.empty_like(rel_w), pad_kv.new_empty(pad_kv.shape) if has_pad else qkv.new_empty(0))
+    rows, cols, window = _windowing(table_h, table_w, grid_h, grid_w)
+    has_pad = pad_grad and window["HAS_PAD"]  # never the row kernels'
+    windows, heads, N = lse.shape
+    return (torch.empty_like(qkv, memory_format=torch.contiguous_format), rel_h.new_empty(windows, heads, N, rows),
+            rel_w.new_empty(windows, heads, N, cols), pad_kv.new_empty(pad_kv.shape) if has_pad else qkv.new_empty(0))
 
 
 def _table_grad(d_rel, q, rows, cols, along_rows):

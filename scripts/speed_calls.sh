@@ -26,7 +26,9 @@
 # times, bench row; reverted), the bench rows, GPU tests and compile time of the committed code (bs, bt). bv-ca: the
 # windowed blocks without window padding (bv: GPU tests, the step with and without padding; bw: the same after the
 # padding keys' loads changed; bx: bench rows; by: compile time; bz: SALT, BALR-SAM and SAMora on DRIVE with ViT-B;
-# ca: default runs).
+# ca: default runs). cb-cf: the global blocks' rel_h and rel_w laid out transposed for the key-side kernel (cb: a scratch
+# script, not kept, beside the committed kernels; cc: GPU tests and the step against 5150e23's; cd: the tests again, the
+# kernels beside 5150e23's, LoRA's bench rows; ce: two other layouts, not kept; cf: the other methods' bench rows).
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 
@@ -167,6 +169,13 @@ step_unpadded_and_padded() {
     timeout 200 python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3 > /tmp/runs/vitb3.log 2>&1
   grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-300
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+}
+# The graphed ViT-B LoRA step of this tree (speed_probe.py vitb3, profiled), after head_step (call cc). $1: the name of its
+# fresh caches.
+now_step() {
+  PROBE_VITB3=now TORCHINDUCTOR_CACHE_DIR=/tmp/cache_$1 TRITON_CACHE_DIR=/tmp/cache_$1/triton timeout 150 \
+    python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3 > /tmp/runs/vitb3.log 2>&1
+  grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-300
 }
 # A timed default run (lora.py --data drive --split salt) and its figures. $1: run name; $2: time limit in seconds; then
 # the interpreter (python3, or python3 -c "$WRAPPER").
@@ -1004,5 +1013,44 @@ ca)
   default_run default_ca 100 python3
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca"; exit 2 ;;
+cc)
+  # Speed issue, on an H200: the row kernels' rel_h and rel_w laid out transposed, (B, heads, rows / columns, N), so that
+  # the key-side backward reads its bias tiles as its transposed logits want them (call cb, a scratch script not kept,
+  # had found one global block's backward 4.31-4.33 ms against 4.70-4.73). The global kernels beside 5150e23's
+  # (.data/relpos_attention_head.py, made as speed_probe.py's HEAD_KERNELS says), the CUDA tests of the kernels and of
+  # compiled and graphed training, then the graphed ViT-B LoRA step of 5150e23's tree (.data/head) and of this one.
+  PROBE_RELPOS_SHAPES=global timeout 150 python3 scripts/speed_probe.py relpos --out /tmp/runs/relpos > /tmp/runs/relpos.log 2>&1
+  grep -E "^relpos|Error" /tmp/runs/relpos.log | cut -c1-400
+  timeout 200 python3 -m pytest -q -k "on_cuda or compiled_training or graphed" tests/test_relpos_attention.py \
+    tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
+  grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | tail -n 5
+  head_step cc
+  now_step cc
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+cd)
+  # Speed issue, cc's code on an H200: the kernels' CUDA tests and those of compiled and graphed training again (in cc
+  # they ran past their 200 s, 8 passed by then), the global kernels beside 5150e23's (in cc speed_probe.py's
+  # triton_head variant still called the kernels as before 744410a), LoRA's ViT-B bench rows.
+  timeout 280 python3 -m pytest -q --durations=8 -k "on_cuda or compiled_training or graphed" \
+    tests/test_relpos_attention.py tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
+  grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | tail -n 5
+  PROBE_RELPOS_SHAPES=global timeout 100 python3 scripts/speed_probe.py relpos --out /tmp/runs/relpos > /tmp/runs/relpos.log 2>&1
+  grep -E "^relpos global|Error" /tmp/runs/relpos.log | cut -c1-400
+  vit_b_lora_rows 2-10
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+ce)
+  # Speed issue, cc's code on an H200: two other layouts for the key-side kernel's transposed bias, timed beside cc's with
+  # a scratch script kept out of the tree (.data/exp/exp_xy.py): the forward and query-side kernels reading SAM's layout
+  # and the query-side kernel writing the transposed copies (0.06 ms faster per global block, not kept), and cc's
+  # layout written and read through strided pointers instead of tl.trans (0.02 ms faster, not kept).
+  ( cd .data/exp && timeout 200 python3 exp_xy.py )
+  ;;
+cf)
+  # Speed issue, cc's code on an H200: the other methods' ViT-B bench rows beside stock bf16 (as bx).
+  vit_b_method_rows 400 2-10
+  tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf"; exit 2 ;;
 esac

@@ -126,12 +126,11 @@ def variant(name, H, W, scale):
             def score_mod(score, b, h, qi, kj):
                 return score + rel_h[b, h, qi, kj // W] + rel_w[b, h, qi, kj % W]
             return flex()(q, k, v, score_mod=score_mod, scale=scale)
-        if name == "triton":  # relpos_attention.py, as common.fast_vit_attention calls it (the tables)
+        if name in ("triton", "triton_head"):  # relpos_attention.py as common.fast_vit_attention calls it (the
+            # tables), or an earlier commit's copy (HEAD_KERNELS; calls ap-ay took q, k, v, rel_h and rel_w instead)
             qkv = torch.stack([q, k, v], 2).transpose(1, 3)  # (B, N, 3, heads, hd); a copy the model does not make
-            return __import__("relpos_attention").relpos_attention(qkv, Rh, Rw, scale).transpose(1, 2)
-        if name == "triton_head":  # the committed kernels, which took rel_h and rel_w (calls ap-ay)
-            rel_h, rel_w = rel_terms(q, Rh, Rw, H, W)
-            return head_kernels().relpos_attention(q, k, v, rel_h, rel_w, scale).transpose(1, 2)
+            kernels = head_kernels() if name == "triton_head" else __import__("relpos_attention")
+            return kernels.relpos_attention(qkv, Rh, Rw, scale).transpose(1, 2)
         if name.startswith("nobias_"):  # lower bound: no rel-pos term at all
             with sdpa_kernel(backends[name.split("_")[1]]):
                 return F.scaled_dot_product_attention(q, k, v, scale=scale)

@@ -236,6 +236,30 @@ def test_kernels_take_qkv_as_the_projection_writes_it_under_the_interpreter(H, W
     assert not any(n.startswith(("Unbind", "Stack", "Permute")) for n in nodes), nodes
 
 
+def fake_checks():
+    """torch.library.opcheck's fake-tensor test of the forward and backward ops (the shapes, dtypes and strides
+    that compiled graphs plan with, against what the kernels return) on a global grid (the row kernels, whose
+    rel_h and rel_w are laid out transposed) and on windows crossing the grid's edge with the padding's
+    gradient (window_attention)."""
+    import relpos_attention as ra
+    results = []
+    for rows, cols, grid in ((16, 16, (0, 0)), (4, 4, (10, 10))):
+        qkv = torch.randn(1, (grid[0] * grid[1]) or rows * cols, 3, 2, 16)
+        tables = torch.randn(2 * rows - 1, 16), torch.randn(2 * cols - 1, 16)
+        pad_kv = torch.randn(2, 2, 16) if grid[0] else None
+        args = (qkv, *tables, 0.25, *grid, pad_kv)
+        out, lse, rel_h, rel_w = ra._relpos_attention(*args)
+        backward_args = (torch.randn_like(out), qkv, *tables, rel_h, rel_w, out, lse, 0.25, *grid, pad_kv,
+                         pad_kv is not None)
+        for op, op_args in ((ra._relpos_attention, args), (ra._relpos_attention_backward, backward_args)):
+            results.append(torch.library.opcheck(op, op_args, test_utils=("test_faketensor",))["test_faketensor"])
+    return results
+
+
+def test_ops_fake_registrations_match_the_kernels_under_the_interpreter():
+    assert interpreted("t.fake_checks()") == ["SUCCESS"] * 4
+
+
 def test_checkpointing_keeps_the_kernels_output_under_the_interpreter():
     difference, calls = interpreted("t.checkpointed('cpu')")
     assert difference < 1e-6 and calls == [1, 1], (difference, calls)
