@@ -28,7 +28,8 @@
 # padding keys' loads changed; bx: bench rows; by: compile time; bz: SALT, BALR-SAM and SAMora on DRIVE with ViT-B;
 # ca: default runs). cb-cf: the global blocks' rel_h and rel_w laid out transposed for the key-side kernel (cb: a scratch
 # script, not kept, beside the committed kernels; cc: GPU tests and the step against 5150e23's; cd: the tests again, the
-# kernels beside 5150e23's, LoRA's bench rows; ce: two other layouts, not kept; cf: the other methods' bench rows).
+# kernels beside 5150e23's, LoRA's bench rows; ce: two other layouts, not kept; cf: the other methods' bench rows). cg:
+# AtrousLoRA on DRIVE over three seeds, as the README's results table ran it.
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 
@@ -1052,5 +1053,14 @@ cf)
   vit_b_method_rows 400 2-10
   tar czf $OUT/runs.tgz --exclude='*.pt' -C /tmp runs
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf"; exit 2 ;;
+cg)
+  # Results check, cc3d665's code on an H200: AtrousLoRA on DRIVE as the README's results table ran it (MobileSAM, 1000
+  # steps, seeds 0-2, three at once), against its 0.8123 +- 0.0012; its one 100-step run had given 0.759 after the
+  # window and LoRA changes (call bm) against 0.774 before them (bj).
+  timeout 330 python3 train.py --methods atrous_lora --data drive --data-root $DRIVE --seeds 0 1 2 --parallel 3 \
+    --out /tmp/runs/atrous_seeds --results /tmp/runs/atrous_seeds/results -- --split salt > /tmp/runs/atrous_seeds.log 2>&1
+  tail -n 12 /tmp/runs/atrous_seeds/results.md; grep -hE "Error|error" /tmp/runs/atrous_seeds/*.log | head -3
+  tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs/atrous_seeds runs/atrous_seeds.log
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg"; exit 2 ;;
 esac
