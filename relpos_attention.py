@@ -692,10 +692,9 @@ def _relpos_attention(qkv: torch.Tensor, table_h: torch.Tensor, table_w: torch.T
                       grid_h: int = 0, grid_w: int = 0, pad_kv: Optional[torch.Tensor] = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The output (B, T, heads, D), its log2-sum-exp2 (B', heads, N) and rel_h, rel_w (_rel_terms_out), the last
-    three for the backward. qkv (B, T, 3, heads, D) of a grid_h x grid_w grid (0: the
-    tables' grid, one window) of T tokens, cut into windows of N tokens (the tables' grid; B' = B times the
-    windows of an image); pad_kv (2, heads, D): k and v of the padding tokens where windows cross the grid's
-    edge (window_attention)."""
+    three for the backward. qkv (B, T, 3, heads, D) of a grid_h x grid_w grid (0: the tables' grid, one window)
+    of T tokens, cut into windows of N tokens (the tables' grid; B' = B times the windows of an image); pad_kv
+    (2, heads, D): k and v of the padding tokens where windows cross the grid's edge (window_attention)."""
     q, k, v = _split(_last_contiguous(qkv)[0])
     table_h, table_w = table_h.contiguous(), table_w.contiguous()
     B, heads, T, D = q.shape
