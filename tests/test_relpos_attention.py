@@ -1,11 +1,13 @@
 """relpos_attention.py, the Triton kernels of ViT's global attention: through common.fast_vit_attention they
 must give stock SAM's attention with its decomposed rel-pos term, forward and backward (block input, qkv
 and proj weights, both rel-pos tables, LoRA). On the CPU the kernels run under Triton's interpreter in a
-subprocess (TRITON_INTERPRET is read when the kernels are defined, so it must be set before the import);
-on CUDA they run compiled, in fp32 and in bf16."""
+subprocess that the module's tests share (Interpreter; TRITON_INTERPRET is read when the kernels are
+defined, so it must be set before the import); on CUDA they run compiled, in fp32 and in bf16."""
 import os
+import queue
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -155,8 +157,9 @@ def errors_where_the_whole_window_does_not_fit(H, W):
     kernel, ra._window_backward_dq = ra._window_backward_dq, NoRoom()
     try:
         return errors(H, W, 4, "cpu", torch.float32)[0], [str(key) for key in ra._SPLIT_ONLY]
-    finally:
+    finally:  # as before, for the next test in the same process
         ra._window_backward_dq = kernel
+        ra._SPLIT_ONLY.clear()
 
 
 def backward_nodes(H, W):
@@ -173,14 +176,73 @@ def backward_nodes(H, W):
     return sorted({node.name() for node in seen})
 
 
+class Interpreter:
+    """A Python with Triton's interpreter on, kept for this module's tests: its start-up (importing torch and
+    Triton, the kernels' first launch) took about 8 s of every test's run on a 2-core CPU when each test had a
+    process of its own. A call sends an expression over this module (`t`) and returns its value, from its
+    repr; an error raised there fails the calling test with the child's traceback."""
+    MARK = "@@value@@ "  # starts the line that carries a call's value; other lines are the child's output
+
+    def __init__(self):
+        code = (f"import sys, traceback; sys.path[:0] = [{str(Path(__file__).parent)!r}, "
+                f"{str(Path(__file__).parents[1])!r}]\n"
+                "import torch, test_relpos_attention as t\n"
+                "for line in sys.stdin:\n"
+                "    try:\n"
+                "        value = 'ok ' + repr(eval(line))\n"
+                "    except BaseException:\n"
+                "        value = 'error ' + repr(traceback.format_exc())\n"
+                f"    print({self.MARK!r} + value, flush=True)\n")
+        self.child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, env={**os.environ, "TRITON_INTERPRET": "1"})
+        self.lines = queue.Queue()  # the child's output, read by a thread so that a wait can time out
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.child.stdout:
+            self.lines.put(line)
+        self.lines.put(None)  # the child exited
+
+    def __call__(self, call, timeout=300):
+        self.child.stdin.write(call + "\n")
+        self.child.stdin.flush()
+        output = []
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                self.child.kill()
+                self.child.wait()  # the next call then starts another
+                pytest.fail(f"{call} took more than {timeout} s under the interpreter")
+            if line is None:
+                pytest.fail(f"the interpreter's process exited during {call}:\n" + "".join(output)[-3000:])
+            if line.startswith(self.MARK):
+                break
+            output.append(line)
+        status, value = line[len(self.MARK):].split(" ", 1)
+        if status == "error":
+            pytest.fail(eval(value)[-3000:], pytrace=False)
+        return eval(value)
+
+
+_interpreter = None
+
+
 def interpreted(call):
-    """Evaluate `call` (an expression over this module, `t`) in a Python with Triton's interpreter on."""
-    code = (f"import sys; sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]\n"
-            f"import torch, test_relpos_attention as t\nprint(repr({call}))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return eval(done.stdout.strip().splitlines()[-1])
+    """Evaluate `call` (an expression over this module, `t`) in the module's Python with Triton's interpreter
+    on (started at the first call, again if it exited)."""
+    global _interpreter
+    if _interpreter is None or _interpreter.child.poll() is not None:
+        _interpreter = Interpreter()
+    return _interpreter(call)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_interpreter():
+    yield
+    if _interpreter is not None and _interpreter.child.poll() is None:
+        _interpreter.child.stdin.close()  # its loop ends at the end of its input
+        _interpreter.child.wait(timeout=60)
 
 
 @pytest.mark.parametrize("H,W,lora_rank", CASES)
@@ -205,8 +267,7 @@ UNPADDED = [((10, 10), 4), ((6, 9), 4), ((8, 8), 4), ((16, 16), 14), ((20, 20), 
 def test_windowed_block_without_padding_matches_stock_under_the_interpreter():
     """fast_vit_window_attention: qkv and proj on the grid's tokens only, the padding keys' k and v from the
     qkv bias, the padding queries skipped; the same output and gradients (qkv bias and tables included) as
-    stock SAM's padded windows, and stock's window_partition never runs. Every case in one interpreter (its
-    start-up is 10 s)."""
+    stock SAM's padded windows, and stock's window_partition never runs."""
     results = interpreted("[t.windowed_block_errors(grid, window, 'lora') for grid, window in t.UNPADDED]")
     for (grid, window), (errs, partitions) in zip(UNPADDED, results):
         assert len(errs) == 20 and max(errs) < TOL and partitions == 0, (grid, window, errs, partitions)
