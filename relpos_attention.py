@@ -747,9 +747,13 @@ def _relpos_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, table_
     dq, dk, dv = _split(d_qkv)
     strides, grad_strides = _strides(q, k, v), _strides(dq)  # dq, dk and dv: the same strides
     meta = dict(N=N, ROWS=rows, COLS=cols, D=D, PRECISION=_precision(q.dtype))
-    delta = torch.empty(windows, heads, N, device=q.device, dtype=torch.float32)  # written by the split dq kernels
     dq_strides = (*strides, *_strides(grad_out.transpose(1, 2), out.transpose(1, 2)), *grad_strides, heads, scale)
+
+    def new_delta():  # rowsum(o * do) (B', heads, N): the split query-side kernels write it for the key-side ones
+        return torch.empty(windows, heads, N, device=q.device, dtype=torch.float32)
+
     if by_rows(cols):
+        delta = new_delta()
         launch, blocks = _launch("dq", rows, cols)
         _backward_dq[(blocks, heads, B)](q, k, v, table_h, table_w, rel_h, rel_w, grad_out, out, lse, delta, dq,
                                          d_rel_h, d_rel_w, *dq_strides, **meta, **launch)
@@ -768,7 +772,7 @@ def _relpos_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, table_
     def d_pad(sums):  # pad_kv's gradient (2, heads, D)
         return sums.sum((0, 2)).transpose(0, 1).contiguous().to(pad_kv.dtype) if pad_grad else q.new_empty(0)
 
-    def window_dq(name, whole, sums):  # whole: every query in one tile, and dk, dv written too
+    def window_dq(name, whole, sums, delta):  # whole: every query in one tile, and dk, dv written too (no delta)
         launch, blocks = _launch(name, rows, cols)
         _window_backward_dq[(blocks, heads, windows)](q, k, v, pad, table_h, table_w, rel_h, rel_w, grad_out, out, lse,
                                                       delta, dq, dk, dv, sums, d_rel_h, d_rel_w, *dq_strides,
@@ -777,11 +781,12 @@ def _relpos_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, table_
         name = "backward" if q.element_size() == 2 else "backward_fp32"
         sums = pad_sums(triton.cdiv(N, _launch(name, rows, cols)[0]["BLOCK_N"]))
         try:
-            window_dq(name, True, sums)
+            window_dq(name, True, sums, q)
             return d_qkv, d_rel_h, d_rel_w, d_pad(sums)
         except OutOfResources:  # raised before the launch: nothing was written; the split kernels then
             _SPLIT_ONLY.add((q.device, q.dtype))
-    window_dq("dq", False, q)
+    delta = new_delta()
+    window_dq("dq", False, q, delta)
     launch, blocks = _launch("dkdv", rows, cols)
     sums = pad_sums(blocks)
     _window_backward_dkdv[(blocks, heads, windows)](
