@@ -135,11 +135,28 @@ def pick_device(args):
             print("no CUDA GPU found: running on the CPU (slow; pass --device cpu to silence this notice)")
     else:
         args.device_resolved = args.device
-    if args.device_resolved == "cuda":
+    device = torch.device(args.device_resolved)
+    if device.type == "cuda":
         # shapes are fixed within a run: let cuDNN time its algorithms once per shape rather than guess
         # (TinyViT's convolutions, the AAM's and CDEN's small grouped ones; scripts/aam_speed.py measures it)
         torch.backends.cudnn.benchmark = True
-    return torch.device(args.device_resolved)
+        if not triton_runs_on(device):
+            major, minor = torch.cuda.get_device_capability(device)
+            print(f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}, older than the "
+                  f"{TRITON_CAPABILITY[0]}.{TRITON_CAPABILITY[1]} that Triton needs: running uncompiled, "
+                  f"attention through PyTorch's SDPA instead of the Triton kernels (slower)")
+    return device
+
+
+TRITON_CAPABILITY = (8, 0)  # the oldest NVIDIA GPUs Triton supports (its README): Ampere
+
+
+def triton_runs_on(device):
+    """Whether Triton's kernels run on this device: ours (relpos_attention.py) and those torch.compile
+    generates. Triton supports NVIDIA GPUs of compute capability 8.0 and newer; on older ones (Turing: T4,
+    RTX 20xx; Volta: V100) ptxas refuses bf16 code ("Feature '.bf16' requires .target sm_80 or higher"), so
+    there the fast path takes the folded SDPA form of the attention (fast_vit_attention) and runs eagerly."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= TRITON_CAPABILITY
 
 
 def seed_everything(seed):
@@ -690,12 +707,13 @@ _RELPOS = None  # the module relpos_attention, once _relpos_kernels imported it
 
 
 def _relpos_kernels():
-    """relpos_attention (the Triton kernels of the ViT blocks' attention) where it runs: on CUDA, or on
-    the CPU under Triton's interpreter (TRITON_INTERPRET=1, as the tests do); else None. Imported on first
-    use: Triton is needed by ViT models on CUDA only."""
+    """relpos_attention (the Triton kernels of the ViT blocks' attention) where it runs: on a CUDA GPU that
+    Triton supports (triton_runs_on), or on the CPU under Triton's interpreter (TRITON_INTERPRET=1, as the
+    tests do); else None. Imported on first use: Triton is needed by ViT models on CUDA only."""
     global _RELPOS
     # the env check is relpos_attention.INTERPRETED's, read here so that a CPU run never imports Triton
-    if _RELPOS is None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+    on_gpu = torch.cuda.is_available() and triton_runs_on(torch.device("cuda"))
+    if _RELPOS is None and (on_gpu or os.environ.get("TRITON_INTERPRET") == "1"):
         try:
             import relpos_attention
             _RELPOS = relpos_attention
@@ -851,8 +869,9 @@ def should_compile(args, device):
     (and again for evaluation tiles), and the recompilations cost more than they save in a 1000-step run
     (measured on the H100, default DRIVE lora.py run end to end: 217 s compiled, 86 s eager). With today's
     per-block compilation the graphed step is faster (32.0 against 41.3 ms) but the run is not: 90.6 s on
-    fresh caches and 65.5 s on warm ones, against 61.1 s uncompiled (scripts/speed_calls.sh af)."""
-    return device.type == "cuda" and not args.no_compile and args.model != "mobile_sam"
+    fresh caches and 65.5 s on warm ones, against 61.1 s uncompiled (scripts/speed_calls.sh af). Nor on a
+    GPU older than Triton supports (triton_runs_on)."""
+    return triton_runs_on(device) and not args.no_compile and args.model != "mobile_sam"
 
 
 def _input_needs_grad(module, args, out):

@@ -2,6 +2,7 @@
 term folded into q and k must give stock SAM's attention (fp32, tolerances stated per test), with and
 without LoRA, forward and backward; activation checkpointing must give the same gradients."""
 import copy
+import importlib.util
 from types import SimpleNamespace
 
 import pytest
@@ -595,3 +596,26 @@ def test_bf16_frozen_weights_give_what_autocast_gave(method):
         common.frozen_weights_to_bf16(model)
         after = model(x)
     assert torch.equal(before, after), (before - after).abs().max()
+
+
+@pytest.mark.parametrize("capability,triton", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_gpus_older_than_triton_supports_run_uncompiled_without_the_kernels(monkeypatch, capsys, capability,
+                                                                           triton):
+    """A GPU of compute capability below 8.0 (a T4, an RTX 20xx, a V100: Triton cannot assemble bf16 code for
+    them) is told so in one line, and gets neither torch.compile nor the Triton attention kernels; 8.0 and
+    newer get both. The CUDA queries are faked: the decisions are what is checked."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # pick_device sets it; restored after
+    monkeypatch.setattr(common, "_RELPOS", None)
+    args = SimpleNamespace(device="auto", no_compile=False, model="vit_b")
+    device = common.pick_device(args)
+    told = "Tesla T4 has compute capability 7.5" in capsys.readouterr().out
+    assert device.type == "cuda" and told == (not triton)
+    assert common.should_compile(args, device) == triton
+    if not triton:
+        assert common._relpos_kernels() is None
+    elif importlib.util.find_spec("triton") is not None:
+        assert common._relpos_kernels() is not None
