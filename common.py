@@ -712,8 +712,8 @@ def _relpos_kernels():
     tests do); else None. Imported on first use: Triton is needed by ViT models on CUDA only."""
     global _RELPOS
     # the env check is relpos_attention.INTERPRETED's, read here so that a CPU run never imports Triton
-    on_gpu = torch.cuda.is_available() and triton_runs_on(torch.device("cuda"))
-    if _RELPOS is None and (on_gpu or os.environ.get("TRITON_INTERPRET") == "1"):
+    if _RELPOS is None and (os.environ.get("TRITON_INTERPRET") == "1"
+                            or torch.cuda.is_available() and triton_runs_on(torch.device("cuda"))):
         try:
             import relpos_attention
             _RELPOS = relpos_attention
