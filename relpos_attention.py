@@ -230,9 +230,12 @@ def _backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
     """One query block, keys row by row: dq, with the part through rel_h and rel_w (_rel_term_grad). Also
     writes DELTA = rowsum(o * do), which _backward_dkdv reads after it (eager, that sum was four passes over
     fp32 copies of o and do), and d rel_h, d rel_w to DRH, DRW (the tables' gradient, when they train; DRH
-    is also this kernel's scratch). RH, RW as the forward writes them (B, heads, ROWS / COLS, N); DRH, DRW
-    contiguous (B, heads, N, ROWS / COLS); DQ strided as the gradient's q part (sg_*), a view of the one (B,
-    N, 3, heads, D) gradient of qkv."""
+    is also this kernel's scratch). RH, RW, DRH and DRW laid out as the forward writes rel_h and rel_w, (B,
+    heads, ROWS / COLS, N): d rel_h's column of a key row, stored at every step of the walk, is then
+    contiguous (in SAM's layout, (B, heads, N, ROWS / COLS), it was BLOCK_M stores a row of d rel_h apart:
+    this kernel took 7.96 ms of a graphed ViT-B LoRA step at batch 8, now 7.35, the step 66.43 -> 65.97 ms;
+    H200, call ch). DQ strided as the gradient's q part (sg_*), a view of the one (B, N, 3, heads, D) gradient
+    of qkv."""
     b, h = tl.program_id(2), tl.program_id(1)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, COLS)
@@ -241,7 +244,6 @@ def _backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
     bh = b * heads + h
     q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :])
     do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :])
-    rows = (bh * N + offs_m)[:, None]
     rw = tl.trans(tl.load(RW + (bh * COLS + offs_c[:, None]) * N + offs_m[None, :])).to(tl.float32) * LOG2E
     lse = tl.load(LSE + bh * N + offs_m)
     o = tl.load(O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :])
@@ -250,7 +252,7 @@ def _backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
     rh_ptrs = RH + bh * ROWS * N + offs_m
     k_ptrs = K + b * sk_b + h * sk_h + offs_c[:, None] * sk_n + offs_d[None, :]
     v_ptrs = V + b * sv_b + h * sv_h + offs_c[:, None] * sv_n + offs_d[None, :]
-    drh_ptrs = DRH + (bh * N + offs_m) * ROWS
+    drh_ptrs = DRH + bh * ROWS * N + offs_m
     qk_scale = scale * LOG2E
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     drw = tl.zeros([BLOCK_M, COLS], tl.float32)
@@ -263,12 +265,12 @@ def _backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, COLS)
         ds = p * (dp - delta[:, None])  # gradient of the logits
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        tl.store(drh_ptrs + r, tl.sum(ds, 1).to(DRH.dtype.element_ty))
+        tl.store(drh_ptrs + r * N, tl.sum(ds, 1).to(DRH.dtype.element_ty))
         drw += ds
     drw = drw.to(q.dtype)
-    tl.store(DRW + rows * COLS + offs_c[None, :], drw)
-    tl.debug_barrier()  # d rel_h, stored a column per key row, read back as a tile
-    drh = tl.load(DRH + rows * ROWS + offs_r[None, :], mask=offs_r[None, :] < ROWS, other=0.0)
+    tl.store(DRW + (bh * COLS + offs_c[None, :]) * N + offs_m[:, None], drw)
+    tl.debug_barrier()  # d rel_h, stored a column per key row, read back as a (BLOCK_M, RP) tile
+    drh = tl.load(drh_ptrs[:, None] + offs_r[None, :] * N, mask=offs_r[None, :] < ROWS, other=0.0)
     dq = (dq * scale + _rel_term_grad(drw, TW, offs_m % COLS, COLS, COLS, D, PRECISION)
           + _row_kernels_rel_h_grad(drh, TH, offs_m, ROWS, COLS, RP, D, BLOCK_M, PRECISION))
     tl.store(DQ + b * sg_b + h * sg_h + offs_m[:, None] * sg_n + offs_d[None, :], dq.to(DQ.dtype.element_ty))
@@ -730,8 +732,8 @@ def _relpos_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, table_
                                out: torch.Tensor, lse: torch.Tensor, scale: float, grid_h: int = 0,
                                grid_w: int = 0, pad_kv: Optional[torch.Tensor] = None, pad_grad: bool = False
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradient of qkv (B, T, 3, heads, D), and those of rel_h and rel_w (B', heads, N, rows / columns),
-    which the tables' gradient needs (_table_grad) when they train; its q part includes the part through
+    """The gradient of qkv (B, T, 3, heads, D), and those of rel_h and rel_w (laid out as they are,
+    _rel_terms_out), which the tables' gradient needs (_table_grad) when they train; its q part includes the part through
     rel_h and rel_w. The kernels write dq, dk and dv straight into their places in qkv's layout: returned as
     three tensors, autograd stacked them into it, a pass that read and wrote the whole gradient (1.35 ms of
     a ViT-B LoRA step at batch 8 on the H100, call bc's profile). Last, pad_kv's gradient (2, heads, D) where
@@ -742,7 +744,7 @@ def _relpos_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, table_
     B, heads, T, D = q.shape
     rows, cols, window = _windowing(table_h, table_w, grid_h, grid_w)
     N, windows = rows * cols, B * window["NWIN"]
-    d_rel_h, d_rel_w = q.new_empty(windows, heads, N, rows), q.new_empty(windows, heads, N, cols)
+    d_rel_h, d_rel_w = rel_h.new_empty(rel_h.shape), rel_w.new_empty(rel_w.shape)
     d_qkv = torch.empty(B, T, 3, heads, D, device=q.device, dtype=qkv.dtype)
     dq, dk, dv = _split(d_qkv)
     strides, grad_strides = _strides(q, k, v), _strides(dq)  # dq, dk and dv: the same strides
@@ -798,11 +800,10 @@ def _relpos_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, table_
 @_relpos_attention_backward.register_fake
 def _(grad_out, qkv, table_h, table_w, rel_h, rel_w, out, lse, scale, grid_h=0, grid_w=0, pad_kv=None,
       pad_grad=False):
-    rows, cols, window = _windowing(table_h, table_w, grid_h, grid_w)
+    window = _windowing(table_h, table_w, grid_h, grid_w)[2]
     has_pad = pad_grad and window["HAS_PAD"]  # never the row kernels'
-    windows, heads, N = lse.shape
-    return (torch.empty_like(qkv, memory_format=torch.contiguous_format), rel_h.new_empty(windows, heads, N, rows),
-            rel_w.new_empty(windows, heads, N, cols), pad_kv.new_empty(pad_kv.shape) if has_pad else qkv.new_empty(0))
+    return (torch.empty_like(qkv, memory_format=torch.contiguous_format), rel_h.new_empty(rel_h.shape),
+            rel_w.new_empty(rel_w.shape), pad_kv.new_empty(pad_kv.shape) if has_pad else qkv.new_empty(0))
 
 
 def _table_grad(d_rel, q, rows, cols, along_rows):
@@ -845,6 +846,8 @@ def _backward(ctx, grad_out, grad_lse, grad_rel_h, grad_rel_w):  # lse, rel_h, r
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         rows, cols, window = _windowing(table_h, table_w, *ctx.grid)
         q = _window_queries(_split(qkv)[0], rows, cols, window)
+        if by_rows(cols):  # the row kernels' layout (B, heads, rows / columns, N), _rel_terms_out
+            d_rel_h, d_rel_w = d_rel_h.transpose(-1, -2), d_rel_w.transpose(-1, -2)
         d_tables = [_table_grad(d_rel, q, rows, cols, along_rows).to(table.dtype) if ctx.needs_input_grad[i] else None
                     for i, d_rel, table, along_rows in ((1, d_rel_h, table_h, True), (2, d_rel_w, table_w, False))]
     d_pad_kv = d_pad_kv if pad_grad and d_pad_kv.numel() else None  # no padding: the padding keys were never used

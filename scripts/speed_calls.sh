@@ -29,7 +29,8 @@
 # ca: default runs). cb-cf: the global blocks' rel_h and rel_w laid out transposed for the key-side kernel (cb: a scratch
 # script, not kept, beside the committed kernels; cc: GPU tests and the step against 5150e23's; cd: the tests again, the
 # kernels beside 5150e23's, LoRA's bench rows; ce: two other layouts, not kept; cf: the other methods' bench rows). cg:
-# AtrousLoRA on DRIVE over three seeds, as the README's results table ran it.
+# AtrousLoRA on DRIVE over three seeds, as the README's results table ran it. ch, ci: the global blocks' query-side kernel writing d rel_h
+# transposed (ch: the step against dbf391c's, every method on DRIVE with ViT-B; ci: the GPU tests, LoRA's bench rows).
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 
@@ -1062,5 +1063,30 @@ cg)
   tail -n 12 /tmp/runs/atrous_seeds/results.md; grep -hE "Error|error" /tmp/runs/atrous_seeds/*.log | head -3
   tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs/atrous_seeds runs/atrous_seeds.log
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg"; exit 2 ;;
+ch)
+  # Speed issue, on an H200: the global blocks' query-side kernel stores d rel_h's column of each key row contiguous
+  # (d rel_h laid out transposed, as rel_h is) instead of one element per query a row apart. The graphed ViT-B LoRA
+  # step of dbf391c's tree (.data/head) and of this one, the kernels' CUDA tests and those of compiled and graphed
+  # training, every method on DRIVE with ViT-B, the global kernels beside dbf391c's (.data/relpos_attention_head.py).
+  # The logs are packed after each part, so that what ran comes back if the call runs out of time.
+  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
+  head_step ch; save
+  now_step ch; save
+  timeout 150 python3 -m pytest -q --durations=5 -k "on_cuda or compiled_training or graphed" \
+    tests/test_relpos_attention.py tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
+  grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | tail -n 5; save
+  every_method_on_drive vit_b; save
+  PROBE_RELPOS_SHAPES=global timeout 80 python3 scripts/speed_probe.py relpos --out /tmp/runs/relpos > /tmp/runs/relpos.log 2>&1
+  grep -E "^relpos global|Error" /tmp/runs/relpos.log | cut -c1-400; save
+  ;;
+ci)
+  # After ch: the CUDA tests that ch's 150 s cut short (named, one line each), then LoRA's ViT-B bench rows of this
+  # code (compiled and graphed, also checkpointed, beside stock bf16).
+  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
+  timeout 300 python3 -m pytest -v --durations=8 -k "on_cuda or compiled_training or graphed" \
+    tests/test_relpos_attention.py tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
+  grep -E "PASSED|FAILED|ERROR|passed|failed" /tmp/runs/gpu_tests.log | cut -c1-160 | tail -n 30; save
+  vit_b_lora_rows 1-12; save
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci"; exit 2 ;;
 esac
