@@ -89,12 +89,19 @@ def usable(qkv, H, W):
 
 
 @triton.jit
-def _online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
-    """One key tile of the forward's online softmax (FlashAttention): logits s (BLOCK_M, keys) in log2 units,
-    values v (keys, D); the running max m_i, sum l_i and output acc, rescaled to the new max and returned."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+def _online_softmax_step(s, shift, v, m_i, l_i, acc, PRECISION: tl.constexpr):
+    """One key tile of the forward's online softmax (FlashAttention): logits s + shift (BLOCK_M, keys) in log2
+    units, shift (BLOCK_M,) one number per query for the whole tile (a key row's rel_h; 0 in the windows),
+    values v (keys, D); the running max m_i, sum l_i and output acc, rescaled to the new max and returned.
+    The shift goes into the max that every logit is taken from, not into each logit: one operation per
+    entry fewer. With the same in the backward kernels (rel_w less the log-sum-exp once per query block in
+    _backward_dq, the bias tile of _backward_dkdv one multiply-add per entry), the global kernels of a
+    graphed ViT-B LoRA step at batch 8 went from 21.9 to 20.6 ms (forward 6.17 -> 5.75, dq 7.35 -> 7.06,
+    dkdv 8.38 -> 7.81), the step 65.19 -> 63.99 ms (H200, call cj): the entries' exp2 and arithmetic, not
+    the products, bound these kernels."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) + shift)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    p = tl.exp2(s - (m_new - shift)[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
@@ -214,8 +221,8 @@ def _forward(Q, K, V, TH, TW, O, LSE, RH, RW,
         k = tl.load(k_ptrs + r * COLS * sk_n)
         v = tl.load(v_ptrs + r * COLS * sv_n)
         rh = tl.load(rh_ptrs + r * N).to(tl.float32) * LOG2E  # (BLOCK_M,)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + rh[:, None] + rw  # (BLOCK_M, COLS)
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + rw  # (BLOCK_M, COLS), less rel_h
+        m_i, l_i, acc = _online_softmax_step(s, rh, v, m_i, l_i, acc, PRECISION)
     acc = acc / l_i[:, None]
     tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :], acc.to(O.dtype.element_ty))
     tl.store(LSE + bh * N + offs_m, m_i + tl.log2(l_i))  # log2-sum-exp2, for the backward
@@ -245,7 +252,7 @@ def _backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
     q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :])
     do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :])
     rw = tl.trans(tl.load(RW + (bh * COLS + offs_c[:, None]) * N + offs_m[None, :])).to(tl.float32) * LOG2E
-    lse = tl.load(LSE + bh * N + offs_m)
+    rw_lse = rw - tl.load(LSE + bh * N + offs_m)[:, None]  # what every key row's logits take off, but rel_h
     o = tl.load(O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :])
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
     tl.store(DELTA + bh * N + offs_m, delta)
@@ -260,8 +267,7 @@ def _backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
         k = tl.load(k_ptrs + r * COLS * sk_n)
         v = tl.load(v_ptrs + r * COLS * sv_n)
         rh = tl.load(rh_ptrs + r * N).to(tl.float32) * LOG2E
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + rh[:, None] + rw
-        p = tl.exp2(s - lse[:, None])  # the softmax, recomputed
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + (rw_lse + rh[:, None]))
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, COLS)
         ds = p * (dp - delta[:, None])  # gradient of the logits
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -315,12 +321,13 @@ def _backward_dkdv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
         do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :])
         rh_t = tl.load(rh_ptrs + offs_m[None, :]).to(tl.float32)  # rel_h[i, row0 + r], (ROWS_PER, BLOCK_M)
         rw_t = tl.load(rw_ptrs + offs_m[None, :]).to(tl.float32)  # rel_w[i, c], (COLS, BLOCK_M)
-        # key j of the tile is (row0 + j // COLS, j % COLS): (ROWS_PER, COLS, BLOCK_M) -> (BLOCK_N, BLOCK_M)
-        bias_t = tl.reshape(rh_t[:, None, :] + rw_t[None, :, :], (BLOCK_N, BLOCK_M)) * LOG2E
-        lse = tl.load(LSE + bh * N + offs_m)
+        # the term less the log-sum-exp, (rh + rw) LOG2E - lse: the per-row part first, (ROWS_PER, BLOCK_M),
+        # then one multiply-add per entry; key j of the tile is (row0 + j // COLS, j % COLS): (ROWS_PER, COLS,
+        # BLOCK_M) -> (BLOCK_N, BLOCK_M)
+        rh_lse_t = rh_t * LOG2E - tl.load(LSE + bh * N + offs_m)[None, :]
+        bias_t = tl.reshape(rw_t[None, :, :] * LOG2E + rh_lse_t[:, None, :], (BLOCK_N, BLOCK_M))
         delta = tl.load(DELTA + bh * N + offs_m)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + bias_t  # (BLOCK_N, BLOCK_M)
-        p_t = tl.exp2(s_t - lse[None, :])
+        p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + bias_t)  # (BLOCK_N, BLOCK_M)
         dk, dv = _dkdv_step(p_t, q, do, v, delta, dk, dv, PRECISION)
     grad_rows = b * sg_b + h * sg_h + offs_j[:, None] * sg_n + offs_d[None, :]
     tl.store(DK + grad_rows, (dk * scale).to(DK.dtype.element_ty))
@@ -467,7 +474,7 @@ def _window_forward(Q, K, V, PAD, TH, TW, O, LSE, RH, RW,
         code_h, code_w = _onehots(offs_j, N, COLS, HP, WP, q.dtype)
         s = _window_logits(q, k, rh, rw, code_h, code_w, qk_scale, PRECISION)
         s = tl.where(win_j[None, :], s, float("-inf"))  # the tile's keys past the window take no weight
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
+        m_i, l_i, acc = _online_softmax_step(s, 0.0, v, m_i, l_i, acc, PRECISION)
     acc = acc / l_i[:, None]
     tl.store(O + b * so_b + h * so_h + tok_m[:, None] * so_n + tl.arange(0, D)[None, :],
              acc.to(O.dtype.element_ty), mask=grid_m[:, None])

@@ -31,6 +31,7 @@
 # kernels beside 5150e23's, LoRA's bench rows; ce: two other layouts, not kept; cf: the other methods' bench rows). cg:
 # AtrousLoRA on DRIVE over three seeds, as the README's results table ran it. ch, ci: the global blocks' query-side kernel writing d rel_h
 # transposed (ch: the step against dbf391c's, every method on DRIVE with ViT-B; ci: the GPU tests, LoRA's bench rows).
+# cj: the row kernels' logits with fewer operations per entry (the step against f328a2f's, GPU tests).
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 
@@ -1088,5 +1089,20 @@ ci)
   grep -E "PASSED|FAILED|ERROR|passed|failed" /tmp/runs/gpu_tests.log | cut -c1-160 | tail -n 30; save
   vit_b_lora_rows 1-12; save
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci"; exit 2 ;;
+cj)
+  # Speed issue, on an H200: the row kernels' logits with fewer operations per entry (the key row's rel_h into the
+  # running max in the forward, rel_w less the log-sum-exp once per query block in the query-side kernel, one
+  # multiply-add per entry for the key-side kernel's bias). The graphed ViT-B LoRA step of f328a2f's tree (.data/head)
+  # and of this one, the global kernels beside f328a2f's, the CUDA tests of the kernels and of compiled and graphed
+  # training.
+  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
+  head_step cj; save
+  now_step cj; save
+  PROBE_RELPOS_SHAPES=global timeout 80 python3 scripts/speed_probe.py relpos --out /tmp/runs/relpos > /tmp/runs/relpos.log 2>&1
+  grep -E "^relpos global|Error" /tmp/runs/relpos.log | cut -c1-300; save
+  timeout 280 python3 -m pytest -v -k "on_cuda or compiled_training or graphed" \
+    tests/test_relpos_attention.py tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
+  grep -E "PASSED|FAILED|ERROR|passed|failed" /tmp/runs/gpu_tests.log | cut -c1-160 | tail -n 30; save
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj"; exit 2 ;;
 esac
