@@ -751,7 +751,7 @@ def _relpos_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, table_
     B, heads, T, D = q.shape
     rows, cols, window = _windowing(table_h, table_w, grid_h, grid_w)
     N, windows = rows * cols, B * window["NWIN"]
-    d_rel_h, d_rel_w = rel_h.new_empty(rel_h.shape), rel_w.new_empty(rel_w.shape)
+    d_rel_h, d_rel_w = torch.empty_like(rel_h), torch.empty_like(rel_w)  # laid out as rel_h and rel_w
     d_qkv = torch.empty(B, T, 3, heads, D, device=q.device, dtype=qkv.dtype)
     dq, dk, dv = _split(d_qkv)
     strides, grad_strides = _strides(q, k, v), _strides(dq)  # dq, dk and dv: the same strides
@@ -807,10 +807,9 @@ def _relpos_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, table_
 @_relpos_attention_backward.register_fake
 def _(grad_out, qkv, table_h, table_w, rel_h, rel_w, out, lse, scale, grid_h=0, grid_w=0, pad_kv=None,
       pad_grad=False):
-    window = _windowing(table_h, table_w, grid_h, grid_w)[2]
-    has_pad = pad_grad and window["HAS_PAD"]  # never the row kernels'
-    return (torch.empty_like(qkv, memory_format=torch.contiguous_format), rel_h.new_empty(rel_h.shape),
-            rel_w.new_empty(rel_w.shape), pad_kv.new_empty(pad_kv.shape) if has_pad else qkv.new_empty(0))
+    has_pad = pad_grad and _windowing(table_h, table_w, grid_h, grid_w)[2]["HAS_PAD"]  # never the row kernels'
+    return (torch.empty_like(qkv, memory_format=torch.contiguous_format), torch.empty_like(rel_h),
+            torch.empty_like(rel_w), pad_kv.new_empty(pad_kv.shape) if has_pad else qkv.new_empty(0))
 
 
 def _table_grad(d_rel, q, rows, cols, along_rows):
