@@ -429,12 +429,15 @@ def _store_rows(ptr, offs, stride, mask, tile, width: tl.constexpr, WIDTH: tl.co
 
 
 @triton.jit
-def _window_logits(q, k, rh, rw, code_h, code_w, qk_scale, PRECISION: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) logits in log2 units: q k^T * scale plus the term rel_h[i, row j] + rel_w[i, col j],
-    gathered by the one-hot products."""
-    bias = (tl.dot(rh, tl.trans(code_h), input_precision=PRECISION)
-            + tl.dot(rw, tl.trans(code_w), input_precision=PRECISION))
-    return tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias * LOG2E
+def _window_logits(q_s, k, rh, rw, code_h, code_w, base, PRECISION: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) logits in log2 units, plus base (fp32, natural units: zero in the forward, minus the
+    log-sum-exp in the backward): q_s k^T, q_s the queries times the scale as stock SAM's (q * scale) @ k^T
+    rounds them, plus the term rel_h[i, row j] + rel_w[i, col j], gathered by the one-hot products. The
+    three products accumulate into base one after the other, so that the only work per entry is the
+    change to log2 units (it was an add, a multiply and a multiply-add, and in the backward a subtraction)."""
+    acc = tl.dot(rh, tl.trans(code_h), base, input_precision=PRECISION)
+    acc = tl.dot(rw, tl.trans(code_w), acc, input_precision=PRECISION)
+    return tl.dot(q_s, tl.trans(k), acc, input_precision=PRECISION) * LOG2E
 
 
 # Grid and windows: the program's third axis runs over the windows of every image, wb = b * NWIN + w (NWIN
@@ -462,7 +465,7 @@ def _window_forward(Q, K, V, PAD, TH, TW, O, LSE, RH, RW,
     rw = _rel_term(q, TW, offs_m % COLS, COLS, WP, D, PRECISION)  # (BLOCK_M, WP)
     _store_rows(RH + bh * N * ROWS, offs_m, ROWS, win_m, rh, ROWS, HP)  # for the backward
     _store_rows(RW + bh * N * COLS, offs_m, COLS, win_m, rw, COLS, WP)
-    qk_scale = scale * LOG2E
+    q_s = (q * scale).to(q.dtype)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -472,7 +475,7 @@ def _window_forward(Q, K, V, PAD, TH, TW, O, LSE, RH, RW,
         k, v = _window_keys(K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h, PAD, h, heads, sk_n, sv_n, tok_j,
                             win_j, grid_j, D, HAS_PAD)  # (BLOCK_N, D)
         code_h, code_w = _onehots(offs_j, N, COLS, HP, WP, q.dtype)
-        s = _window_logits(q, k, rh, rw, code_h, code_w, qk_scale, PRECISION)
+        s = _window_logits(q_s, k, rh, rw, code_h, code_w, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), PRECISION)
         s = tl.where(win_j[None, :], s, float("-inf"))  # the tile's keys past the window take no weight
         m_i, l_i, acc = _online_softmax_step(s, 0.0, v, m_i, l_i, acc, PRECISION)
     acc = acc / l_i[:, None]
@@ -506,6 +509,7 @@ def _window_backward_dq(Q, K, V, PAD, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DK,
     tok_m, win_m, grid_m = _window_tokens(offs_m, w, N, ROWS, COLS, GH, GW, NWX)
     bh = wb * heads + h
     q = _load_rows(Q + b * sq_b + h * sq_h, tok_m, sq_n, grid_m, D, D)
+    q_s = (q * scale).to(q.dtype)  # the logits' queries, and dk's (stock's autograd takes dk from q * scale)
     do = _load_rows(DO + b * sdo_b + h * sdo_h, tok_m, sdo_n, grid_m, D, D)
     o = _load_rows(O + b * so_b + h * so_h, tok_m, so_n, grid_m, D, D)
     rh = _load_rows(RH + bh * N * ROWS, offs_m, ROWS, win_m, ROWS, HP)  # (BLOCK_M, HP)
@@ -514,7 +518,7 @@ def _window_backward_dq(Q, K, V, PAD, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DK,
     if not WHOLE:
         tl.store(DELTA + bh * N + offs_m, delta, mask=win_m)
     lse = tl.load(LSE + bh * N + offs_m, mask=win_m, other=0.0)
-    qk_scale = scale * LOG2E
+    minus_lse = tl.zeros([BLOCK_M, BLOCK_N], tl.float32) - (lse / LOG2E)[:, None]  # natural units
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     drh = tl.zeros([BLOCK_M, HP], tl.float32)
     drw = tl.zeros([BLOCK_M, WP], tl.float32)
@@ -524,8 +528,8 @@ def _window_backward_dq(Q, K, V, PAD, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DK,
         k, v = _window_keys(K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h, PAD, h, heads, sk_n, sv_n, tok_j,
                             win_j, grid_j, D, HAS_PAD)
         code_h, code_w = _onehots(offs_j, N, COLS, HP, WP, q.dtype)
-        s = _window_logits(q, k, rh, rw, code_h, code_w, qk_scale, PRECISION)
-        p = tl.where(grid_m[:, None] & win_j[None, :], tl.exp2(s - lse[:, None]), 0.0)  # the softmax, recomputed
+        s = _window_logits(q_s, k, rh, rw, code_h, code_w, minus_lse, PRECISION)
+        p = tl.where(grid_m[:, None] & win_j[None, :], tl.exp2(s), 0.0)  # the softmax, recomputed
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = (p * (dp - delta[:, None])).to(q.dtype)  # gradient of the logits
         dq += tl.dot(ds, k, input_precision=PRECISION)
@@ -533,7 +537,7 @@ def _window_backward_dq(Q, K, V, PAD, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DK,
         drw += tl.dot(ds, code_w, input_precision=PRECISION)  # ... of each key column
         if WHOLE:  # (BLOCK_N, D), summed over every query of the window
             dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION) * scale
+            dk = tl.dot(tl.trans(ds), q_s, input_precision=PRECISION)
             _store_rows(DK + b * sg_b + h * sg_h, tok_j, sg_n, grid_j, dk.to(DK.dtype.element_ty), D, D)
             _store_rows(DV + b * sg_b + h * sg_h, tok_j, sg_n, grid_j, dv.to(DV.dtype.element_ty), D, D)
             if PAD_GRAD:
@@ -565,24 +569,25 @@ def _window_backward_dkdv(Q, K, V, PAD, RH, RW, DO, LSE, DELTA, DK, DV, DPAD,
     k, v = _window_keys(K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h, PAD, h, heads, sk_n, sv_n, tok_j, win_j,
                         grid_j, D, HAS_PAD)
     code_h, code_w = _onehots(offs_j, N, COLS, HP, WP, k.dtype)  # (BLOCK_N, HP), (BLOCK_N, WP)
-    qk_scale = scale * LOG2E
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     for start in range(0, N, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         tok_m, win_m, grid_m = _window_tokens(offs_m, w, N, ROWS, COLS, GH, GW, NWX)
         q = _load_rows(Q + b * sq_b + h * sq_h, tok_m, sq_n, grid_m, D, D)
+        q_s = (q * scale).to(q.dtype)  # rounded as in the other window kernels (_window_logits)
         do = _load_rows(DO + b * sdo_b + h * sdo_h, tok_m, sdo_n, grid_m, D, D)
         rh = _load_rows(RH + wb * srh_b + h * srh_h, offs_m, srh_n, win_m, ROWS, HP)
         rw = _load_rows(RW + wb * srw_b + h * srw_h, offs_m, srw_n, win_m, COLS, WP)
         lse = tl.load(LSE + bh * N + offs_m, mask=win_m, other=0.0)
         delta = tl.load(DELTA + bh * N + offs_m, mask=win_m, other=0.0)
-        bias_t = (tl.dot(code_h, tl.trans(rh), input_precision=PRECISION)
-                  + tl.dot(code_w, tl.trans(rw), input_precision=PRECISION))  # (BLOCK_N, BLOCK_M)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + bias_t * LOG2E
-        p_t = tl.where(grid_m[None, :], tl.exp2(s_t - lse[None, :]), 0.0)  # padded queries (do = 0): no overflow
-        dk, dv = _dkdv_step(p_t, q, do, v, delta, dk, dv, PRECISION)
-    dk = dk * scale
+        # _window_logits transposed: (BLOCK_N, BLOCK_M), from minus the log-sum-exp
+        s_t = tl.dot(code_h, tl.trans(rh), tl.zeros([BLOCK_N, BLOCK_M], tl.float32) - (lse / LOG2E)[None, :],
+                     input_precision=PRECISION)
+        s_t = tl.dot(code_w, tl.trans(rw), s_t, input_precision=PRECISION)
+        s_t = tl.dot(k, tl.trans(q_s), s_t, input_precision=PRECISION) * LOG2E
+        p_t = tl.where(grid_m[None, :], tl.exp2(s_t), 0.0)  # padded queries (do = 0): no overflow
+        dk, dv = _dkdv_step(p_t, q_s, do, v, delta, dk, dv, PRECISION)  # dk from q * scale, as stock's
     _store_rows(DK + b * sg_b + h * sg_h, tok_j, sg_n, grid_j, dk.to(DK.dtype.element_ty), D, D)
     _store_rows(DV + b * sg_b + h * sg_h, tok_j, sg_n, grid_j, dv.to(DV.dtype.element_ty), D, D)
     if PAD_GRAD:

@@ -1104,5 +1104,23 @@ cj)
     tests/test_relpos_attention.py tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
   grep -E "PASSED|FAILED|ERROR|passed|failed" /tmp/runs/gpu_tests.log | cut -c1-160 | tail -n 30; save
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj"; exit 2 ;;
+ck)
+  # Speed issue, on an H200: the window kernels' logits with the three products accumulated into one tile (in the
+  # backward starting from minus the log-sum-exp) and the queries scaled once, as stock SAM scales them: one multiply
+  # per entry instead of an add, a multiply, a multiply-add and a subtraction. The graphed ViT-B LoRA step of the
+  # committed tree (.data/head) and of this one, then the window kernels' CUDA tests and those of graphed training.
+  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
+  head_step ck; save
+  now_step ck; save
+  timeout 250 python3 -m pytest -v -k "(on_cuda and (14 or 5-7 or 18)) or graphed" \
+    tests/test_relpos_attention.py tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
+  grep -E "PASSED|FAILED|ERROR|passed|failed" /tmp/runs/gpu_tests.log | cut -c1-160 | tail -n 30; save
+  ;;
+cl)
+  # The README's ViT-B table on the code of the session: every method's bench row beside its stock baseline.
+  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
+  vit_b_lora_rows 1-12; save
+  vit_b_method_rows 400 1-12; save
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj|ck|cl"; exit 2 ;;
 esac
