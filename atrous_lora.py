@@ -170,11 +170,11 @@ class AtrousLoRAQKV(nn.Linear):
 
     def forward(self, x):
         # x: (B, H, W, d) for ViT (windowed: (B*nW, 14, 14, d)); (B*nW, ws*ws, d) for TinyViT
-        out = F.linear(x, self.weight, self.bias)  # (..., 3*width)
         down = F.linear(x, torch.cat([self.lora_A_q.weight, self.lora_A_v.weight]))  # [A_q x | A_v x]: x read once
         z = self.lora_aam(down)  # (..., 2r): [q path | v path]
-        # out + [B_q z_q | 0 | B_v z_v], q and v where the layout keeps them
-        return common.add_qv_update(out, z, self.lora_B_q.weight, self.lora_B_v.weight, self.heads)
+        # W x + b + [B_q z_q | 0 | B_v z_v], (..., 3*width), q and v where the layout keeps them
+        return common.linear_with_qv_update(x, self.weight, self.bias, z, self.lora_B_q.weight,
+                                            self.lora_B_v.weight, self.heads)
 
 
 def grid_sides(image_encoder):

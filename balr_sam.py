@@ -146,10 +146,10 @@ class LoRAQKV(nn.Linear):
 
     def forward(self, x):
         # x: (B, H, W, d) for ViT (windowed: (B*nW, 14, 14, d)); (B*nW, ws*ws, d) for TinyViT
-        out = F.linear(x, self.weight, self.bias)
         down = F.linear(x, torch.cat([self.lora_A_q.weight, self.lora_A_v.weight]))  # [A_q x | A_v x]: x read once
-        # out + [B_q A_q x | 0 | B_v A_v x], q and v where the layout keeps them
-        return common.add_qv_update(out, down, self.lora_B_q.weight, self.lora_B_v.weight, self.heads)
+        # W x + b + [B_q A_q x | 0 | B_v A_v x], q and v where the layout keeps them
+        return common.linear_with_qv_update(x, self.weight, self.bias, down, self.lora_B_q.weight,
+                                            self.lora_B_v.weight, self.heads)
 
 
 class LoRALinear(nn.Linear):

@@ -402,23 +402,53 @@ def place_qv(dq, dv, heads):
     return torch.stack([t.unflatten(-1, (heads, -1)) for t in (dq, dk, dv)], -2).flatten(-3)
 
 
-def add_qv_update(out, z, B_q, B_v, heads):
-    """out + place_qv(z_q B_q^T, z_v B_v^T, heads) for z = [z_q | z_v] (..., 2r) and up-projections B_q, B_v
-    (width, r): the low-rank update of a LoRA-style qkv adapter added to the frozen output out (..., 3 width).
-    Each up-projection reads all of z, against its B with zero columns for the other path's half, so that
-    the product's inner size is 2r, not r (rank 4: 16 bytes of bf16, which cuBLAS's Hopper kernels need; the
-    r-wide slices of z ran in Ampere-era align2 kernels, 2.0 ms of a ViT-B LoRA step at batch 8 on an H200,
-    call bk's profile)."""
+class _LinearWithUpdate(torch.autograd.Function):
+    """[x | z] [W | U^T]^T + b as one matmul of inner size d + 2r, for a weight W (out, d) and an update
+    U (2r, out). Autograd's own backward of that product would form the gradient of the whole widened
+    weight (out x (d + 2r), a matmul over every token) whenever U trains; this one forms U's (2r x out),
+    W's only where W trains (frozen in every method here, trained in the kernel tests), and x's and z's
+    gradients from one product."""
+
+    @staticmethod
+    def forward(ctx, x, z, weight, bias, up):
+        wide = torch.cat([weight, up.T], 1)  # (out, d + 2r)
+        ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, z, wide)
+        return F.linear(torch.cat([x, z], -1), wide, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, z, wide = ctx.saved_tensors
+        grad_x, grad_z = (grad @ wide).split([wide.shape[1] - z.shape[-1], z.shape[-1]], -1)  # (..., d), (..., 2r)
+        tokens = grad.flatten(0, -2)  # (T, out)
+        grad_weight = tokens.T @ x.flatten(0, -2) if ctx.needs_input_grad[2] else None  # (out, d)
+        grad_bias = tokens.sum(0) if ctx.needs_input_grad[3] else None
+        grad_up = z.flatten(0, -2).T @ tokens if ctx.needs_input_grad[4] else None  # (2r, out)
+        return grad_x, grad_z, grad_weight, grad_bias, grad_up
+
+
+def linear_with_qv_update(x, weight, bias, z, B_q, B_v, heads):
+    """F.linear(x, weight, bias) + place_qv(z_q B_q^T, z_v B_v^T, heads): a frozen qkv projection plus the
+    low-rank update of a LoRA-style adapter, for z = [z_q | z_v] (..., 2r) and up-projections B_q, B_v
+    (width, r). The update is one (2r, 3 width) matrix U = [B_q^T 0 0; 0 0 B_v^T] (per head for TinyViT),
+    so that its products have inner size 2r, not r (rank 4: 16 bytes of bf16, which cuBLAS's Hopper
+    kernels need; r-wide slices of z ran in Ampere-era align2 kernels, 2.0 ms of a ViT-B LoRA step at
+    batch 8 on an H200, call bk). Gradients reach every input that requires one."""
     zeros = torch.zeros_like(B_q)  # (width, r)
-    if heads is None:  # ViT: [dq | 0 | dv], which inductor adds to out in one pass
-        return out + place_qv(F.linear(z, torch.cat([B_q, zeros], 1)), F.linear(z, torch.cat([zeros, B_v], 1)),
-                              None)
-    # TinyViT: one product with [B_q^T 0; 0 B_v^T] (2r, 3 width) laid out per head, which the matmul adds to
-    # out itself (addmm), instead of stacking dq, 0 and dv per head (MobileSAM LoRA, batch 8, graphed: 254.6
-    # -> 263.7 img/s, call bk; in ViT-B's step the same took 0.7 ms more than the r-wide products and the add
-    # before it, with a copy of out ahead of the matmul)
     up = torch.cat([place_qv(B_q.T, zeros.T, heads), place_qv(zeros.T, B_v.T, heads)])  # (2r, 3 width)
-    return torch.addmm(out.flatten(0, -2), z.flatten(0, -2), up).view(out.shape)
+    if heads is not None:
+        # TinyViT: the matmul adds z U to the output itself (addmm), instead of stacking dq, 0 and dv per head
+        # (MobileSAM LoRA, batch 8, graphed: 254.6 -> 263.7 img/s, call bk)
+        out = F.linear(x, weight, bias)
+        return torch.addmm(out.flatten(0, -2), z.flatten(0, -2), up).view(out.shape)
+    # ViT: [x | z] [W | U^T]^T, one matmul whose inner size is d + 2r, instead of x W^T followed by a pass
+    # adding z U to the (..., 3 width) output (ViT-B LoRA, batch 8, graphed step on an H200: 63.71 -> 62.56
+    # ms, call cm; 62.99 with x's and z's gradients as two products)
+    if torch.is_autocast_enabled(x.device.type):  # every operand in the product's dtype, as autocast casts them
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, z, weight, up = x.to(dtype), z.to(dtype), weight.to(dtype), up.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return _LinearWithUpdate.apply(x, z, weight, bias, up)
 
 
 def count_parameters(model):

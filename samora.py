@@ -175,7 +175,6 @@ class SAMoraQKV(nn.Linear):
 
     def forward(self, x):
         # x: (B, H, W, d) for ViT (windowed: (B*nW, 14, 14, d)); (B*nW, ws*ws, d) for TinyViT
-        out = F.linear(x, self.weight, self.bias)  # (..., 3*width)
         if self.active == "fused":
             # Each expert's update [B_q A_q x | B_v A_v x] through the shared projection P, computed as
             # (P B_e)(A_e x): one (d -> 6r) matmul for all experts, then a block-diagonal (6r -> 3w) one.
@@ -187,10 +186,12 @@ class SAMoraQKV(nn.Linear):
                 M.append(torch.cat([P[:, :self.width] @ Bq, P[:, self.width:] @ Bv], 1))  # (w, 2r)
             u = F.linear(F.linear(x, torch.cat(A)), torch.block_diag(*M))  # (..., 3w): image, patch, pixel
             dq, dv = self.samora_hl(u).chunk(2, -1)  # (..., width) each
+            out = F.linear(x, self.weight, self.bias)  # (..., 3*width)
             return out + common.place_qv(dq, dv, self.heads)  # q and v where the layout keeps them
         # stage 1: one expert's update, as lora.py's LoRAQKV (one down-projection, the shared up-projections)
         Aq, Av, Bq, Bv = self.expert(self.active)
-        return common.add_qv_update(out, F.linear(x, torch.cat([Aq, Av])), Bq, Bv, self.heads)
+        return common.linear_with_qv_update(x, self.weight, self.bias, F.linear(x, torch.cat([Aq, Av])), Bq, Bv,
+                                            self.heads)
 
 
 def inject(model, rank=4, hl_width=32, hl_heads=4):

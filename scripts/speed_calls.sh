@@ -31,7 +31,9 @@
 # kernels beside 5150e23's, LoRA's bench rows; ce: two other layouts, not kept; cf: the other methods' bench rows). cg:
 # AtrousLoRA on DRIVE over three seeds, as the README's results table ran it. ch, ci: the global blocks' query-side kernel writing d rel_h
 # transposed (ch: the step against dbf391c's, every method on DRIVE with ViT-B; ci: the GPU tests, LoRA's bench rows).
-# cj: the row kernels' logits with fewer operations per entry (the step against f328a2f's, GPU tests).
+# cj: the row kernels' logits with fewer operations per entry (the step against f328a2f's, GPU tests). ck, cl: the window
+# kernels' logits likewise (ck: the step against d985137's, GPU tests; cl: bench rows). cm-co: LoRA's update inside the
+# qkv product (cm: the step, one process; cn: bench rows, GPU tests; co: compile time, a default run).
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 
@@ -1122,5 +1124,32 @@ cl)
   vit_b_lora_rows 1-12; save
   vit_b_method_rows 400 1-12; save
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj|ck|cl"; exit 2 ;;
+cm)
+  # Speed issue, on an H200: LoRA's update inside the qkv product (common.linear_with_qv_update: [x | z] against
+  # [W | U^T], one matmul, instead of a pass adding [B_q z_q | 0 | B_v z_v] to the output), its backward in one
+  # product or two (merged_k_split), in one process after the committed path (now); then the window kernels' CUDA
+  # tests for windows of over 256 tokens (the key-side window kernel changed after call ck).
+  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
+  PROBE_VITB3=now,merged_k,merged_k_split TORCHINDUCTOR_CACHE_DIR=/tmp/cache_cm TRITON_CACHE_DIR=/tmp/cache_cm/triton \
+    timeout 240 python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3 > /tmp/runs/vitb3.log 2>&1
+  grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-400; save
+  picked_gpu_tests "on_cuda and (18 or 5-7)" 150; save
+  ;;
+cn)
+  # The README's ViT-B table with LoRA's update inside the qkv product (common.linear_with_qv_update, call cm), then
+  # the CUDA tests of compiled and graphed training.
+  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
+  vit_b_lora_rows 1-12; save
+  vit_b_method_rows 400 1-12; save
+  timeout 200 python3 -m pytest -v -k "compiled_training or graphed" tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
+  grep -E "PASSED|FAILED|ERROR|passed|failed" /tmp/runs/gpu_tests.log | cut -c1-160 | tail -n 30; save
+  ;;
+co)
+  # Speed issue, cn's code on an H200: what compilation adds to a whole ViT-B run (as by), then a default run (as ca).
+  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
+  alternating_pairs co 2; save
+  warm_up_default_run 60
+  default_run default_co 100 python3; save
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj|ck|cl|cm|cn|co"; exit 2 ;;
 esac

@@ -607,7 +607,9 @@ def probe_vitb3():
     now,folded_windows (the windowed blocks' attention back to the folded SDPA form). Calls bp and bq compiled the
     decoder side in common.compile_model (bp: now,eager_decoder, that undone; bq: PROBE_DECODER_PARTS=transformer,
     only that part): with today's code, now,decoder_compiled. now,padded_windows: the windowed blocks on stock's
-    padded windows, as before fast_vit_window_attention (call bv)."""
+    padded windows, as before fast_vit_window_attention (call bv). Call cm ran now,merged_k,merged_k_split:
+    LoRA's update inside the qkv product, its backward as one product or two (merged_k is now
+    common.linear_with_qv_update; the variants were dropped since, see git show of this file at that call)."""
     import os
     out = {}
     args, dev, model, x, y = build_lora("vit_b", 8)

@@ -67,17 +67,21 @@ def test_tinyvit_update_follows_the_per_head_layout():
 
 @pytest.mark.parametrize("heads", [None, 4])  # SAM's ViT [q | k | v]; TinyViT per head [q_h | k_h | v_h]
 def test_qv_update_is_each_path_up_projected_into_its_place(heads):
-    """common.add_qv_update (2r-wide products, or one addmm in TinyViT's layout) gives out + [B_q z_q | 0 |
-    B_v z_v] in the layout's order, and the same gradients, as the r-wide products laid out by place_qv."""
+    """common.linear_with_qv_update (ViT: one product of [x | z] with [W | U^T] and a backward of its own;
+    TinyViT: an addmm onto W x + b) gives W x + b + [B_q z_q | 0 | B_v z_v] in the layout's order, and the
+    same gradients for x, z, the bias, both up-projections and a weight that trains, as the r-wide products
+    laid out by place_qv."""
     torch.manual_seed(0)
-    out, z = torch.randn(2, 5, 48, requires_grad=True), torch.randn(2, 5, 6, requires_grad=True)
+    x, z = torch.randn(2, 5, 16, requires_grad=True), torch.randn(2, 5, 6, requires_grad=True)
     B_q, B_v = torch.randn(16, 3, requires_grad=True), torch.randn(16, 3, requires_grad=True)
-    want = out + common.place_qv(z[..., :3] @ B_q.T, z[..., 3:] @ B_v.T, heads)
-    got = common.add_qv_update(out, z, B_q, B_v, heads)
-    torch.testing.assert_close(got, want)
-    g, inputs = torch.randn_like(want), (out, z, B_q, B_v)
-    for a, b in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g)):
-        torch.testing.assert_close(a, b)
+    for weight_trains in (False, True):  # frozen, as every method has it; trained, as the kernel tests have it
+        weight, bias = torch.randn(48, 16, requires_grad=weight_trains), torch.randn(48, requires_grad=True)
+        want = F.linear(x, weight, bias) + common.place_qv(z[..., :3] @ B_q.T, z[..., 3:] @ B_v.T, heads)
+        got = common.linear_with_qv_update(x, weight, bias, z, B_q, B_v, heads)
+        torch.testing.assert_close(got, want)
+        g, inputs = torch.randn_like(want), (x, z, bias, B_q, B_v) + ((weight,) if weight_trains else ())
+        for a, b in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g)):
+            torch.testing.assert_close(a, b)
 
 
 def test_exactly_the_intended_parameters_train():
