@@ -85,6 +85,10 @@ def report(args):
         if f.is_file():
             rows.setdefault((spec, data), []).append((json.loads(f.read_text()), cmd, name))
     if not rows:
+        if args.report_only:
+            from data import UserError
+            raise UserError(f"no finished runs under {args.out} to report (no <run>/metrics.json for these methods and "
+                            "seeds): run them first (train.py without --report-only), or point --out at their folder.")
         print("no finished runs to report")
         return
     lines = ["| method | data | model | Dice (mean ± std) | HD95 px (mean ± std) | paper Dice / HD95 | trainable params "

@@ -3,8 +3,9 @@
 # 40 minutes of an H100 for all of them), then writes results/drive.md|.png|_panel.png (six methods, three
 # seeds), results/few_labels.md|.png (SAMora against LoRA on 4 labelled images) and
 # results/synthetic.md|.png (a short 100-step budget on the generated vessels).
-# REPORT_ONLY=1 rebuilds the tables and figures from RUNS alone (default: results/h100/runs, the runs
-# measured on the H100 that the README quotes).
+# REPORT_ONLY=1 rebuilds the tables and figures from RUNS alone (default: results/h100/runs, where the H100
+# runs that the README quotes were written; their metrics.json files were not committed, see the README's
+# Results, so a clean clone has none there and the command says so).
 set -e
 DRIVE=${1:?usage: bash scripts/results.sh DRIVE_ROOT [RUNS]}
 RUNS=${2:-results/h100/runs}

@@ -78,3 +78,12 @@ def test_a_missing_drive_folder_for_the_panel_is_one_sentence_and_exit_2(tmp_pat
                            "--results", str(tmp_path / "r")], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: DRIVE folder {tmp_path / 'no_drive'} does not exist")
+
+
+def test_report_only_without_runs_is_one_sentence_and_exit_2(tmp_path):
+    done = subprocess.run([sys.executable, "train.py", "--report-only", "--methods", "lora", "--data", "synthetic",
+                           "--seeds", "0", "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "r")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: no finished runs under {tmp_path / 'runs'}")
+    assert not (tmp_path / "r.md").exists()
