@@ -34,7 +34,8 @@
 # cj: the row kernels' logits with fewer operations per entry (the step against f328a2f's, GPU tests). ck, cl: the window
 # kernels' logits likewise (ck: the step against d985137's, GPU tests; cl: bench rows). cm-co: LoRA's update inside the
 # qkv product (cm: the step, one process; cn: bench rows, GPU tests; co: compile time, a default run; cp: the kernels'
-# CUDA tests with a LoRA qkv whose weight trains, which found that it got no gradient).
+# CUDA tests with a LoRA qkv whose weight trains, which found that it got no gradient). cq: the README's Results runs on
+# the H200 (written for the next session, not yet run).
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 
@@ -1160,5 +1161,14 @@ cp)
     tests/test_relpos_attention.py > $OUT/gpu_tests_cp.log 2>&1
   grep -E "PASSED|FAILED|ERROR|passed|failed" $OUT/gpu_tests_cp.log | cut -c1-150
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj|ck|cl|cm|cn|co|cp"; exit 2 ;;
+cq)
+  # The README's Results runs again, on the H200, into results/h200/runs (their H100 per-run files were never
+  # committed): scripts/results.sh skips finished runs, so this call is run again (with the runs it brought back in
+  # the working tree, which carries them) until all 45 are there. Brings back the runs' metrics and logs and the tables.
+  timeout 540 bash scripts/results.sh $DRIVE results/h200/runs > /tmp/results_runs.log 2>&1
+  ls results/h200/runs/*/metrics.json 2>/dev/null | wc -l; tail -n 3 /tmp/results_runs.log
+  tar czf $OUT/results_runs.tgz --exclude='*.pt' --exclude='*.png' --exclude='test_masks' results/h200/runs \
+    results/drive.md results/few_labels.md results/synthetic.md /tmp/results_runs.log 2>/dev/null
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj|ck|cl|cm|cn|co|cp|cq"; exit 2 ;;
 esac
