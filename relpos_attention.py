@@ -434,7 +434,8 @@ def _window_logits(q_s, k, rh, rw, code_h, code_w, base, PRECISION: tl.constexpr
     log-sum-exp in the backward): q_s k^T, q_s the queries times the scale as stock SAM's (q * scale) @ k^T
     rounds them, plus the term rel_h[i, row j] + rel_w[i, col j], gathered by the one-hot products. The
     three products accumulate into base one after the other, so that the only work per entry is the
-    change to log2 units (it was an add, a multiply and a multiply-add, and in the backward a subtraction)."""
+    change to log2 units (it was an add, a multiply and a multiply-add, and in the backward a subtraction).
+    Called with the roles swapped, (k, q_s, code_h, code_w, rh, rw), it gives the same logits transposed."""
     acc = tl.dot(rh, tl.trans(code_h), base, input_precision=PRECISION)
     acc = tl.dot(rw, tl.trans(code_w), acc, input_precision=PRECISION)
     return tl.dot(q_s, tl.trans(k), acc, input_precision=PRECISION) * LOG2E
@@ -581,11 +582,10 @@ def _window_backward_dkdv(Q, K, V, PAD, RH, RW, DO, LSE, DELTA, DK, DV, DPAD,
         rw = _load_rows(RW + wb * srw_b + h * srw_h, offs_m, srw_n, win_m, COLS, WP)
         lse = tl.load(LSE + bh * N + offs_m, mask=win_m, other=0.0)
         delta = tl.load(DELTA + bh * N + offs_m, mask=win_m, other=0.0)
-        # _window_logits transposed: (BLOCK_N, BLOCK_M), from minus the log-sum-exp
-        s_t = tl.dot(code_h, tl.trans(rh), tl.zeros([BLOCK_N, BLOCK_M], tl.float32) - (lse / LOG2E)[None, :],
-                     input_precision=PRECISION)
-        s_t = tl.dot(code_w, tl.trans(rw), s_t, input_precision=PRECISION)
-        s_t = tl.dot(k, tl.trans(q_s), s_t, input_precision=PRECISION) * LOG2E
+        # the logits transposed, (BLOCK_N, BLOCK_M), from minus the log-sum-exp: _window_logits with the roles
+        # of queries and keys, terms and codes swapped
+        minus_lse_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32) - (lse / LOG2E)[None, :]
+        s_t = _window_logits(k, q_s, code_h, code_w, rh, rw, minus_lse_t, PRECISION)
         p_t = tl.where(grid_m[None, :], tl.exp2(s_t), 0.0)  # padded queries (do = 0): no overflow
         dk, dv = _dkdv_step(p_t, q_s, do, v, delta, dk, dv, PRECISION)  # dk from q * scale, as stock's
     _store_rows(DK + b * sg_b + h * sg_h, tok_j, sg_n, grid_j, dk.to(DK.dtype.element_ty), D, D)
