@@ -35,7 +35,8 @@
 # kernels' logits likewise (ck: the step against d985137's, GPU tests; cl: bench rows). cm-co: LoRA's update inside the
 # qkv product (cm: the step, one process; cn: bench rows, GPU tests; co: compile time, a default run; cp: the kernels'
 # CUDA tests with a LoRA qkv whose weight trains, which found that it got no gradient). cq: the README's Results runs on
-# the H200 (written for the next session, not yet run).
+# the H200 (written for the next session, not yet run). cr: the CUDA tests owed since cp, the step's profile. cs: the decoder's attention through SDPA against fc5eaad's step, inductor's GEMM autotuning in the blocks; ct: every
+# method with ViT-B on DRIVE, a default run; cu: the README's ViT-B table on that code.
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 
@@ -1170,5 +1171,43 @@ cq)
   tar czf $OUT/results_runs.tgz --exclude='*.pt' --exclude='*.png' --exclude='test_masks' results/h200/runs \
     results/drive.md results/few_labels.md results/synthetic.md /tmp/results_runs.log 2>/dev/null
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj|ck|cl|cm|cn|co|cp|cq"; exit 2 ;;
+cr)
+  # The kernels' CUDA tests owed since call cp (linear_with_qv_update's weight-gradient fix, the key-side window kernel
+  # calling _window_logits), all of them with compiled and graphed training; then the graphed ViT-B LoRA step of this
+  # tree, profiled kernel by kernel (speed_probe.py vitb3).
+  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
+  timeout 330 python3 -m pytest -v -k "on_cuda or compiled_training or graphed" tests/test_relpos_attention.py \
+    tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
+  grep -E "PASSED|FAILED|ERROR|passed|failed" /tmp/runs/gpu_tests.log | cut -c1-160 | tail -n 30; save
+  now_step cr; save
+  ;;
+cs)
+  # Speed issue: the graphed ViT-B LoRA step of the committed tree (fc5eaad, in .data/head), then this tree's (the mask
+  # decoder's attention through SDPA) followed in the same process by inductor's GEMM autotuning in the compiled
+  # blocks (Triton templates with their epilogues fused: GELU and its backward), without and with the persistent TMA
+  # templates.
+  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
+  head_step cs; save
+  PROBE_VITB3=now,autotune_mm,autotune_tma TORCHINDUCTOR_CACHE_DIR=/tmp/cache_cs TRITON_CACHE_DIR=/tmp/cache_cs/triton \
+    timeout 380 python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3 > /tmp/runs/vitb3.log 2>&1
+  grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-400; save
+  ;;
+ct)
+  # Every method with ViT-B on DRIVE (10 steps, uncompiled) and a timed default run, on this tree (LoRA's update inside
+  # the qkv product, the decoder's attention through SDPA); then the CUDA tests of graphed and compiled training.
+  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
+  every_method_on_drive vit_b; save
+  warm_up_default_run 60
+  default_run default_ct 100 python3; save
+  timeout 150 python3 -m pytest -q -k "compiled_training or graphed" tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
+  grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | tail -n 5; save
+  ;;
+cu)
+  # The README's ViT-B table on this session's code (the mask decoder's attention through SDPA, call cs): every
+  # method's bench row beside its stock baseline.
+  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
+  vit_b_lora_rows 1-12; save
+  vit_b_method_rows 380 1-12; save
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj|ck|cl|cm|cn|co|cp|cq|cr|cs|ct|cu"; exit 2 ;;
 esac
