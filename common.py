@@ -699,6 +699,34 @@ def use_one_kernel_layer_norm_2d(model):
             _swap_class(m, "OneKernelLayerNorm2d", forward=layer_norm_2d_one_kernel)
 
 
+def fast_decoder_attention(self, q, k, v):
+    """forward of the mask decoder's Attention (segment_anything.modeling.transformer.Attention, the seven
+    attentions of its two-way transformer) through F.scaled_dot_product_attention: stock's softmax(q k^T /
+    sqrt(head width)) v in one fused kernel instead of two batched matmuls on transposed views (copies of
+    q, k and v per head, and an align-1 matmul kernel for heads 16 wide), a scale pass and a softmax, with
+    their backward. The projections are the module's own (adapters that replace them, BALR-SAM's low-rank
+    ones, still run). q (Bq, Nq, C), k and v (Bk, Nk, C): prompt-free, the first attentions see the tokens
+    at batch 1 beside B images (PromptFreeSam.decode), which broadcast as in stock's matmuls. Graphed ViT-B
+    LoRA step at batch 8 on an H200: 63.41 -> 62.98 ms (call cs, fc5eaad's tree and this one, one process
+    each); PyTorch picks cuDNN's kernels (0.6 ms of the step) where align-1 batched matmuls, magma kernels
+    and per-head copies took about 1.1 ms. The default MobileSAM run: 51.0 s, Dice 0.8106, as before (call ct)."""
+    q, k, v = self.q_proj(q), self.k_proj(k), self.v_proj(v)  # (B', N, internal_dim)
+    batch = max(q.shape[0], k.shape[0], v.shape[0])
+
+    def by_heads(x):  # (B', N, heads * d) -> (batch, heads, N, d), a view
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2).expand(batch, -1, -1, -1)
+    out = F.scaled_dot_product_attention(by_heads(q), by_heads(k), by_heads(v))  # scale 1/sqrt(d), as stock
+    return self.out_proj(out.transpose(1, 2).flatten(2))  # (batch, Nq, internal_dim) -> (batch, Nq, C)
+
+
+def use_fast_decoder_attention(model):
+    """Every attention of the mask decoder's two-way transformer through fast_decoder_attention."""
+    from segment_anything.modeling.transformer import Attention as DecoderAttention
+    for m in model.mask_decoder.modules():
+        if type(m) is DecoderAttention:
+            _swap_class(m, "FastDecoderAttention", forward=fast_decoder_attention)
+
+
 def channels_last_patch_embed(self, x):
     """forward of MobileSAM's PatchEmbed, its output (B, 64, S/4, S/4) channels-last, so the convolutions
     of the first stage (MBConv blocks at S/4, no attention) run in cuDNN's NHWC kernels."""
@@ -793,9 +821,11 @@ def use_fast_attention(image_encoder, pad_v=True, relpos_kernel=True):
 
 def use_fast_path(model, pad_v=True, relpos_kernel=True):
     """The fast path that --stock-attention leaves out, on a whole model: fused attention and TinyViT's
-    layout in the encoder (use_fast_attention), every LayerNorm2d in one kernel. load_sam applies it, and
-    bench.py to its stock base for the fast rows."""
+    layout in the encoder (use_fast_attention), fused attention in the mask decoder
+    (use_fast_decoder_attention), every LayerNorm2d in one kernel. load_sam applies it, and bench.py to its
+    stock base for the fast rows."""
     use_fast_attention(model.image_encoder, pad_v=pad_v, relpos_kernel=relpos_kernel)
+    use_fast_decoder_attention(model)
     use_one_kernel_layer_norm_2d(model)
 
 

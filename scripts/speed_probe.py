@@ -654,14 +654,26 @@ def probe_vitb3():
             if blk.window_size > 0:
                 blk.attn.fast_relpos = False  # the windowed blocks' folded SDPA form, as before the window kernels
         torch._dynamo.reset()
+    def autotune_mm(persistent_tma=False):
+        # inductor's GEMM autotuning in the compiled blocks (Triton templates against cuBLAS, the winner's
+        # pointwise epilogue fused: GELU into fc1's product, GELU's backward into fc2's input gradient);
+        # persistent_tma: Hopper's persistent TMA templates among the choices (call cs)
+        def apply():
+            import torch._inductor.config as inductor_config
+            inductor_config.max_autotune_gemm = True
+            inductor_config.max_autotune_gemm_backends = "ATEN,TRITON"
+            inductor_config.triton.enable_persistent_tma_matmul = persistent_tma
+            torch._dynamo.reset()
+        return apply
     # head (the committed kernels, call aq) needs kernels that take what common.fast_vit_attention passes
     # (rel_h and rel_w until call ay, the tables since): two commits are compared in two processes since
     variants = dict(now=kernels(own), neck_cl=neck_channels_last, conv_patch_embed=conv_patch_embed,
-                    folded_windows=folded_windows, decoder_compiled=decoder_compiled, padded_windows=padded_windows)
+                    folded_windows=folded_windows, decoder_compiled=decoder_compiled, padded_windows=padded_windows,
+                    autotune_mm=autotune_mm(), autotune_tma=autotune_mm(True))
     picked = os.environ.get("PROBE_VITB3", ",".join(variants)).split(",")
     for name in picked:
         measure_variant("vitb3", out, name, model, params, x, y, dev, apply=variants[name], reps=20, firsts=3,
-                        profile=name == "now", shapes=name == "now")
+                        profile=name == "now" or name.startswith("autotune"), shapes=name == "now")
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     out["compile_times"] = torch._dynamo.utils.compile_times()  # dynamo's and inductor's phases, per graph
     RESULTS["vitb3"] = out

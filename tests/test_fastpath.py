@@ -117,12 +117,15 @@ def test_no_n_by_n_matrix_is_materialised():
 
 @pytest.mark.parametrize("img_size", [128, 160])  # 160: a 10 x 10 grid, padded to 12 x 12 for 4 x 4 windows
 def test_tiny_sam_with_lora_matches_stock(img_size):
-    args, stock = tiny_model(["--img-size", str(img_size)])
+    """The whole fast path (load_sam's, use_fast_path) against stock SAM (--stock-attention), fp32."""
+    args, stock = tiny_model(["--img-size", str(img_size), "--stock-attention"])
     lora.inject(stock, rank=4)
     randomise(stock)
     fast = copy.deepcopy(stock)
-    use_fast_attention(fast.image_encoder)
+    common.use_fast_path(fast)
     assert all(type(a).__name__ == "FastAttention" for a, _ in common.encoder_attentions(fast.image_encoder))
+    assert {"FastDecoderAttention", "OneKernelLayerNorm2d"} <= {type(m).__name__ for m in fast.modules()}
+    assert not {"FastDecoderAttention", "FastAttention"} & {type(m).__name__ for m in stock.modules()}
     assert set(fast.state_dict()) == set(stock.state_dict())  # same keys: checkpoints load either way
     x = torch.rand(2, 3, img_size, img_size)
     masks = (torch.rand(2, img_size, img_size) < 0.2).to(torch.uint8)
@@ -135,6 +138,33 @@ def test_tiny_sam_with_lora_matches_stock(img_size):
     for n, p in fast.named_parameters():
         if n in grads:
             assert (p.grad - grads[n]).abs().max() < 1e-4 * grads[n].abs().max(), n
+
+
+@pytest.mark.parametrize("downsample,query_batch", [(1, 3), (2, 1)])  # self-attention; tokens at batch 1
+def test_decoder_attention_matches_stock(downsample, query_batch):
+    """The mask decoder's attention through SDPA (common.fast_decoder_attention) against stock's, fp32,
+    forward and backward, with 5 tokens attending to 64 image tokens of 3 images (at batch 1 beside the
+    3 images, as prompt-free decoding passes them) and the other way round."""
+    from segment_anything.modeling.transformer import Attention
+    torch.manual_seed(0)
+    stock = Attention(32, num_heads=2, downsample_rate=downsample)
+    fast = copy.deepcopy(stock)
+    common._swap_class(fast, "FastDecoderAttention", forward=common.fast_decoder_attention)
+    tokens = torch.randn(query_batch, 5, 32, requires_grad=True)
+    image = torch.randn(3, 64, 32, requires_grad=True)
+    for q, kv in ((tokens, image), (image, tokens)):
+        outs, grads = [], []
+        for m in (stock, fast):
+            out = m(q, kv, kv)
+            (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+            outs.append(out.detach())
+            grads.append([t.grad.clone() for t in (tokens, image)] + [p.grad.clone() for p in m.parameters()])
+            for t in (tokens, image):
+                t.grad = None
+        assert outs[0].shape == outs[1].shape == (3, q.shape[1], 32)
+        assert (outs[0] - outs[1]).abs().max() < TOL
+        for a, b in zip(*grads):
+            assert (a - b).abs().max() < TOL * max(1.0, a.abs().max().item())
 
 
 def test_fast_attention_is_idempotent_and_survives_a_later_lora():
