@@ -605,8 +605,13 @@ def _strides(*tensors):
 
 # Launch settings of each kernel (BLOCK_M queries, BLOCK_N keys per program or step, warps, pipeline stages),
 # chosen on the H100 at ViT-B's global shape (forward, dq, dkdv) and window shape (window_*), batch 8
-# (scripts/speed_probe.py relpos).
-CONFIG = dict(forward=dict(BLOCK_M=64, num_warps=4, num_stages=4),
+# (scripts/speed_probe.py relpos). The forward's registers are capped (maxnreg): Nsight Compute found the three
+# row kernels latency-bound, about 40% of the SM's compute and 30% of L2's throughput, with two programs of 4
+# warps per SM (12.5% occupancy) for want of registers (197, 238 and 214 per thread; call cv). At 168 three
+# programs fit, and the forward of one ViT-B global block at batch 8 took 1.21-1.24 ms against 1.44-1.45 on an
+# H200 (calls cw, cx: one process each, both settings; 3 or 4 stages alike). The backward kernels, capped so
+# (with fewer stages, for shared memory), ran slower: they spill.
+CONFIG = dict(forward=dict(BLOCK_M=64, num_warps=4, num_stages=3, maxnreg=168),
               dq=dict(BLOCK_M=64, num_warps=4, num_stages=4),
               dkdv=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
               window_forward=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),

@@ -36,7 +36,8 @@
 # qkv product (cm: the step, one process; cn: bench rows, GPU tests; co: compile time, a default run; cp: the kernels'
 # CUDA tests with a LoRA qkv whose weight trains, which found that it got no gradient). cq: the README's Results runs on
 # the H200 (written for the next session, not yet run). cr: the CUDA tests owed since cp, the step's profile. cs: the decoder's attention through SDPA against fc5eaad's step, inductor's GEMM autotuning in the blocks; ct: every
-# method with ViT-B on DRIVE, a default run; cu: the README's ViT-B table on that code.
+# method with ViT-B on DRIVE, a default run; cu: the README's ViT-B table on that code;
+# cv: Nsight Compute on the global blocks' attention kernels; cw-cy: the kernels with their registers capped.
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 
@@ -1209,5 +1210,32 @@ cu)
   vit_b_lora_rows 1-12; save
   vit_b_method_rows 380 1-12; save
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj|ck|cl|cm|cn|co|cp|cq|cr|cs|ct|cu"; exit 2 ;;
+cv)
+  # What bounds the global blocks' attention kernels: their time alone (scripts/ncu_global_attention.py), then, where the
+  # machine has Nsight Compute, its speed-of-light, occupancy, memory and launch sections for the three row kernels.
+  NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+  echo "ncu: ${NCU:-none}"; nvidia-smi --query-gpu=clocks.max.sm,clocks.sm --format=csv
+  timeout 60 python3 scripts/ncu_global_attention.py
+  if [ -n "$NCU" ]; then
+    timeout 150 $NCU --kernel-name regex:"_forward|_backward_dq|_backward_dkdv" --launch-skip 3 --launch-count 3 \
+      --section SpeedOfLight --section Occupancy --section MemoryWorkloadAnalysis --section LaunchStats \
+      python3 scripts/ncu_global_attention.py > $OUT/ncu_global.txt 2>&1
+    grep -E "^  _|Duration|Throughput|Occupancy|Registers|L2|L1|DRAM|Shared Memory|Block Limit|==ERR|==WARN" \
+      $OUT/ncu_global.txt | head -n 90
+  fi
+  ;;
+cw)
+  # The global blocks' attention kernels with their registers capped (maxnreg), so that three or four programs fit an
+  # SM instead of two (call cv: 12.5% occupancy, register-limited), timed against the committed settings in one process.
+  timeout 125 python3 scripts/ncu_global_attention.py --maxnreg
+  ;;
+cx)
+  # The global forward kernel's register cap and stages around cw's best (maxnreg 168), one process.
+  timeout 100 python3 scripts/ncu_global_attention.py --maxnreg --forward
+  ;;
+cy)
+  # The window kernels with their registers capped (two programs of 8 warps per SM), one process.
+  timeout 100 python3 scripts/ncu_global_attention.py --maxnreg --windows
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj|ck|cl|cm|cn|co|cp|cq|cr|cs|ct|cu|cv|cw|cx|cy"; exit 2 ;;
 esac
