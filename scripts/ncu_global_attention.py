@@ -8,7 +8,9 @@ that a profiler can skip the first run's compilation:
 profiles the second run's _forward, _backward_dq and _backward_dkdv (no other kernels launch in between:
 the inputs are made before the first run and the output's gradient is a fixed tensor). Alone (no
 profiler) it prints the kernels' time per run; with --maxnreg, that of launch settings that cap the registers
-per thread (call cv). Needs a CUDA GPU that Triton supports."""
+per thread (calls cw-cy; --windows: the window kernels on ViT-B's windowed blocks instead; --next: the
+settings scripts/kernel_registers.py found to fit three programs per SM). Needs a CUDA GPU that Triton
+supports."""
 import sys
 import time
 
@@ -72,15 +74,24 @@ else:
     if WINDOWS:
         variants = dict(committed={}, wf128=dict(window_forward=dict(maxnreg=128)),
                         wb128=dict(window_backward=dict(maxnreg=128)))
+    if "--next" in sys.argv:  # settings that fit three or more programs per SM (scripts/kernel_registers.py)
+        variants = dict(committed={}, **({f"wf_m64_w4_s{n}": dict(window_forward=dict(BLOCK_M=64, num_warps=4,
+                                                                                     num_stages=n))
+                                          for n in (2, 3)} if WINDOWS else
+                                         {f"dkdv_m32_s{n}": dict(dkdv=dict(BLOCK_M=32, num_stages=n))
+                                          for n in (2, 3, 4)}))
     if "--forward" in sys.argv:  # the forward's cap and stages around the best of the first sweep (call cx)
         variants = dict(committed={}, fwd168=dict(forward=dict(maxnreg=168)),
                         fwd160=dict(forward=dict(maxnreg=160)), fwd152=dict(forward=dict(maxnreg=152)),
                         fwd168_s3=dict(forward=dict(maxnreg=168, num_stages=3)),
                         fwd144_s3=dict(forward=dict(maxnreg=144, num_stages=3)))
+    reference = None
     for name, change in variants.items():
         relpos_attention.CONFIG.clear()
         relpos_attention.CONFIG.update({k: dict(v, **change.get(k, {})) for k, v in base.items()})
         try:
-            print(name, timed(), flush=True)
+            d_qkv = run().float()  # the gradient against the committed settings': a setting changes no result
+            reference = d_qkv if reference is None else reference
+            print(name, timed(), "max |d_qkv - committed's|:", (d_qkv - reference).abs().max().item(), flush=True)
         except Exception as e:  # a setting the compiler refuses
             print(name, type(e).__name__, str(e)[:200], flush=True)

@@ -1,0 +1,84 @@
+"""Registers, spills and shared memory of relpos_attention.py's kernels, compiled for a Hopper GPU (sm_90) on
+any machine, no GPU needed (Triton compiles ahead and its bundled cuobjdump reads the binary):
+
+    python scripts/kernel_registers.py
+
+Why: Nsight Compute found the global blocks' kernels latency-bound with two programs of 4 warps per SM, for
+want of registers (call cv, results/h200/ncu_global_attention_cv.txt). Three programs of 4 warps fit an SM
+at 168 registers per thread or fewer and about 75 KB of shared memory each; spills ("stack") cost time (the
+backward kernels capped at 168 spilled and ran slower, call cw). The counts come from this machine's Triton,
+which may differ from the GPU machine's by a few tens of registers (Triton 3.8 here gave 178 for the forward,
+where the H200's 3.6 used 197); use them to compare settings, then time the candidates on the GPU
+(scripts/ncu_global_attention.py)."""
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import relpos_attention as ra  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+# pointer arguments' element types, as common.fast_vit_attention passes them under bf16 autocast
+POINTERS = dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", DO="*bf16", DQ="*bf16", DK="*bf16", DV="*bf16",
+                RH="*bf16", RW="*bf16", DRH="*bf16", DRW="*bf16", PAD="*bf16", TH="*fp32", TW="*fp32",
+                LSE="*fp32", DELTA="*fp32", DPAD="*fp32")
+
+
+def usage(kernel, constexprs, num_warps, num_stages, maxnreg=None):
+    """dict(regs, stack, smem_kb) of `kernel` compiled for sm_90 with these constexprs and launch options;
+    pointers and strides taken as 16-aligned, as the launches at ViT-B's shapes pass them."""
+    params = list(inspect.signature(kernel.fn).parameters)
+    signature, attrs = {}, {}
+    for i, name in enumerate(params):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in POINTERS:
+            signature[name], attrs[(i,)] = POINTERS[name], [["tt.divisibility", 16]]
+        elif name == "scale":
+            signature[name] = "fp32"
+        else:  # strides (s*) and heads
+            signature[name] = "i32"
+            if name.startswith("s"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=kernel, signature=signature, attrs=attrs,
+                       constexprs={(params.index(k),): v for k, v in constexprs.items()})
+    options = dict(num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+    compiled = triton.compile(source, target=TARGET, options=options)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        report = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+).*?STACK:(\d+)", report, re.S)
+    return dict(regs=int(found[1]), stack=int(found[2]), smem_kb=round(compiled.metadata.shared / 1024, 1))
+
+
+ROW = dict(N=4096, ROWS=64, COLS=64, D=64, PRECISION="tf32")  # a ViT-B global block at 1024
+WINDOW = dict(N=196, ROWS=14, COLS=14, HP=16, WP=16, D=64, GH=64, GW=64, NWX=5, NWIN=25, HAS_PAD=True,
+              PRECISION="tf32")  # ViT-B's 14 x 14 windows over the 64 x 64 grid
+# (name, kernel, constexprs, warps, stages, maxnreg): the committed settings first, then candidates
+SETTINGS = [
+    ("forward (committed: capped)", ra._forward, dict(ROW, RP=64, BLOCK_M=64), 4, 3, 168),
+    ("forward uncapped, 4 stages", ra._forward, dict(ROW, RP=64, BLOCK_M=64), 4, 4, None),
+    ("dq (committed)", ra._backward_dq, dict(ROW, RP=64, BLOCK_M=64), 4, 4, None),
+    ("dq capped 168, 3 stages", ra._backward_dq, dict(ROW, RP=64, BLOCK_M=64), 4, 3, 168),
+    ("dkdv (committed)", ra._backward_dkdv, dict(ROW, BLOCK_M=64, BLOCK_N=64, ROWS_PER=1), 4, 3, None),
+    ("dkdv capped 168, 2 stages", ra._backward_dkdv, dict(ROW, BLOCK_M=64, BLOCK_N=64, ROWS_PER=1), 4, 2, 168),
+    ("dkdv queries by 32", ra._backward_dkdv, dict(ROW, BLOCK_M=32, BLOCK_N=64, ROWS_PER=1), 4, 3, None),
+    ("window forward (committed)", ra._window_forward, dict(WINDOW, BLOCK_M=128, BLOCK_N=64), 8, 2, None),
+    ("window forward, queries by 64, 4 warps", ra._window_forward, dict(WINDOW, BLOCK_M=64, BLOCK_N=64), 4, 2, None),
+    ("window backward (committed)", ra._window_backward_dq,
+     dict(WINDOW, BLOCK_M=256, BLOCK_N=64, WHOLE=True, PAD_GRAD=False), 8, 2, None),
+]
+
+if __name__ == "__main__":
+    for name, kernel, constexprs, warps, stages, maxnreg in SETTINGS:
+        print(f"{name:42s} {warps} warps, {stages} stages:", usage(kernel, constexprs, warps, stages, maxnreg),
+              flush=True)
