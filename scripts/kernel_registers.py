@@ -76,6 +76,8 @@ SETTINGS = [
     ("window forward, queries by 64, 4 warps", ra._window_forward, dict(WINDOW, BLOCK_M=64, BLOCK_N=64), 4, 2, None),
     ("window backward (committed)", ra._window_backward_dq,
      dict(WINDOW, BLOCK_M=256, BLOCK_N=64, WHOLE=True, PAD_GRAD=False), 8, 2, None),
+    ("window backward, keys by 32", ra._window_backward_dq,
+     dict(WINDOW, BLOCK_M=256, BLOCK_N=32, WHOLE=True, PAD_GRAD=False), 8, 2, None),
 ]
 
 if __name__ == "__main__":

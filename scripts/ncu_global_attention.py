@@ -77,7 +77,8 @@ else:
     if "--next" in sys.argv:  # settings that fit three or more programs per SM (scripts/kernel_registers.py)
         variants = dict(committed={}, **({f"wf_m64_w4_s{n}": dict(window_forward=dict(BLOCK_M=64, num_warps=4,
                                                                                      num_stages=n))
-                                          for n in (2, 3)} if WINDOWS else
+                                          for n in (2, 3)} | {"wb_n32": dict(window_backward=dict(BLOCK_N=32))}
+                                         if WINDOWS else
                                          {f"dkdv_m32_s{n}": dict(dkdv=dict(BLOCK_M=32, num_stages=n))
                                           for n in (2, 3, 4)}))
     if "--forward" in sys.argv:  # the forward's cap and stages around the best of the first sweep (call cx)
