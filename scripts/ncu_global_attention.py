@@ -65,7 +65,9 @@ if "--maxnreg" not in sys.argv:
 else:
     # launch settings with a register cap per thread (maxnreg), so that more programs fit an SM (call cv's Nsight
     # Compute: 197-238 registers, two programs of 4 warps per SM, 12.5% occupancy), each row after the committed
-    # settings; the pipeline stages lowered where shared memory would then be the limit
+    # settings; the pipeline stages lowered where shared memory would then be the limit. Calls cw and cx ran
+    # these before the forward's cap was committed: their "committed" row is the uncapped forward (4 stages);
+    # run today, the fwd168 row repeats the committed settings.
     base = {k: dict(v) for k, v in relpos_attention.CONFIG.items()}
     variants = dict(committed={}, fwd168=dict(forward=dict(maxnreg=168)),
                     fwd128_s3=dict(forward=dict(maxnreg=128, num_stages=3)),
