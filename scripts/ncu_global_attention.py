@@ -82,7 +82,10 @@ else:
                                           for n in (2, 3)} | {"wb_n32": dict(window_backward=dict(BLOCK_N=32))}
                                          if WINDOWS else
                                          {f"dkdv_m32_s{n}": dict(dkdv=dict(BLOCK_M=32, num_stages=n))
-                                          for n in (2, 3, 4)}))
+                                          for n in (2, 3, 4)} | {f"dq_m32_s{n}": dict(dq=dict(BLOCK_M=32, num_stages=n))
+                                                                 for n in (3, 4)}
+                                         | {"dq_m32_dkdv_m32": dict(dq=dict(BLOCK_M=32, num_stages=3),
+                                                                    dkdv=dict(BLOCK_M=32, num_stages=3))}))
     if "--forward" in sys.argv:  # the forward's cap and stages around the best of the first sweep (call cx)
         variants = dict(committed={}, fwd168=dict(forward=dict(maxnreg=168)),
                         fwd160=dict(forward=dict(maxnreg=160)), fwd152=dict(forward=dict(maxnreg=152)),

@@ -38,7 +38,9 @@
 # the H200 (written for the next session, not yet run). cr: the CUDA tests owed since cp, the step's profile. cs: the decoder's attention through SDPA against fc5eaad's step, inductor's GEMM autotuning in the blocks; ct: every
 # method with ViT-B on DRIVE, a default run; cu: the README's ViT-B table on that code;
 # cv: Nsight Compute on the global blocks' attention kernels; cw-cy: the kernels with their registers capped;
-# cz: settings that fit more programs per SM (written for the next session, not yet run).
+# cz: settings that fit more programs per SM (written, then run as part of da). da: those timings with the
+# query-side kernel by 32 too, the step before and after the forward's cap; db: the window forward by 64 on 4 warps
+# (CUDA tests, the step against aa2523b's cap alone, LoRA's bench rows).
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 
@@ -1167,8 +1169,10 @@ cp)
 cq)
   # The README's Results runs again, on the H200, into results/h200/runs (their H100 per-run files were never
   # committed): scripts/results.sh skips finished runs, so this call is run again (with the runs it brought back in
-  # the working tree, which carries them) until all 45 are there. Brings back the runs' metrics and logs and the tables.
-  timeout 540 bash scripts/results.sh $DRIVE results/h200/runs > /tmp/results_runs.log 2>&1
+  # the working tree, which carries them) until all 45 are there (CQ_LIMIT: its time limit in seconds, 540 unless
+  # given). Brings back the runs' metrics and logs and the tables.
+  mkdir -p /tmp/bin && ln -sf "$(command -v python3)" /tmp/bin/python  # results.sh calls python; the machine has python3
+  PATH=/tmp/bin:$PATH timeout ${CQ_LIMIT:-540} bash scripts/results.sh $DRIVE results/h200/runs > /tmp/results_runs.log 2>&1
   ls results/h200/runs/*/metrics.json 2>/dev/null | wc -l; tail -n 3 /tmp/results_runs.log
   tar czf $OUT/results_runs.tgz --exclude='*.pt' --exclude='*.png' --exclude='test_masks' results/h200/runs \
     results/drive.md results/few_labels.md results/synthetic.md /tmp/results_runs.log 2>/dev/null
@@ -1239,7 +1243,7 @@ cy)
   timeout 100 python3 scripts/ncu_global_attention.py --maxnreg --windows
   ;;
 cz)
-  # Written for the next session, not yet run. The settings that scripts/kernel_registers.py finds to fit three or more
+  # Written for the next session and not run as such: call da ran its timings (with more), db the CUDA tests. The settings that scripts/kernel_registers.py finds to fit three or more
   # programs per SM without spilling, timed against the committed ones (the key-side global kernel with queries by 32;
   # the window forward with queries by 64 on 4 warps); then the kernels' CUDA tests with the forward's register cap
   # (aa2523b, not yet run through them).
@@ -1249,5 +1253,26 @@ cz)
     tests/test_fastpath.py > $OUT/gpu_tests_cz.log 2>&1
   grep -E "passed|failed|FAILED|ERROR" $OUT/gpu_tests_cz.log | tail -n 8
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj|ck|cl|cm|cn|co|cp|cq|cr|cs|ct|cu|cv|cw|cx|cy|cz"; exit 2 ;;
+da)
+  # Call cz's timings (the settings that fit three or more programs per SM, scripts/kernel_registers.py), with the
+  # query-side global kernel by 32 queries too (168 registers, no spill), against the committed settings in one
+  # process each; then the graphed ViT-B LoRA step of b5ae728 (before the forward's register cap, in .data/head) and
+  # of this tree (aa2523b's cap), one process each.
+  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
+  timeout 110 python3 scripts/ncu_global_attention.py --maxnreg --next 2>&1 | tee /tmp/runs/next_global.log
+  timeout 100 python3 scripts/ncu_global_attention.py --maxnreg --next --windows 2>&1 | tee /tmp/runs/next_windows.log
+  save; head_step da; save; now_step da; save
+  ;;
+db)
+  # The window forward by 64 queries on 4 warps (call da): the kernels' CUDA tests with compiled and graphed training,
+  # the graphed ViT-B LoRA step of the tree before it (in .data/head) and of this one, one process each, then LoRA's
+  # README bench rows (beside its stock baseline, and checkpointed).
+  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
+  timeout 300 python3 -m pytest -v -k "on_cuda or compiled_training or graphed" tests/test_relpos_attention.py \
+    tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
+  grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | cut -c1-160 | tail -n 8; save
+  head_step db; save; now_step db; save
+  vit_b_lora_rows 1-12; save
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj|ck|cl|cm|cn|co|cp|cq|cr|cs|ct|cu|cv|cw|cx|cy|cz|da|db"; exit 2 ;;
 esac
