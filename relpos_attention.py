@@ -609,11 +609,13 @@ def _strides(*tensors):
 # row kernels latency-bound, about 40% of the SM's compute and 30% of L2's throughput, with two programs of 4
 # warps per SM (12.5% occupancy) for want of registers (197, 238 and 214 per thread; call cv). At 168 three
 # programs fit, and the forward of one ViT-B global block at batch 8 took 1.21-1.24 ms against 1.44-1.45 on an
-# H200 (calls cw, cx: one process each, both settings; 3 or 4 stages alike). The backward kernels, capped so
-# (with fewer stages, for shared memory), ran slower: they spill, and with 32 queries per program instead (168
-# and 154 registers, no spill) the query side was slower and the key side no faster (call da). The window
-# forward with 64 queries on 4 warps (146 registers, three programs per SM, against 205 and one) was slower in
-# the graphed ViT-B step, 2.11 -> 2.33 ms of it (call db), though faster timed alone with its backward (da).
+# H200 (calls cw, cx: one process each, both settings; 3 or 4 stages alike), though with that machine's Triton
+# (3.6) it spills 120 bytes a thread (scripts/kernel_registers.py). The backward kernels, capped so (with fewer
+# stages, for shared memory), ran slower, and with 32 queries per program on 4 warps instead (168 and 154
+# registers, no spill) the query side was slower and the key side no faster (call da). The window forward with
+# 64 queries on 4 warps (152 registers: three programs, 12 warps per SM, against two of 8 warps at 128) was
+# slower in the graphed ViT-B step, 2.11 -> 2.33 ms of it (call db), though faster timed alone with its
+# backward (da).
 CONFIG = dict(forward=dict(BLOCK_M=64, num_warps=4, num_stages=3, maxnreg=168),
               dq=dict(BLOCK_M=64, num_warps=4, num_stages=4),
               dkdv=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),

@@ -6,10 +6,16 @@ any machine, no GPU needed (Triton compiles ahead and its bundled cuobjdump read
 Why: Nsight Compute found the global blocks' kernels latency-bound with two programs of 4 warps per SM, for
 want of registers (call cv, results/h200/ncu_global_attention_cv.txt). Three programs of 4 warps fit an SM
 at 168 registers per thread or fewer and about 75 KB of shared memory each; spills ("stack") cost time (the
-backward kernels capped at 168 spilled and ran slower, call cw). The counts come from this machine's Triton,
-which may differ from the GPU machine's by a few tens of registers (Triton 3.8 here gave 178 for the forward,
-where the H200's 3.6 used 197); use them to compare settings, then time the candidates on the GPU
-(scripts/ncu_global_attention.py)."""
+backward kernels capped at 168 spilled and ran slower, call cw). The counts depend on Triton's version: with
+the GPU machine's (3.6 on the lent H200), they are the ones Nsight Compute read there (197, 238 and 214 for
+the forward, query-side and key-side kernels at call cv's settings), and Triton 3.8 gives others (178 for
+that forward). To match a machine, install its Triton beside this environment's:
+
+    pip install --no-deps --target /tmp/triton36 triton==3.6.0
+    PYTHONPATH=/tmp/triton36 python scripts/kernel_registers.py            # the settings below
+    PYTHONPATH=/tmp/triton36 python scripts/kernel_registers.py --sweep    # launch settings of every kernel
+
+Then time the candidates on the GPU (scripts/ncu_global_attention.py)."""
 import inspect
 import os
 import re
@@ -81,7 +87,49 @@ SETTINGS = [
      dict(WINDOW, BLOCK_M=256, BLOCK_N=32, WHOLE=True, PAD_GRAD=False), 8, 2, None),
 ]
 
+
+
+def warps_per_sm(found, num_warps):
+    """Warps resident per Hopper SM for a kernel of found = usage(...): programs limited by registers (65,536 per
+    SM, allocated per warp in units of 256), shared memory (228 KB per SM, 1 KB of it reserved per program) and
+    64 warps."""
+    per_warp = -(-found["regs"] * 32 // 256) * 256
+    programs = min(65536 // (per_warp * num_warps), int(228 // (found["smem_kb"] + 1)), 64 // num_warps)
+    return programs * num_warps
+
+
+def sweep():
+    """(kernel, constexprs, warps, stages) over launch settings of the five kernels ViT-B at 1024 runs."""
+    for kernel, shape, blocks in ((ra._forward, dict(ROW, RP=64), [dict(BLOCK_M=m) for m in (32, 64)]),
+                                  (ra._backward_dq, dict(ROW, RP=64), [dict(BLOCK_M=m) for m in (32, 64)]),
+                                  (ra._backward_dkdv, dict(ROW, BLOCK_N=64, ROWS_PER=1),
+                                   [dict(BLOCK_M=m) for m in (32, 64)])):
+        for block in blocks:
+            for warps in (4, 8):
+                for stages in (2, 3, 4):
+                    yield kernel, dict(shape, **block), warps, stages
+    for m in (32, 64, 128):
+        for n in (32, 64):
+            for warps in (4, 8):
+                for stages in (2, 3):
+                    yield ra._window_forward, dict(WINDOW, BLOCK_M=m, BLOCK_N=n), warps, stages
+    for n in (16, 32, 64):
+        for stages in (1, 2):
+            yield ra._window_backward_dq, dict(WINDOW, BLOCK_M=256, BLOCK_N=n, WHOLE=True, PAD_GRAD=False), 8, stages
+
+
 if __name__ == "__main__":
+    if "--sweep" in sys.argv:  # every setting of sweep(), with the warps per SM it leaves room for (a few minutes)
+        for kernel, constexprs, warps, stages in sweep():
+            blocks = {k: v for k, v in constexprs.items() if k in ("BLOCK_M", "BLOCK_N")}
+            try:
+                found = usage(kernel, constexprs, warps, stages)
+                print(kernel.fn.__name__, blocks, f"{warps} warps, {stages} stages:", found,
+                      "warps per SM:", warps_per_sm(found, warps), flush=True)
+            except Exception as e:  # a setting the compiler refuses (shared memory, say)
+                print(kernel.fn.__name__, blocks, f"{warps} warps, {stages} stages:", type(e).__name__, flush=True)
+        sys.exit()
     for name, kernel, constexprs, warps, stages, maxnreg in SETTINGS:
-        print(f"{name:42s} {warps} warps, {stages} stages:", usage(kernel, constexprs, warps, stages, maxnreg),
+        found = usage(kernel, constexprs, warps, stages, maxnreg)
+        print(f"{name:42s} {warps} warps, {stages} stages:", found, "warps per SM:", warps_per_sm(found, warps),
               flush=True)

@@ -40,7 +40,8 @@
 # cv: Nsight Compute on the global blocks' attention kernels; cw-cy: the kernels with their registers capped;
 # cz: settings that fit more programs per SM (written, then run as part of da). da: those timings with the
 # query-side kernel by 32 too, the step before and after the forward's cap; db: the window forward by 64 on 4 warps
-# (CUDA tests, the step against aa2523b's cap alone, LoRA's bench rows).
+# (CUDA tests, the step against aa2523b's cap alone, LoRA's bench rows). cq ran twice more on 2026-12-02 and brought
+# nothing back (see cq). dc: launch settings timed in the step (written, not yet run).
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 
@@ -1279,5 +1280,15 @@ db)
   head_step db; save; now_step db; save
   vit_b_lora_rows 1-12; save
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj|ck|cl|cm|cn|co|cp|cq|cr|cs|ct|cu|cv|cw|cx|cy|cz|da|db"; exit 2 ;;
+dc)
+  # Written for the next session, not yet run: relpos_attention's launch settings that fit more warps per SM without
+  # spilling on the machine's Triton 3.6 (scripts/kernel_registers.py --sweep, no GPU needed), each in the graphed
+  # ViT-B LoRA step with its kernels profiled, in one process, between two runs of the committed settings
+  # (speed_probe.py vitb3, PROBE_VITB3=launch): calls da and db found the kernels timed alone a poor guide to the step.
+  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
+  PROBE_VITB3=launch TORCHINDUCTOR_CACHE_DIR=/tmp/cache_dc TRITON_CACHE_DIR=/tmp/cache_dc/triton timeout 420 \
+    python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3 > /tmp/runs/vitb3.log 2>&1
+  grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-300; save
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj|ck|cl|cm|cn|co|cp|cq|cr|cs|ct|cu|cv|cw|cx|cy|cz|da|db|dc"; exit 2 ;;
 esac

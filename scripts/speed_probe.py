@@ -609,7 +609,9 @@ def probe_vitb3():
     only that part): with today's code, now,decoder_compiled. now,padded_windows: the windowed blocks on stock's
     padded windows, as before fast_vit_window_attention (call bv). Call cm ran now,merged_k,merged_k_split:
     LoRA's update inside the qkv product, its backward as one product or two (merged_k is now
-    common.linear_with_qv_update; the variants were dropped since, see git show of this file at that call)."""
+    common.linear_with_qv_update; the variants were dropped since, see git show of this file at that call).
+    PROBE_VITB3=launch: relpos_attention's launch settings that scripts/kernel_registers.py --sweep finds to fit
+    more warps per SM without spilling, each in the step, between two runs of the committed ones."""
     import os
     out = {}
     args, dev, model, x, y = build_lora("vit_b", 8)
@@ -665,15 +667,45 @@ def probe_vitb3():
             inductor_config.triton.enable_persistent_tma_matmul = persistent_tma
             torch._dynamo.reset()
         return apply
+    import relpos_attention
+    committed = {kernel: dict(settings) for kernel, settings in relpos_attention.CONFIG.items()}
+
+    def launch(**settings):
+        # relpos_attention's launch settings for the kernels named, in place of the committed ones (whole: a
+        # setting left out, such as maxnreg, is dropped); the kernels read them at each launch and Triton compiles
+        # each new setting at its first, so the step only needs capturing again (measure_variant does that)
+        def apply():
+            relpos_attention.CONFIG.clear()
+            relpos_attention.CONFIG.update({kernel: dict(v) for kernel, v in committed.items()}, **settings)
+        return apply
+
+    # settings that compile without spilling to more warps per SM than the committed ones on the lent H200's
+    # Triton 3.6 (scripts/kernel_registers.py --sweep, no GPU needed; committed: forward 12 warps per SM with a
+    # 120-byte spill, the backward kernels 8, the window forward 16, the window backward 8 with an 88-byte
+    # spill), and the window backward's settings that do not spill: the variants to time in one process, the
+    # committed settings ("now") first and last, since the isolated timings of scripts/ncu_global_attention.py
+    # favoured a window forward that was slower in this step (calls da, db)
+    candidates = dict(
+        fwd_m32_w8=launch(forward=dict(BLOCK_M=32, num_warps=8, num_stages=3)),  # 107 registers: 16 warps per SM
+        fwd_m32_w4=launch(forward=dict(BLOCK_M=32, num_warps=4, num_stages=3)),  # 155: 12, no spill
+        dq_m32_w8=launch(dq=dict(BLOCK_M=32, num_warps=8, num_stages=3)),  # 102: 16
+        dkdv_m32_w8=launch(dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3)),  # 122: 16
+        wf_m64_n32_w8=launch(window_forward=dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=3)),  # 74: 24
+        wb_n16_s1=launch(window_backward=dict(BLOCK_N=16, num_warps=8, num_stages=1)),  # 213: 8, no spill
+        wb_n32=launch(window_backward=dict(BLOCK_N=32, num_warps=8, num_stages=2)),  # 230: 8, no spill
+        now_again=launch())
     # head (the committed kernels, call aq) needs kernels that take what common.fast_vit_attention passes
     # (rel_h and rel_w until call ay, the tables since): two commits are compared in two processes since
     variants = dict(now=kernels(own), neck_cl=neck_channels_last, conv_patch_embed=conv_patch_embed,
                     folded_windows=folded_windows, decoder_compiled=decoder_compiled, padded_windows=padded_windows,
-                    autotune_mm=autotune_mm(), autotune_tma=autotune_mm(True))
+                    autotune_mm=autotune_mm(), autotune_tma=autotune_mm(True), **candidates)
+    if os.environ.get("PROBE_VITB3") == "launch":  # the launch-setting candidates between two runs of "now"
+        os.environ["PROBE_VITB3"] = ",".join(["now", *candidates])
     picked = os.environ.get("PROBE_VITB3", ",".join(variants)).split(",")
     for name in picked:
         measure_variant("vitb3", out, name, model, params, x, y, dev, apply=variants[name], reps=20, firsts=3,
-                        profile=name == "now" or name.startswith("autotune"), shapes=name == "now")
+                        profile=name == "now" or name.startswith("autotune") or name in candidates,
+                        shapes=name == "now")
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     out["compile_times"] = torch._dynamo.utils.compile_times()  # dynamo's and inductor's phases, per graph
     RESULTS["vitb3"] = out
