@@ -88,7 +88,6 @@ SETTINGS = [
 ]
 
 
-
 def warps_per_sm(found, num_warps):
     """Warps resident per Hopper SM for a kernel of found = usage(...): programs limited by registers (65,536 per
     SM, allocated per warp in units of 256), shared memory (228 KB per SM, 1 KB of it reserved per program) and
