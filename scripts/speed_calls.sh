@@ -1177,8 +1177,10 @@ cq)
   # first (the second try, on the same warm machine, wrote the wrapper through that link over python3 itself, which
   # then ran itself until the limit: nothing came back). The runs go one at a time (PARALLEL=1): each one's
   # metrics are written as it ends, and a run cut off by the limit loses only itself.
-  rm -rf /tmp/bin && mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 "$@"\n' > /tmp/bin/python && chmod +x /tmp/bin/python
-  PARALLEL=1 PATH=/tmp/bin:$PATH timeout ${CQ_LIMIT:-540} bash scripts/results.sh $DRIVE results/h200/runs > /tmp/results_runs.log 2>&1
+  rm -rf /tmp/bin && mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 "$@"\n' > /tmp/bin/python
+  chmod +x /tmp/bin/python
+  PARALLEL=1 PATH=/tmp/bin:$PATH timeout ${CQ_LIMIT:-540} bash scripts/results.sh $DRIVE results/h200/runs \
+    > /tmp/results_runs.log 2>&1
   ls results/h200/runs/*/metrics.json 2>/dev/null | wc -l; tail -n 3 /tmp/results_runs.log
   tar czf $OUT/results_runs.tgz --exclude='*.pt' --exclude='*.png' --exclude='test_masks' results/h200/runs \
     results/drive.md results/few_labels.md results/synthetic.md /tmp/results_runs.log 2>/dev/null
@@ -1250,9 +1252,9 @@ cy)
   ;;
 cz)
   # Written for the next session and not run as such: call da ran its timings (with more), db the CUDA tests. The
-  # settings that scripts/kernel_registers.py finds to fit three or more programs per SM without spilling, timed against the committed ones (the key-side global kernel with queries by 32;
-  # the window forward with queries by 64 on 4 warps); then the kernels' CUDA tests with the forward's register cap
-  # (aa2523b, not yet run through them).
+  # settings that scripts/kernel_registers.py finds to fit three or more programs per SM without spilling, timed
+  # against the committed ones (the key-side global kernel with queries by 32; the window forward with queries by 64
+  # on 4 warps); then the kernels' CUDA tests with the forward's register cap (aa2523b, not yet run through them).
   timeout 100 python3 scripts/ncu_global_attention.py --maxnreg --next
   timeout 100 python3 scripts/ncu_global_attention.py --maxnreg --next --windows
   timeout 330 python3 -m pytest -q -k "on_cuda or compiled_training or graphed" tests/test_relpos_attention.py \
