@@ -76,16 +76,19 @@ else:
     if WINDOWS:
         variants = dict(committed={}, wf128=dict(window_forward=dict(maxnreg=128)),
                         wb128=dict(window_backward=dict(maxnreg=128)))
-    if "--next" in sys.argv:  # settings that fit three or more programs per SM (scripts/kernel_registers.py)
-        variants = dict(committed={}, **({f"wf_m64_w4_s{n}": dict(window_forward=dict(BLOCK_M=64, num_warps=4,
-                                                                                     num_stages=n))
-                                          for n in (2, 3)} | {"wb_n32": dict(window_backward=dict(BLOCK_N=32))}
-                                         if WINDOWS else
-                                         {f"dkdv_m32_s{n}": dict(dkdv=dict(BLOCK_M=32, num_stages=n))
-                                          for n in (2, 3, 4)} | {f"dq_m32_s{n}": dict(dq=dict(BLOCK_M=32, num_stages=n))
-                                                                 for n in (3, 4)}
-                                         | {"dq_m32_dkdv_m32": dict(dq=dict(BLOCK_M=32, num_stages=3),
-                                                                    dkdv=dict(BLOCK_M=32, num_stages=3))}))
+    if "--next" in sys.argv and WINDOWS:  # settings that fit more programs per SM (scripts/kernel_registers.py)
+        variants = dict(committed={},
+                        wf_m64_w4_s2=dict(window_forward=dict(BLOCK_M=64, num_warps=4, num_stages=2)),
+                        wf_m64_w4_s3=dict(window_forward=dict(BLOCK_M=64, num_warps=4, num_stages=3)),
+                        wb_n32=dict(window_backward=dict(BLOCK_N=32)))
+    elif "--next" in sys.argv:
+        variants = dict(committed={},
+                        dkdv_m32_s2=dict(dkdv=dict(BLOCK_M=32, num_stages=2)),
+                        dkdv_m32_s3=dict(dkdv=dict(BLOCK_M=32, num_stages=3)),
+                        dkdv_m32_s4=dict(dkdv=dict(BLOCK_M=32, num_stages=4)),
+                        dq_m32_s3=dict(dq=dict(BLOCK_M=32, num_stages=3)),
+                        dq_m32_s4=dict(dq=dict(BLOCK_M=32, num_stages=4)),
+                        dq_m32_dkdv_m32=dict(dq=dict(BLOCK_M=32, num_stages=3), dkdv=dict(BLOCK_M=32, num_stages=3)))
     if "--forward" in sys.argv:  # the forward's cap and stages around the best of the first sweep (call cx)
         variants = dict(committed={}, fwd168=dict(forward=dict(maxnreg=168)),
                         fwd160=dict(forward=dict(maxnreg=160)), fwd152=dict(forward=dict(maxnreg=152)),

@@ -44,6 +44,9 @@
 # nothing back (see cq). dc: launch settings timed in the step (written, not yet run).
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
+# What a call has written under /tmp/runs so far, into $OUT (called after each part, so that a call cut off by its
+# time limit still brings back what it finished).
+save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
 
 # What the default-run timings of x, y, aa and ac come after: a process that writes Python's bytecode and matplotlib's
 # font caches, then a 10-step default run that reads the data and weights once. $1: that run's time limit in seconds.
@@ -1080,7 +1083,6 @@ ch)
   # step of dbf391c's tree (.data/head) and of this one, the kernels' CUDA tests and those of compiled and graphed
   # training, every method on DRIVE with ViT-B, the global kernels beside dbf391c's (.data/relpos_attention_head.py).
   # The logs are packed after each part, so that what ran comes back if the call runs out of time.
-  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
   head_step ch; save
   now_step ch; save
   timeout 150 python3 -m pytest -q --durations=5 -k "on_cuda or compiled_training or graphed" \
@@ -1093,7 +1095,6 @@ ch)
 ci)
   # After ch: the CUDA tests that ch's 150 s cut short (named, one line each), then LoRA's ViT-B bench rows of this
   # code (compiled and graphed, also checkpointed, beside stock bf16).
-  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
   timeout 300 python3 -m pytest -v --durations=8 -k "on_cuda or compiled_training or graphed" \
     tests/test_relpos_attention.py tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
   grep -E "PASSED|FAILED|ERROR|passed|failed" /tmp/runs/gpu_tests.log | cut -c1-160 | tail -n 30; save
@@ -1105,7 +1106,6 @@ cj)
   # multiply-add per entry for the key-side kernel's bias). The graphed ViT-B LoRA step of f328a2f's tree (.data/head)
   # and of this one, the global kernels beside f328a2f's, the CUDA tests of the kernels and of compiled and graphed
   # training.
-  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
   head_step cj; save
   now_step cj; save
   PROBE_RELPOS_SHAPES=global timeout 80 python3 scripts/speed_probe.py relpos --out /tmp/runs/relpos > /tmp/runs/relpos.log 2>&1
@@ -1119,7 +1119,6 @@ ck)
   # backward starting from minus the log-sum-exp) and the queries scaled once, as stock SAM scales them: one multiply
   # per entry instead of an add, a multiply, a multiply-add and a subtraction. The graphed ViT-B LoRA step of the
   # committed tree (.data/head) and of this one, then the window kernels' CUDA tests and those of graphed training.
-  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
   head_step ck; save
   now_step ck; save
   timeout 250 python3 -m pytest -v -k "(on_cuda and (14 or 5-7 or 18)) or graphed" \
@@ -1128,7 +1127,6 @@ ck)
   ;;
 cl)
   # The README's ViT-B table on the code of the session: every method's bench row beside its stock baseline.
-  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
   vit_b_lora_rows 1-12; save
   vit_b_method_rows 400 1-12; save
   ;;
@@ -1137,7 +1135,6 @@ cm)
   # [W | U^T], one matmul, instead of a pass adding [B_q z_q | 0 | B_v z_v] to the output), its backward in one
   # product or two (merged_k_split), in one process after the committed path (now); then the window kernels' CUDA
   # tests for windows of over 256 tokens (the key-side window kernel changed after call ck).
-  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
   PROBE_VITB3=now,merged_k,merged_k_split TORCHINDUCTOR_CACHE_DIR=/tmp/cache_cm TRITON_CACHE_DIR=/tmp/cache_cm/triton \
     timeout 240 python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3 > /tmp/runs/vitb3.log 2>&1
   grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-400; save
@@ -1146,7 +1143,6 @@ cm)
 cn)
   # The README's ViT-B table with LoRA's update inside the qkv product (common.linear_with_qv_update, call cm), then
   # the CUDA tests of compiled and graphed training.
-  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
   vit_b_lora_rows 1-12; save
   vit_b_method_rows 400 1-12; save
   timeout 200 python3 -m pytest -v -k "compiled_training or graphed" tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
@@ -1154,7 +1150,6 @@ cn)
   ;;
 co)
   # Speed issue, cn's code on an H200: what compilation adds to a whole ViT-B run (as by), then a default run (as ca).
-  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
   alternating_pairs co 2; save
   warm_up_default_run 60
   default_run default_co 100 python3; save
@@ -1189,7 +1184,6 @@ cr)
   # The kernels' CUDA tests owed since call cp (linear_with_qv_update's weight-gradient fix, the key-side window kernel
   # calling _window_logits), all of them with compiled and graphed training; then the graphed ViT-B LoRA step of this
   # tree, profiled kernel by kernel (speed_probe.py vitb3).
-  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
   timeout 330 python3 -m pytest -v -k "on_cuda or compiled_training or graphed" tests/test_relpos_attention.py \
     tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
   grep -E "PASSED|FAILED|ERROR|passed|failed" /tmp/runs/gpu_tests.log | cut -c1-160 | tail -n 30; save
@@ -1200,7 +1194,6 @@ cs)
   # decoder's attention through SDPA) followed in the same process by inductor's GEMM autotuning in the compiled
   # blocks (Triton templates with their epilogues fused: GELU and its backward), without and with the persistent TMA
   # templates.
-  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
   head_step cs; save
   PROBE_VITB3=now,autotune_mm,autotune_tma TORCHINDUCTOR_CACHE_DIR=/tmp/cache_cs TRITON_CACHE_DIR=/tmp/cache_cs/triton \
     timeout 380 python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3 > /tmp/runs/vitb3.log 2>&1
@@ -1209,7 +1202,6 @@ cs)
 ct)
   # Every method with ViT-B on DRIVE (10 steps, uncompiled) and a timed default run, on this tree (LoRA's update inside
   # the qkv product, the decoder's attention through SDPA); then the CUDA tests of graphed and compiled training.
-  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
   every_method_on_drive vit_b; save
   warm_up_default_run 60
   default_run default_ct 100 python3; save
@@ -1219,7 +1211,6 @@ ct)
 cu)
   # The README's ViT-B table on this session's code (the mask decoder's attention through SDPA, call cs): every
   # method's bench row beside its stock baseline.
-  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
   vit_b_lora_rows 1-12; save
   vit_b_method_rows 380 1-12; save
   ;;
@@ -1266,7 +1257,6 @@ da)
   # query-side global kernel by 32 queries too (168 registers, no spill), against the committed settings in one
   # process each; then the graphed ViT-B LoRA step of b5ae728 (before the forward's register cap, in .data/head) and
   # of this tree (aa2523b's cap), one process each.
-  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
   timeout 110 python3 scripts/ncu_global_attention.py --maxnreg --next 2>&1 | tee /tmp/runs/next_global.log
   timeout 100 python3 scripts/ncu_global_attention.py --maxnreg --next --windows 2>&1 | tee /tmp/runs/next_windows.log
   save; head_step da; save; now_step da; save
@@ -1275,7 +1265,6 @@ db)
   # The window forward by 64 queries on 4 warps (call da): the kernels' CUDA tests with compiled and graphed training,
   # the graphed ViT-B LoRA step of the tree before it (in .data/head) and of this one, one process each, then LoRA's
   # README bench rows (beside its stock baseline, and checkpointed).
-  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
   timeout 300 python3 -m pytest -v -k "on_cuda or compiled_training or graphed" tests/test_relpos_attention.py \
     tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
   grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | cut -c1-160 | tail -n 8; save
@@ -1287,7 +1276,6 @@ dc)
   # spilling on the machine's Triton 3.6 (scripts/kernel_registers.py --sweep, no GPU needed), each in the graphed
   # ViT-B LoRA step with its kernels profiled, in one process, between two runs of the committed settings
   # (speed_probe.py vitb3, PROBE_VITB3=launch): calls da and db found the kernels timed alone a poor guide to the step.
-  save() { tar czf $OUT/runs.tgz --exclude='*.pt' --exclude='*.png' -C /tmp runs; }
   PROBE_VITB3=launch TORCHINDUCTOR_CACHE_DIR=/tmp/cache_dc TRITON_CACHE_DIR=/tmp/cache_dc/triton timeout 420 \
     python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3 > /tmp/runs/vitb3.log 2>&1
   grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-300; save

@@ -656,6 +656,7 @@ def probe_vitb3():
             if blk.window_size > 0:
                 blk.attn.fast_relpos = False  # the windowed blocks' folded SDPA form, as before the window kernels
         torch._dynamo.reset()
+
     def autotune_mm(persistent_tma=False):
         # inductor's GEMM autotuning in the compiled blocks (Triton templates against cuBLAS, the winner's
         # pointwise epilogue fused: GELU into fc1's product, GELU's backward into fc2's input gradient);
