@@ -615,7 +615,9 @@ def _strides(*tensors):
 # registers, no spill) the query side was slower and the key side no faster (call da). The window forward with
 # 64 queries on 4 warps (152 registers: three programs, 12 warps per SM, against two of 8 warps at 128) was
 # slower in the graphed ViT-B step, 2.11 -> 2.33 ms of it (call db), though faster timed alone with its
-# backward (da).
+# backward (da). Every setting that fits more warps per SM without spilling on Triton 3.6 (kernel_registers.py
+# --sweep), each in the graphed step: all slower, the global kernels 1.4-4.4x (the forward by 32 queries on 8
+# warps 4.9 -> 21.4 ms of the step), the window kernels 1.2-1.5x (call dc).
 CONFIG = dict(forward=dict(BLOCK_M=64, num_warps=4, num_stages=3, maxnreg=168),
               dq=dict(BLOCK_M=64, num_warps=4, num_stages=4),
               dkdv=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),

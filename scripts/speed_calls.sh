@@ -41,7 +41,8 @@
 # cz: settings that fit more programs per SM (written, then run as part of da). da: those timings with the
 # query-side kernel by 32 too, the step before and after the forward's cap; db: the window forward by 64 on 4 warps
 # (CUDA tests, the step against aa2523b's cap alone, LoRA's bench rows). cq ran twice more on 2026-12-02 and brought
-# nothing back (see cq). dc: launch settings timed in the step (written, not yet run).
+# nothing back (see cq). dc: launch settings timed in the step (none faster). dd: the CUDA tests, every method with
+# ViT-B on DRIVE and a default run with the forward's cap; de: the README's ViT-B table on that code.
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 # What a call has written under /tmp/runs so far, into $OUT (called after each part, so that a call cut off by its
@@ -1272,13 +1273,28 @@ db)
   vit_b_lora_rows 1-12; save
   ;;
 dc)
-  # Written for the next session, not yet run: relpos_attention's launch settings that fit more warps per SM without
-  # spilling on the machine's Triton 3.6 (scripts/kernel_registers.py --sweep, no GPU needed), each in the graphed
-  # ViT-B LoRA step with its kernels profiled, in one process, between two runs of the committed settings
-  # (speed_probe.py vitb3, PROBE_VITB3=launch): calls da and db found the kernels timed alone a poor guide to the step.
+  # relpos_attention's launch settings that fit more warps per SM without spilling on the machine's Triton 3.6
+  # (scripts/kernel_registers.py --sweep, no GPU needed), each in the graphed ViT-B LoRA step with its kernels
+  # profiled, in one process, between two runs of the committed settings (speed_probe.py vitb3, PROBE_VITB3=launch):
+  # calls da and db found the kernels timed alone a poor guide to the step. All were slower (2026-12-02).
   PROBE_VITB3=launch TORCHINDUCTOR_CACHE_DIR=/tmp/cache_dc TRITON_CACHE_DIR=/tmp/cache_dc/triton timeout 420 \
     python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3 > /tmp/runs/vitb3.log 2>&1
   grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-300; save
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj|ck|cl|cm|cn|co|cp|cq|cr|cs|ct|cu|cv|cw|cx|cy|cz|da|db|dc"; exit 2 ;;
+dd)
+  # Owed since the forward's register cap (aa2523b) with the window forward as committed: the kernels' CUDA tests with
+  # compiled and graphed training, every method with ViT-B on DRIVE (10 steps, uncompiled), a timed default run.
+  timeout 300 python3 -m pytest -v -k "on_cuda or compiled_training or graphed" tests/test_relpos_attention.py \
+    tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
+  grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | cut -c1-160 | tail -n 8; save
+  every_method_on_drive vit_b; save
+  warm_up_default_run 60
+  default_run default_dd 100 python3; save
+  ;;
+de)
+  # The README's ViT-B table on this tree: every method's bench row beside its stock baseline (as call cu).
+  vit_b_lora_rows 1-12; save
+  vit_b_method_rows 380 1-12; save
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj|ck|cl|cm|cn|co|cp|cq|cr|cs|ct|cu|cv|cw|cx|cy|cz|da|db|dc|dd|de"; exit 2 ;;
 esac

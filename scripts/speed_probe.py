@@ -611,7 +611,8 @@ def probe_vitb3():
     LoRA's update inside the qkv product, its backward as one product or two (merged_k is now
     common.linear_with_qv_update; the variants were dropped since, see git show of this file at that call).
     PROBE_VITB3=launch: relpos_attention's launch settings that scripts/kernel_registers.py --sweep finds to fit
-    more warps per SM without spilling, each in the step, between two runs of the committed ones."""
+    more warps per SM without spilling, each in the step, between two runs of the committed ones (call dc: all
+    slower)."""
     import os
     out = {}
     args, dev, model, x, y = build_lora("vit_b", 8)
