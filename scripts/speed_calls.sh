@@ -42,7 +42,7 @@
 # query-side kernel by 32 too, the step before and after the forward's cap; db: the window forward by 64 on 4 warps
 # (CUDA tests, the step against aa2523b's cap alone, LoRA's bench rows). cq ran twice more on 2026-12-02 and brought
 # nothing back (see cq). dc: launch settings timed in the step (none faster). dd: the CUDA tests, every method with
-# ViT-B on DRIVE and a default run with the forward's cap; de: the README's ViT-B table on that code.
+# ViT-B on DRIVE and a default run with the forward's cap; de: the README's ViT-B table on that code; df: compile time.
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 # What a call has written under /tmp/runs so far, into $OUT (called after each part, so that a call cut off by its
@@ -1296,5 +1296,9 @@ de)
   vit_b_lora_rows 1-12; save
   vit_b_method_rows 380 1-12; save
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj|ck|cl|cm|cn|co|cp|cq|cr|cs|ct|cu|cv|cw|cx|cy|cz|da|db|dc|dd|de"; exit 2 ;;
+df)
+  # Compilation time on the committed code (the forward's register cap): what it adds to a whole ViT-B run, as call co.
+  alternating_pairs df 2; save
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj|ck|cl|cm|cn|co|cp|cq|cr|cs|ct|cu|cv|cw|cx|cy|cz|da|db|dc|dd|de|df"; exit 2 ;;
 esac
