@@ -35,14 +35,17 @@
 # kernels' logits likewise (ck: the step against d985137's, GPU tests; cl: bench rows). cm-co: LoRA's update inside the
 # qkv product (cm: the step, one process; cn: bench rows, GPU tests; co: compile time, a default run; cp: the kernels'
 # CUDA tests with a LoRA qkv whose weight trains, which found that it got no gradient). cq: the README's Results runs on
-# the H200 (written for the next session, not yet run). cr: the CUDA tests owed since cp, the step's profile. cs: the decoder's attention through SDPA against fc5eaad's step, inductor's GEMM autotuning in the blocks; ct: every
-# method with ViT-B on DRIVE, a default run; cu: the README's ViT-B table on that code;
+# the H200 (see below). cr: the CUDA tests owed since cp, the step's profile. cs: the decoder's attention through SDPA
+# against fc5eaad's step, inductor's GEMM autotuning in the blocks; ct: every method with ViT-B on DRIVE, a default
+# run; cu: the README's ViT-B table on that code;
 # cv: Nsight Compute on the global blocks' attention kernels; cw-cy: the kernels with their registers capped;
 # cz: settings that fit more programs per SM (written, then run as part of da). da: those timings with the
 # query-side kernel by 32 too, the step before and after the forward's cap; db: the window forward by 64 on 4 warps
 # (CUDA tests, the step against aa2523b's cap alone, LoRA's bench rows). cq ran twice more on 2026-12-02 and brought
 # nothing back (see cq). dc: launch settings timed in the step (none faster). dd: the CUDA tests, every method with
-# ViT-B on DRIVE and a default run with the forward's cap; de: the README's ViT-B table on that code; df: compile time.
+# ViT-B on DRIVE and a default run with the forward's cap; de: the README's ViT-B table on that code; df: compile time,
+# then cq for 320 s in the same call (`bash scripts/speed_calls.sh df; CQ_LIMIT=320 bash scripts/speed_calls.sh cq`):
+# its first 5 runs, in results/h200/runs.
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 # What a call has written under /tmp/runs so far, into $OUT (called after each part, so that a call cut off by its
