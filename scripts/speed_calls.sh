@@ -169,6 +169,12 @@ window_and_training_gpu_tests() {
     tests/test_relpos_attention.py tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
   grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | tail -n 5
 }
+# The kernels' CUDA tests, with compiled and graphed training (calls db, dd).
+kernel_cuda_tests() {
+  timeout 300 python3 -m pytest -v -k "on_cuda or compiled_training or graphed" tests/test_relpos_attention.py \
+    tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
+  grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | cut -c1-160 | tail -n 8
+}
 # The graphed ViT-B LoRA step of the committed tree unpacked into .data/head (speed_probe.py vitb3, profiled; calls bi,
 # bp, bv). $1: the name of its fresh caches (/tmp/cache_$1_head).
 head_step() {
@@ -1212,9 +1218,9 @@ ct)
   timeout 150 python3 -m pytest -q -k "compiled_training or graphed" tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
   grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | tail -n 5; save
   ;;
-cu)
-  # The README's ViT-B table on this session's code (the mask decoder's attention through SDPA, call cs): every
-  # method's bench row beside its stock baseline.
+cu|de)
+  # The README's ViT-B table: every method's bench row beside its stock baseline (cu: on the code with the mask
+  # decoder's attention through SDPA, call cs; de: with the global forward's register cap as well).
   vit_b_lora_rows 1-12; save
   vit_b_method_rows 380 1-12; save
   ;;
@@ -1269,9 +1275,7 @@ db)
   # The window forward by 64 queries on 4 warps (call da): the kernels' CUDA tests with compiled and graphed training,
   # the graphed ViT-B LoRA step of the tree before it (in .data/head) and of this one, one process each, then LoRA's
   # README bench rows (beside its stock baseline, and checkpointed).
-  timeout 300 python3 -m pytest -v -k "on_cuda or compiled_training or graphed" tests/test_relpos_attention.py \
-    tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
-  grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | cut -c1-160 | tail -n 8; save
+  kernel_cuda_tests; save
   head_step db; save; now_step db; save
   vit_b_lora_rows 1-12; save
   ;;
@@ -1287,17 +1291,10 @@ dc)
 dd)
   # Owed since the forward's register cap (aa2523b) with the window forward as committed: the kernels' CUDA tests with
   # compiled and graphed training, every method with ViT-B on DRIVE (10 steps, uncompiled), a timed default run.
-  timeout 300 python3 -m pytest -v -k "on_cuda or compiled_training or graphed" tests/test_relpos_attention.py \
-    tests/test_fastpath.py > /tmp/runs/gpu_tests.log 2>&1
-  grep -E "passed|failed|FAILED|ERROR" /tmp/runs/gpu_tests.log | cut -c1-160 | tail -n 8; save
+  kernel_cuda_tests; save
   every_method_on_drive vit_b; save
   warm_up_default_run 60
   default_run default_dd 100 python3; save
-  ;;
-de)
-  # The README's ViT-B table on this tree: every method's bench row beside its stock baseline (as call cu).
-  vit_b_lora_rows 1-12; save
-  vit_b_method_rows 380 1-12; save
   ;;
 df)
   # Compilation time on the committed code (the forward's register cap): what it adds to a whole ViT-B run, as call co.
