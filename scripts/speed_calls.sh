@@ -45,7 +45,8 @@
 # nothing back (see cq). dc: launch settings timed in the step (none faster). dd: the CUDA tests, every method with
 # ViT-B on DRIVE and a default run with the forward's cap; de: the README's ViT-B table on that code; df: compile time,
 # then cq for 320 s in the same call (`bash scripts/speed_calls.sh df; CQ_LIMIT=320 bash scripts/speed_calls.sh cq`):
-# its first 5 runs, in results/h200/runs.
+# its first 5 runs, in results/h200/runs. dg, dh, di (2026-12-02): cq three times more (CQ_LIMIT 535, 545, 555 s),
+# each with the runs before it in the tree: 28 of 45, every DRIVE and few-label run; tables in results/h200.
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 # What a call has written under /tmp/runs so far, into $OUT (called after each part, so that a call cut off by its
@@ -1184,11 +1185,11 @@ cq)
   # metrics are written as it ends, and a run cut off by the limit loses only itself.
   rm -rf /tmp/bin && mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 "$@"\n' > /tmp/bin/python
   chmod +x /tmp/bin/python
-  PARALLEL=1 PATH=/tmp/bin:$PATH timeout ${CQ_LIMIT:-540} bash scripts/results.sh $DRIVE results/h200/runs \
-    > /tmp/results_runs.log 2>&1
+  PARALLEL=1 RESULTS=results/h200 PATH=/tmp/bin:$PATH timeout ${CQ_LIMIT:-540} bash scripts/results.sh $DRIVE \
+    results/h200/runs > /tmp/results_runs.log 2>&1
   ls results/h200/runs/*/metrics.json 2>/dev/null | wc -l; tail -n 3 /tmp/results_runs.log
   tar czf $OUT/results_runs.tgz --exclude='*.pt' --exclude='*.png' --exclude='test_masks' results/h200/runs \
-    results/drive.md results/few_labels.md results/synthetic.md /tmp/results_runs.log 2>/dev/null
+    results/h200/drive.md results/h200/few_labels.md results/h200/synthetic.md /tmp/results_runs.log 2>/dev/null
   ;;
 cr)
   # The kernels' CUDA tests owed since call cp (linear_with_qv_update's weight-gradient fix, the key-side window kernel

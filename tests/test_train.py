@@ -1,6 +1,7 @@
 """train.py: runs methods x data x seeds as subprocesses, skips finished runs, writes the table, the plot
 and (for DRIVE) the prediction panel."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -87,3 +88,21 @@ def test_report_only_without_runs_is_one_sentence_and_exit_2(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: no finished runs under {tmp_path / 'runs'}")
     assert not (tmp_path / "r.md").exists()
+
+
+def test_h200_tables_are_what_their_committed_runs_give(tmp_path):
+    """results/h200/*.md, the tables the README quotes from the H200 rerun, rebuilt from the per-run metrics.json
+    files committed beside them by the README's own command (REPORT_ONLY=1 scripts/results.sh): a table edited
+    by hand, or a run's file changed or removed, fails here. `python` on PATH is this interpreter, as
+    results.sh calls it; the DRIVE root is only text in the tables' command lines (no panel: the runs' masks are
+    not committed), so DRIVE need not be here."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (shims / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "REPORT_ONLY": "1", "RESULTS": str(tmp_path)}
+    done = subprocess.run(["bash", "scripts/results.sh", ".data/DRIVE", "results/h200/runs"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for table in ("drive", "few_labels", "synthetic"):
+        assert (tmp_path / f"{table}.md").read_text() == (ROOT / "results" / "h200" / f"{table}.md").read_text(), table
