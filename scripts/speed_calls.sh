@@ -1178,14 +1178,11 @@ cq)
   # committed): scripts/results.sh skips finished runs, so this call is run again (with the runs it brought back in
   # the working tree, which carries them) until all 45 are there (CQ_LIMIT: its time limit in seconds, 540 unless
   # given). Brings back the runs' metrics and logs and the tables.
-  # results.sh calls python, the machine has python3: a wrapper, not a link (a link out of its environment's folder
-  # starts the interpreter without the environment's packages: the first try, 2026-12-02, found no numpy), removed
-  # first (the second try, on the same warm machine, wrote the wrapper through that link over python3 itself, which
-  # then ran itself until the limit: nothing came back). The runs go one at a time (PARALLEL=1): each one's
-  # metrics are written as it ends, and a run cut off by the limit loses only itself.
-  rm -rf /tmp/bin && mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 "$@"\n' > /tmp/bin/python
-  chmod +x /tmp/bin/python
-  PARALLEL=1 RESULTS=results/h200 PATH=/tmp/bin:$PATH timeout ${CQ_LIMIT:-540} bash scripts/results.sh $DRIVE \
+  # The machine has python3 and no python: PYTHON names the interpreter for results.sh (the first tries, 2026-12-02,
+  # went through a wrapper or a link called python: a link started python3 outside its environment, and writing the
+  # wrapper through it overwrote python3 itself). The runs go one at a time (PARALLEL=1): each one's metrics are
+  # written as it ends, and a run cut off by the limit loses only itself.
+  PARALLEL=1 PYTHON=python3 RESULTS=results/h200 timeout ${CQ_LIMIT:-540} bash scripts/results.sh $DRIVE \
     results/h200/runs > /tmp/results_runs.log 2>&1
   ls results/h200/runs/*/metrics.json 2>/dev/null | wc -l; tail -n 3 /tmp/results_runs.log
   tar czf $OUT/results_runs.tgz --exclude='*.pt' --exclude='*.png' --exclude='test_masks' results/h200/runs \

@@ -93,14 +93,10 @@ def test_report_only_without_runs_is_one_sentence_and_exit_2(tmp_path):
 def test_h200_tables_are_what_their_committed_runs_give(tmp_path):
     """results/h200/*.md, the tables the README quotes from the H200 rerun, rebuilt from the per-run metrics.json
     files committed beside them by the README's own command (REPORT_ONLY=1 scripts/results.sh): a table edited
-    by hand, or a run's file changed or removed, fails here. `python` on PATH is this interpreter, as
-    results.sh calls it; the DRIVE root is only text in the tables' command lines (no panel: the runs' masks are
-    not committed), so DRIVE need not be here."""
-    shims = tmp_path / "bin"
-    shims.mkdir()
-    (shims / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-    (shims / "python").chmod(0o755)
-    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "REPORT_ONLY": "1", "RESULTS": str(tmp_path)}
+    by hand, or a run's file changed or removed, fails here. The DRIVE root is only text in the tables' command
+    lines (no panel: the runs' masks are not committed), so DRIVE need not be here. PYTHON: this interpreter,
+    for results.sh's train.py."""
+    env = {**os.environ, "PYTHON": sys.executable, "REPORT_ONLY": "1", "RESULTS": str(tmp_path)}
     done = subprocess.run(["bash", "scripts/results.sh", ".data/DRIVE", "results/h200/runs"], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
