@@ -113,6 +113,7 @@ def report(args):
     gpu = next((m["versions"].get("gpu") for runs in rows.values() for m, *_ in runs if "gpu" in m["versions"]), "CPU")
     text = "\n".join(lines) + f"\n\nMachine: {gpu}. Each row is mean ± std over the seeds listed, of:\n\n" + \
         "\n".join(f"    {c}" for c in commands) + "\n"
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)  # e.g. RESULTS=results/h200 in scripts/results.sh
     Path(f"{args.results}.md").write_text(text)
     print(text)
     plot(rows, f"{args.results}.png")
