@@ -46,7 +46,8 @@
 # ViT-B on DRIVE and a default run with the forward's cap; de: the README's ViT-B table on that code; df: compile time,
 # then cq for 320 s in the same call (`bash scripts/speed_calls.sh df; CQ_LIMIT=320 bash scripts/speed_calls.sh cq`):
 # its first 5 runs, in results/h200/runs. dg, dh, di (2026-12-02): cq three times more (CQ_LIMIT 535, 545, 555 s),
-# each with the runs before it in the tree: 28 of 45, every DRIVE and few-label run; tables in results/h200.
+# each with the runs before it in the tree: 28 of the 42 runs, every DRIVE and few-label run; tables in results/h200.
+# dj (2026-12-02): cq once more, the 14 synthetic runs left, which finished all 42.
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 # What a call has written under /tmp/runs so far, into $OUT (called after each part, so that a call cut off by its
@@ -1176,7 +1177,7 @@ cp)
 cq)
   # The README's Results runs again, on the H200, into results/h200/runs (their H100 per-run files were never
   # committed): scripts/results.sh skips finished runs, so this call is run again (with the runs it brought back in
-  # the working tree, which carries them) until all 45 are there (CQ_LIMIT: its time limit in seconds, 540 unless
+  # the working tree, which carries them) until all 42 are there (CQ_LIMIT: its time limit in seconds, 540 unless
   # given). Brings back the runs' metrics and logs and the tables.
   # The machine has python3 and no python: PYTHON names the interpreter for results.sh (the first tries, 2026-12-02,
   # went through a wrapper or a link called python: a link started python3 outside its environment, and writing the
