@@ -47,7 +47,8 @@
 # then cq for 320 s in the same call (`bash scripts/speed_calls.sh df; CQ_LIMIT=320 bash scripts/speed_calls.sh cq`):
 # its first 5 runs, in results/h200/runs. dg, dh, di (2026-12-02): cq three times more (CQ_LIMIT 535, 545, 555 s),
 # each with the runs before it in the tree: 28 of the 42 runs, every DRIVE and few-label run; tables in results/h200.
-# dj (2026-12-02): cq once more, the 14 synthetic runs left, which finished all 42.
+# dj (2026-12-02): cq once more, the 14 synthetic runs left, which finished all 42. dk: the ViT-B LoRA step's GPU time
+# by part of the model, and the residual stream in bf16 (speed_probe.py regions).
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 # What a call has written under /tmp/runs so far, into $OUT (called after each part, so that a call cut off by its
@@ -1299,5 +1300,11 @@ df)
   # Compilation time on the committed code (the forward's register cap): what it adds to a whole ViT-B run, as call co.
   alternating_pairs df 2; save
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj|ck|cl|cm|cn|co|cp|cq|cr|cs|ct|cu|cv|cw|cx|cy|cz|da|db|dc|dd|de|df"; exit 2 ;;
+dk)
+  # Speed issue: where the graphed ViT-B LoRA step's time goes outside the encoder blocks (an eager step profiled by
+  # part of the model), and the residual stream in bf16 (pos_embed stored in bf16) against fp32, timed in the step.
+  timeout 420 python3 scripts/speed_probe.py regions --out /tmp/runs/regions > /tmp/runs/regions.log 2>&1
+  grep -E "^regions|Error" /tmp/runs/regions.log | cut -c1-400; save
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj|ck|cl|cm|cn|co|cp|cq|cr|cs|ct|cu|cv|cw|cx|cy|cz|da|db|dc|dd|de|df|dk"; exit 2 ;;
 esac

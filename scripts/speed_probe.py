@@ -5,7 +5,8 @@ time beside the folded form: results/h100/speed_probe_relpos.json), msam (Mobile
 variants applied one after another: results/h100/speed_probe_tinyvit_layout.json), vitb (ViT-B LoRA step:
 compile time, recompiles, kernel profile: results/h100/speed_probe_vit_b_profile.json), msam2 (MobileSAM LoRA
 step as common.run trains it, TinyViT's LayerNorms as stock runs them under autocast and in bf16:
-results/h100/speed_probe_mobile_sam_layer_norm.json).
+results/h100/speed_probe_mobile_sam_layer_norm.json), regions (ViT-B LoRA step: GPU time by part of the
+model, the residual stream in bf16: results/h200/speed_probe_regions_dk.json).
     python scripts/speed_probe.py attn msam vitb --out runs/probe
 The msam variants are the prototypes of what common.use_fast_attention now does itself (bnfold, cl_block,
 cl_stage1; bias4d was dropped), so with today's code its "default" row already includes them. The vitb
@@ -711,6 +712,109 @@ def probe_vitb3():
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     out["compile_times"] = torch._dynamo.utils.compile_times()  # dynamo's and inductor's phases, per graph
     RESULTS["vitb3"] = out
+
+
+# ---------------------------------------------------------------------------------------------------- regions
+
+def probe_regions():
+    """ViT-B LoRA step at batch 8 as common.run trains it (fast path, frozen weights in bf16, compiled blocks,
+    graphed): where its GPU time goes by part of the model, then what the dtype of the residual stream costs.
+    1. One eager step profiled, its ops under record_function ranges: the input normalisation, the patch
+       embedding with pos_embed, the encoder blocks (their forward), the neck, the mask decoder, the loss; the
+       backward by autograd node (the blocks' backward is CompiledFunctionBackward) and the optimizer.
+    2. The residual stream in bf16. Under autocast stock SAM's stream is fp32: the patch embedding's bf16
+       output plus pos_embed (an fp32 parameter) promotes to fp32, and every block adds its bf16 branch
+       outputs to it. pos_embed stored in bf16 keeps the stream in bf16 (half the bytes in every norm, add
+       and cast of the blocks). How far each stream moves the image embeddings and logits from the fp32 model
+       without autocast (relative L2 error; random weights, pos_embed drawn at a trained one's scale, since
+       SAM initialises it to zeros), then its graphed step, timed between two runs of the fp32 stream."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile
+    out = {}
+    args, dev, model, x, y = build_lora("vit_b", 8)
+    enc = model.image_encoder
+    with torch.no_grad():
+        enc.pos_embed.normal_(0, 0.02)
+        model.eval()  # the reference: fp32 weights, no autocast
+        ref_emb = model.encode(x[:2]).float()
+        ref_logits = model(x[:2]).float()
+    common.frozen_weights_to_bf16(model)
+    for dtype in (torch.float32, torch.bfloat16):  # before any step changes what trains (LoRA's B is still 0)
+        enc.pos_embed.data = enc.pos_embed.data.to(dtype)
+        with torch.no_grad(), common.autocast(dev):
+            emb, logits = model.encode(x[:2]).float(), model(x[:2]).float()
+        out[f"stream_{str(dtype)[6:]}_rel_err_vs_fp32_model"] = dict(
+            embeddings=((emb - ref_emb).norm() / ref_emb.norm()).item(),
+            logits=((logits - ref_logits).norm() / ref_logits.norm()).item())
+    print("regions", {k: v for k, v in out.items() if "rel_err" in k}, flush=True)
+    enc.pos_embed.data = enc.pos_embed.data.float()
+    model.train()
+    common.compile_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def encode(images):  # ImageEncoderViT.forward, in ranges
+        with record_function("R_normalise"):
+            t = (images.to(model.pixel_mean.dtype) - model.pixel_mean) / model.pixel_std
+        with record_function("R_patch_embed"):
+            t = enc.patch_embed(t) + enc.pos_embed
+        with record_function("R_blocks"):
+            for blk in enc.blocks:
+                t = blk(t)
+        with record_function("R_neck"):
+            return enc.neck(t.permute(0, 3, 1, 2))
+    stock_decode = model.decode
+
+    def decode(embeddings, images):
+        with record_function("R_decoder"):
+            return stock_decode(embeddings, images)
+
+    def loss_fn(m, images, masks):
+        logits = m(images)
+        with record_function("R_loss"):
+            return common.segmentation_loss(logits, masks)
+    model.encode, model.decode = encode, decode
+    opt = torch.optim.AdamW(params, lr=torch.tensor(1e-4, device=dev), fused=True, capturable=True)
+    step = common.TrainStep(model, loss_fn, opt, dev, True)
+    out["graph_ms"] = time_ms(lambda: step(x, y), 20, 5)
+    eager = common.TrainStep(model, loss_fn, opt, dev, False)
+    for _ in range(2):
+        eager(x, y)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        eager(x, y)
+        torch.cuda.synchronize()
+    parts, inside = {}, {}
+    for e in prof.events():
+        if e.device_type != DeviceType.CPU:
+            continue
+        if e.cpu_parent is None:  # a forward range, a backward node, the optimizer
+            name = e.name.replace("autograd::engine::evaluate_function: ", "backward ")
+            parts[name] = parts.get(name, 0) + e.device_time_total / 1e3
+            if name.startswith("backward ") and e.cpu_children:
+                key = f"{name} {str(e.cpu_children[0].input_shapes)[:100]}"
+                inside.setdefault("backward", {})[key] = inside.get("backward", {}).get(key, 0) + e.device_time_total / 1e3
+        if e.name.startswith("R_"):
+            for c in e.cpu_children:
+                key = f"{c.name} {str(c.input_shapes)[:110]}"
+                inside.setdefault(e.name, {})[key] = inside.get(e.name, {}).get(key, 0) + c.device_time_total / 1e3
+    out["gpu_ms_by_part"] = sorted(((round(v, 3), k) for k, v in parts.items() if v > 0), reverse=True)
+    out["gpu_ms_in_part"] = {part: sorted(((round(v, 3), k) for k, v in ops.items() if v > 0), reverse=True)[:30]
+                             for part, ops in inside.items()}
+    print("regions", out["graph_ms"], out["gpu_ms_by_part"][:12], flush=True)
+
+    for name, dtype in (("stream_fp32", torch.float32), ("stream_bf16", torch.bfloat16),
+                        ("stream_fp32_again", torch.float32)):
+        enc.pos_embed.data = enc.pos_embed.data.to(dtype)
+        graphed = common.TrainStep(model, loss_fn, opt, dev, True)
+        t = time.perf_counter()
+        graphed(x, y)
+        torch.cuda.synchronize()
+        out[f"{name}_first_step_s"] = round(time.perf_counter() - t, 3)
+        out[f"{name}_graph_ms"] = time_ms(lambda: graphed(x, y), 20, 5)
+        print("regions", name, out[f"{name}_graph_ms"], flush=True)
+    out["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    RESULTS["regions"] = out
 
 
 # ---------------------------------------------------------------------------------------------------- vitb
