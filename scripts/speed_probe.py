@@ -728,6 +728,7 @@ def probe_regions():
        and cast of the blocks). How far each stream moves the image embeddings and logits from the fp32 model
        without autocast (relative L2 error; random weights, pos_embed drawn at a trained one's scale, since
        SAM initialises it to zeros), then its graphed step, timed between two runs of the fp32 stream."""
+    from collections import defaultdict
     from torch.autograd import DeviceType
     from torch.autograd.profiler import record_function
     from torch.profiler import ProfilerActivity, profile
@@ -740,11 +741,12 @@ def probe_regions():
         ref_emb = model.encode(x[:2]).float()
         ref_logits = model(x[:2]).float()
     common.frozen_weights_to_bf16(model)
-    for dtype in (torch.float32, torch.bfloat16):  # before any step changes what trains (LoRA's B is still 0)
+    streams = dict(stream_fp32=torch.float32, stream_bf16=torch.bfloat16)
+    for name, dtype in streams.items():  # before any step changes what trains (LoRA's B is still 0)
         enc.pos_embed.data = enc.pos_embed.data.to(dtype)
         with torch.no_grad(), common.autocast(dev):
             emb, logits = model.encode(x[:2]).float(), model(x[:2]).float()
-        out[f"stream_{str(dtype)[6:]}_rel_err_vs_fp32_model"] = dict(
+        out[f"{name}_rel_err_vs_fp32_model"] = dict(
             embeddings=((emb - ref_emb).norm() / ref_emb.norm()).item(),
             logits=((logits - ref_logits).norm() / ref_logits.norm()).item())
     print("regions", {k: v for k, v in out.items() if "rel_err" in k}, flush=True)
@@ -784,27 +786,24 @@ def probe_regions():
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         eager(x, y)
         torch.cuda.synchronize()
-    parts, inside = {}, {}
+    parts, inside = defaultdict(float), defaultdict(lambda: defaultdict(float))  # ms by part; by op and shape in it
     for e in prof.events():
         if e.device_type != DeviceType.CPU:
             continue
         if e.cpu_parent is None:  # a forward range, a backward node, the optimizer
             name = e.name.replace("autograd::engine::evaluate_function: ", "backward ")
-            parts[name] = parts.get(name, 0) + e.device_time_total / 1e3
+            parts[name] += e.device_time_total / 1e3
             if name.startswith("backward ") and e.cpu_children:
-                key = f"{name} {str(e.cpu_children[0].input_shapes)[:100]}"
-                inside.setdefault("backward", {})[key] = inside.get("backward", {}).get(key, 0) + e.device_time_total / 1e3
+                inside["backward"][f"{name} {str(e.cpu_children[0].input_shapes)[:100]}"] += e.device_time_total / 1e3
         if e.name.startswith("R_"):
             for c in e.cpu_children:
-                key = f"{c.name} {str(c.input_shapes)[:110]}"
-                inside.setdefault(e.name, {})[key] = inside.get(e.name, {}).get(key, 0) + c.device_time_total / 1e3
+                inside[e.name][f"{c.name} {str(c.input_shapes)[:110]}"] += c.device_time_total / 1e3
     out["gpu_ms_by_part"] = sorted(((round(v, 3), k) for k, v in parts.items() if v > 0), reverse=True)
     out["gpu_ms_in_part"] = {part: sorted(((round(v, 3), k) for k, v in ops.items() if v > 0), reverse=True)[:30]
                              for part, ops in inside.items()}
     print("regions", out["graph_ms"], out["gpu_ms_by_part"][:12], flush=True)
 
-    for name, dtype in (("stream_fp32", torch.float32), ("stream_bf16", torch.bfloat16),
-                        ("stream_fp32_again", torch.float32)):
+    for name, dtype in [*streams.items(), ("stream_fp32_again", torch.float32)]:
         enc.pos_embed.data = enc.pos_embed.data.to(dtype)
         graphed = common.TrainStep(model, loss_fn, opt, dev, True)
         t = time.perf_counter()
