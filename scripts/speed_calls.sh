@@ -48,7 +48,8 @@
 # its first 5 runs, in results/h200/runs. dg, dh, di (2026-12-02): cq three times more (CQ_LIMIT 535, 545, 555 s),
 # each with the runs before it in the tree: 28 of the 42 runs, every DRIVE and few-label run; tables in results/h200.
 # dj (2026-12-02): cq once more, the 14 synthetic runs left, which finished all 42. dk: the ViT-B LoRA step's GPU time
-# by part of the model, and the residual stream in bf16 (speed_probe.py regions).
+# by part of the model, and the residual stream in bf16 (speed_probe.py regions). dl (2026-12-02): floors for that
+# step (speed_probe.py vitb3): the global attention without the rel-pos term, then with every lever measured so far.
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 # What a call has written under /tmp/runs so far, into $OUT (called after each part, so that a call cut off by its
@@ -1306,5 +1307,13 @@ dk)
   timeout 420 python3 scripts/speed_probe.py regions --out /tmp/runs/regions > /tmp/runs/regions.log 2>&1
   grep -E "^regions|Error" /tmp/runs/regions.log | cut -c1-400; save
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj|ck|cl|cm|cn|co|cp|cq|cr|cs|ct|cu|cv|cw|cx|cy|cz|da|db|dc|dd|de|df|dk"; exit 2 ;;
+dl)
+  # Speed issue: floors for the graphed ViT-B LoRA step, each on top of the ones before: the global blocks' attention
+  # without the rel-pos term (SDPA), the decoder side compiled, the residual stream in bf16, no global attention,
+  # no attention at all.
+  PROBE_VITB3=now,global_no_term,decoder_compiled,bf16_stream,global_none,windows_none timeout 500 python3 scripts/speed_probe.py \
+    vitb3 --out /tmp/runs/vitb3 > /tmp/runs/vitb3.log 2>&1
+  grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-400; save
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj|ck|cl|cm|cn|co|cp|cq|cr|cs|ct|cu|cv|cw|cx|cy|cz|da|db|dc|dd|de|df|dk|dl"; exit 2 ;;
 esac

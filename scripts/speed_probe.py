@@ -597,6 +597,14 @@ def probe_vitb2():
     RESULTS["vitb2"] = out
 
 
+def values_only_attention(self, x):
+    """A floor for probe_vitb3, not attention: a global block's qkv and proj with its values passed straight
+    through, x (B, H, W, C) -> (B, H, W, C)."""
+    B, H, W, _ = x.shape
+    qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1)
+    return self.proj(qkv[:, :, 2].reshape(B, H, W, -1))
+
+
 def probe_vitb3():
     """ViT-B LoRA step as common.run trains it (load_sam's fast path, frozen weights in bf16, compile_model,
     graphed), changes applied one after another: the global blocks' kernels of the committed
@@ -613,7 +621,10 @@ def probe_vitb3():
     common.linear_with_qv_update; the variants were dropped since, see git show of this file at that call).
     PROBE_VITB3=launch: relpos_attention's launch settings that scripts/kernel_registers.py --sweep finds to fit
     more warps per SM without spilling, each in the step, between two runs of the committed ones (call dc: all
-    slower)."""
+    slower). Call dl ran now,global_no_term,decoder_compiled,bf16_stream,global_none,windows_none: floors,
+    each on top of the ones before (values_only_attention, global_attention below), for how fast the step
+    could get with a global attention as fast as one without the rel-pos term, with every other lever
+    measured so far, and with no attention at all."""
     import os
     out = {}
     args, dev, model, x, y = build_lora("vit_b", 8)
@@ -697,17 +708,45 @@ def probe_vitb3():
         wb_n16_s1=launch(window_backward=dict(BLOCK_N=16, num_warps=8, num_stages=1)),  # 213: 8, no spill
         wb_n32=launch(window_backward=dict(BLOCK_N=32, num_warps=8, num_stages=2)),  # 230: 8, no spill
         now_again=launch())
+    def bf16_stream():
+        # the residual stream in bf16: pos_embed stored in bf16 (probe_regions measured it alone, call dk; not
+        # kept, it moves what the frozen encoder computes)
+        model.image_encoder.pos_embed.data = model.image_encoder.pos_embed.data.to(torch.bfloat16)
+        torch._dynamo.reset()
+
+    def global_attention(floor):
+        # floors, not code: the global blocks' attention without the rel-pos term, through SDPA as PyTorch picks
+        # its kernel ("no_term"), or none at all, the projection reading v ("none"): what a kernel that computes
+        # the term could at best reach, and the step without any global attention
+        def apply():
+            for blk in model.image_encoder.blocks:
+                if blk.window_size == 0 and floor == "no_term":
+                    blk.attn.use_rel_pos = False  # fast_vit_attention's SDPA path, no term
+                elif blk.window_size == 0:
+                    blk.attn.__class__ = type("ValuesOnly", (type(blk.attn),), dict(forward=values_only_attention))
+            torch._dynamo.reset()
+        return apply
+
+    def windows_none():
+        # the windowed blocks' attention passed over likewise (their qkv and proj kept): with global_none, the step
+        # without any attention
+        common.fast_vit_window_attention = lambda attn, x, qkv, window: attn.proj(qkv[:, :, 2].reshape(x.shape))
+        torch._dynamo.reset()
+
     # head (the committed kernels, call aq) needs kernels that take what common.fast_vit_attention passes
     # (rel_h and rel_w until call ay, the tables since): two commits are compared in two processes since
     variants = dict(now=kernels(own), neck_cl=neck_channels_last, conv_patch_embed=conv_patch_embed,
                     folded_windows=folded_windows, decoder_compiled=decoder_compiled, padded_windows=padded_windows,
-                    autotune_mm=autotune_mm(), autotune_tma=autotune_mm(True), **candidates)
+                    autotune_mm=autotune_mm(), autotune_tma=autotune_mm(True), bf16_stream=bf16_stream,
+                    global_no_term=global_attention("no_term"), global_none=global_attention("none"),
+                    windows_none=windows_none, **candidates)
     if os.environ.get("PROBE_VITB3") == "launch":  # the launch-setting candidates between two runs of "now"
         os.environ["PROBE_VITB3"] = ",".join(["now", *candidates])
     picked = os.environ.get("PROBE_VITB3", ",".join(variants)).split(",")
     for name in picked:
         measure_variant("vitb3", out, name, model, params, x, y, dev, apply=variants[name], reps=20, firsts=3,
-                        profile=name == "now" or name.startswith("autotune") or name in candidates,
+                        profile=name in ("now", "global_no_term", "global_none", "windows_none")
+                        or name.startswith("autotune") or name in candidates,
                         shapes=name == "now")
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     out["compile_times"] = torch._dynamo.utils.compile_times()  # dynamo's and inductor's phases, per graph
