@@ -78,6 +78,12 @@ def run_all(args):
     return [name for name, proc in started if proc.wait() != 0]
 
 
+def stage1_seconds(metrics):
+    """Seconds a run spent in its stage 1 before the training its train_seconds count: SAMora's experts, each
+    trained by common.train_loop, whose history (seconds included) samora.py keeps in metrics["stage1"]."""
+    return sum(expert["seconds"] for expert in metrics["stage1"]["experts"].values())
+
+
 def report(args):
     rows = {}
     for spec, data, seed, name, cmd in planned_runs(args):
@@ -104,10 +110,14 @@ def report(args):
         paper_s = "–" if paper is None else f"{paper[0]:.2f} / {paper[1] if paper[1] else '–'}"
         m0 = ms[0]
         peak = f"{statistics.mean(m['peak_mem_gib'] for m in ms):.1f}" if m0["peak_mem_gib"] else "cpu"
+        train_s = f"{statistics.mean(m['train_seconds'] for m in ms):.0f}"
+        speed = f"{statistics.mean(m['imgs_per_s'] for m in ms):.0f}"
+        if all(m.get("stage1") for m in ms):  # a run that pre-trains first (SAMora): its stage-1 time too
+            train_s += f" + {statistics.mean(stage1_seconds(m) for m in ms):.0f} (stage 1)"
+            speed += " (stage 2)"
         lines.append(f"| `{spec}` | {data} | {m0['model']} | {stat('dice', '.4f')} | {stat('hd95', '.2f')} | {paper_s} | "
                      f"{m0['trainable_params']:,} ({m0['trainable_percent']:.2f}%) | {peak} | "
-                     f"{statistics.mean(m['train_seconds'] for m in ms):.0f} | "
-                     f"{statistics.mean(m['imgs_per_s'] for m in ms):.0f} | {len(ms)} |")
+                     f"{train_s} | {speed} | {len(ms)} |")
     commands = sorted({" ".join(shlex.quote(c) for c in cmd[1:]).replace(f"--seed {m['seed']}", "--seed S")
                        .replace(f"_s{m['seed']}", "_sS") for runs in rows.values() for m, cmd, _ in runs})
     gpu = next((m["versions"].get("gpu") for runs in rows.values() for m, *_ in runs if "gpu" in m["versions"]), "CPU")
