@@ -50,6 +50,7 @@
 # dj (2026-12-02): cq once more, the 14 synthetic runs left, which finished all 42. dk: the ViT-B LoRA step's GPU time
 # by part of the model, and the residual stream in bf16 (speed_probe.py regions). dl (2026-12-02): floors for that
 # step (speed_probe.py vitb3): the global attention without the rel-pos term, then with every lever measured so far.
+# dm: the MLP's GELU kernels against copies (speed_probe.py gelu), and dl's first floors again in a second process.
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 # What a call has written under /tmp/runs so far, into $OUT (called after each part, so that a call cut off by its
@@ -1315,5 +1316,14 @@ dl)
     vitb3 --out /tmp/runs/vitb3 > /tmp/runs/vitb3.log 2>&1
   grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-400; save
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj|ck|cl|cm|cn|co|cp|cq|cr|cs|ct|cu|cv|cw|cx|cy|cz|da|db|dc|dd|de|df|dk|dl"; exit 2 ;;
+dm)
+  # Speed issue: the MLP's GELU kernels against pointwise kernels that move the same bytes (speed_probe.py gelu), then
+  # dl's first floors once more in a second process.
+  timeout 200 python3 scripts/speed_probe.py gelu --out /tmp/runs/gelu > /tmp/runs/gelu.log 2>&1
+  grep -E "^gelu|Error" /tmp/runs/gelu.log | cut -c1-1500; save
+  PROBE_VITB3=now,global_no_term,decoder_compiled timeout 300 python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3 \
+    > /tmp/runs/vitb3.log 2>&1
+  grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-400; save
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj|ck|cl|cm|cn|co|cp|cq|cr|cs|ct|cu|cv|cw|cx|cy|cz|da|db|dc|dd|de|df|dk|dl|dm"; exit 2 ;;
 esac

@@ -892,6 +892,35 @@ def probe_vitb():
     RESULTS["vitb_" + out["kernel"]] = out
 
 
+# ---------------------------------------------------------------------------------------------------- gelu
+
+def probe_gelu():
+    """The ViT-B MLP's GELU at batch 8, 1024 (h: (8, 64, 64, 3072) bf16), forward and backward as inductor
+    compiles them in the blocks, against pointwise kernels that move the same bytes with almost no arithmetic
+    (2 h; d * h), with tanh's approximation, and with pointwise autotuning on (common.compile_model turns it
+    off): whether the two GELU kernels of the step (about 4.2 ms of it, call dl) wait on memory or on erf."""
+    import torch._inductor.config as inductor_config
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h, d = (torch.randn(8, 64, 64, 3072, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    kinds = dict(copy_like=(lambda h: h * 2, (h,)), gelu=(F.gelu, (h,)),
+                 gelu_tanh=(lambda h: F.gelu(h, approximate="tanh"), (h,)),
+                 backward_copy_like=(lambda d, h: d * h, (d, h)),
+                 gelu_backward=(lambda d, h: torch.ops.aten.gelu_backward(d, h), (d, h)),
+                 gelu_backward_tanh=(lambda d, h: torch.ops.aten.gelu_backward(d, h, approximate="tanh"), (d, h)))
+    out = {}
+    for autotune in (False, True):
+        inductor_config.triton.autotune_pointwise = autotune
+        torch._dynamo.reset()
+        for name, (fn, inputs) in kinds.items():
+            compiled = torch.compile(fn)
+            ms = time_ms(lambda: compiled(*inputs), 50, 5)
+            moved = (len(inputs) + 1) * h.numel() * h.element_size()  # inputs read, one output written
+            key = f"{name}_autotuned" if autotune else name
+            out[key] = dict(ms=round(ms, 4), tb_per_s=round(moved / ms / 1e9, 2))
+    print("gelu", out, flush=True)
+    RESULTS["gelu"] = out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("sections", nargs="+")
