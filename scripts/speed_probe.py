@@ -708,6 +708,7 @@ def probe_vitb3():
         wb_n16_s1=launch(window_backward=dict(BLOCK_N=16, num_warps=8, num_stages=1)),  # 213: 8, no spill
         wb_n32=launch(window_backward=dict(BLOCK_N=32, num_warps=8, num_stages=2)),  # 230: 8, no spill
         now_again=launch())
+
     def bf16_stream():
         # the residual stream in bf16: pos_embed stored in bf16 (probe_regions measured it alone, call dk; not
         # kept, it moves what the frozen encoder computes)
