@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import UserError, load_data
+from data import UserError, check_data_args, load_data
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments shared by every method script
@@ -101,6 +101,7 @@ def base_parser(description):
 def finish_args(args, method, gpu_steps):
     """Fill the defaults that depend on the device and the model; name the run."""
     args.method = method
+    check_data_args(args)
     if not 0 < args.label_fraction <= 1:
         raise UserError(f"--label-fraction {args.label_fraction} must be in (0, 1], e.g. 0.3.")
     if args.img_size is None:

@@ -297,21 +297,28 @@ def choose_zoom(sizes, img_size):
     return next((z for z in (1, 2, 3, 4) if z * img_size / 4 >= 0.8 * largest), 4)
 
 
+def check_data_args(args):
+    """What --data, --data-root and --num-classes must say before any file is read. common.finish_args calls
+    it, so that a method stops on a wrong command before it builds its model (seconds on a CPU, more for a
+    large checkpoint); load_data calls it again for callers that come straight to it."""
+    if args.data not in ("synthetic", "drive", "folder"):
+        raise UserError(f"unknown --data {args.data!r}; use synthetic, drive or folder.")
+    if args.data != "synthetic" and args.data_root is None:
+        raise UserError(f"--data {args.data} needs --data-root DIR (the dataset folder).")
+    if args.data == "drive" and args.num_classes != 1:
+        raise UserError("DRIVE has one foreground class (vessel); drop --num-classes or set it to 1.")
+
+
 def load_data(args, device):
     """Dispatch on --data; returns (train Split, test Split) at the working size zoom * img_size.
     Sets args.zoom when it is 0 (auto)."""
+    check_data_args(args)
     if args.data == "synthetic":
         train, test = load_synthetic(args.num_classes, args.synthetic_train, args.synthetic_test, seed=args.data_seed)
-    elif args.data_root is None:
-        raise UserError(f"--data {args.data} needs --data-root DIR (the dataset folder).")
     elif args.data == "drive":
-        if args.num_classes != 1:
-            raise UserError("DRIVE has one foreground class (vessel); drop --num-classes or set it to 1.")
         train, test = load_drive(args.data_root, args.split)
-    elif args.data == "folder":
-        train, test = load_folder(args.data_root, args.num_classes, seed=args.data_seed)
     else:
-        raise UserError(f"unknown --data {args.data!r}; use synthetic, drive or folder.")
+        train, test = load_folder(args.data_root, args.num_classes, seed=args.data_seed)
     if not args.zoom:
         args.zoom = choose_zoom([m.shape for m in train[2] + test[2]], args.img_size)
         if args.zoom > 1:

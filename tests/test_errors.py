@@ -29,6 +29,15 @@ def test_missing_dataset(tmp_path):
                          "does not exist", "--data-root")
 
 
+def test_data_arguments_are_checked_before_the_model_is_built(tmp_path):
+    # no checkpoint in tmp_path: had the model been built first, the error would name sam_vit_b_01ec64.pth
+    proc = run_lora("--model", "vit_b", "--data", "drive", cwd=tmp_path)
+    assert_clean_failure(proc, "--data drive needs --data-root")
+    proc = run_lora("--model", "vit_b", "--data", "drive", "--data-root", str(tmp_path), "--num-classes", "2",
+                    cwd=tmp_path)
+    assert_clean_failure(proc, "one foreground class")
+
+
 def test_wrong_drive_layout(tmp_path):
     (tmp_path / "training" / "images").mkdir(parents=True)
     assert_clean_failure(run_lora("--model", "tiny", "--data", "drive", "--data-root", str(tmp_path)),
