@@ -51,6 +51,7 @@
 # by part of the model, and the residual stream in bf16 (speed_probe.py regions). dl (2026-12-02): floors for that
 # step (speed_probe.py vitb3): the global attention without the rel-pos term, then with every lever measured so far.
 # dm: the MLP's GELU kernels against copies (speed_probe.py gelu), and dl's first floors again in a second process.
+# dn: every method on DRIVE with MobileSAM and a timed default run, after the data arguments moved before the model.
 source scripts/gpu_setup.sh
 mkdir -p /tmp/runs
 # What a call has written under /tmp/runs so far, into $OUT (called after each part, so that a call cut off by its
@@ -1325,5 +1326,12 @@ dm)
     > /tmp/runs/vitb3.log 2>&1
   grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-400; save
   ;;
-*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj|ck|cl|cm|cn|co|cp|cq|cr|cs|ct|cu|cv|cw|cx|cy|cz|da|db|dc|dd|de|df|dk|dl|dm"; exit 2 ;;
+dn)
+  # After the data arguments moved before the model (8a50d65): every method on DRIVE with MobileSAM (100 steps), and a
+  # timed default run.
+  every_method_on_drive mobile_sam; save
+  warm_up_default_run 60
+  default_run default_dn 100 python3; save
+  ;;
+*) echo "usage: bash scripts/speed_calls.sh g|h|i|j|k|m|n|o|q|r|s|t|u|v|w|x|y|z|aa|ab|ac|ad|ae|af|ag|ah|ai|aj|ak|al|am|an|ao|ap|aq|ar|as|at|au|av|aw|ax|ay|az|ba|bb|bc|bd|be|bf|bg|bh|bi|bj|bk|bl|bm|bn|bo|bp|bq|br|bs|bt|bu|bv|bw|bx|by|bz|ca|cc|cd|ce|cf|cg|ch|ci|cj|ck|cl|cm|cn|co|cp|cq|cr|cs|ct|cu|cv|cw|cx|cy|cz|da|db|dc|dd|de|df|dk|dl|dm|dn"; exit 2 ;;
 esac
