@@ -222,6 +222,11 @@ default_run() {
 POOLLATE="import sys, runpy, common; ahead, comp = common.compile_ahead, common.compile_model; common.compile_ahead = lambda model, compiling: ahead(model, False); common.compile_model = lambda model: (ahead(model, True), comp(model)); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 # python3 -c "$MSAMCOMPILE" SCRIPT ARGS...: SCRIPT with MobileSAM's blocks compiled as ViT's are (call af).
 MSAMCOMPILE="import sys, runpy, common; common.should_compile = lambda args, device: device.type == 'cuda' and not args.no_compile; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+# speed_probe.py vitb3 with the variants $1 (PROBE_VITB3, comma-separated), in at most $2 seconds (calls dl, dm).
+vitb3_variants() {
+  PROBE_VITB3=$1 timeout $2 python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3 > /tmp/runs/vitb3.log 2>&1
+  grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-400
+}
 case "$1" in
 g)
   # Speed issue, step graphs: a solo default lora run (end to end), ViT-B LoRA configs with the whole step as a
@@ -1313,18 +1318,14 @@ dl)
   # Speed issue: floors for the graphed ViT-B LoRA step, each on top of the ones before: the global blocks' attention
   # without the rel-pos term (SDPA), the decoder side compiled, the residual stream in bf16, no global attention,
   # no attention at all.
-  PROBE_VITB3=now,global_no_term,decoder_compiled,bf16_stream,global_none,windows_none timeout 500 python3 scripts/speed_probe.py \
-    vitb3 --out /tmp/runs/vitb3 > /tmp/runs/vitb3.log 2>&1
-  grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-400; save
+  vitb3_variants now,global_no_term,decoder_compiled,bf16_stream,global_none,windows_none 500; save
   ;;
 dm)
   # Speed issue: the MLP's GELU kernels against pointwise kernels that move the same bytes (speed_probe.py gelu), then
   # dl's first floors once more in a second process.
   timeout 200 python3 scripts/speed_probe.py gelu --out /tmp/runs/gelu > /tmp/runs/gelu.log 2>&1
   grep -E "^gelu|Error" /tmp/runs/gelu.log | cut -c1-1500; save
-  PROBE_VITB3=now,global_no_term,decoder_compiled timeout 300 python3 scripts/speed_probe.py vitb3 --out /tmp/runs/vitb3 \
-    > /tmp/runs/vitb3.log 2>&1
-  grep -E "^vitb3|Error" /tmp/runs/vitb3.log | cut -c1-400; save
+  vitb3_variants now,global_no_term,decoder_compiled 300; save
   ;;
 dn)
   # After the data arguments moved before the model (8a50d65): every method on DRIVE with MobileSAM (100 steps), and a
