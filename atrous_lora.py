@@ -29,12 +29,13 @@ Everything else is reconstructed, and these choices are ours:
   neighbourhood (a whole TinyViT window). Global ViT blocks (64x64 grid at 1024) keep the same rates: their
   attention is already global, and the pooling branch gives the image-level context.
 * q and v have separate AAMs (the query decides where to look, the value what is carried; they need not
-  want the same context), run together as grouped convolutions (groups=2), so two AAMs cost the kernel
-  launches of one.
+  want the same context), run together as grouped convolutions (groups=2): one module, two paths.
 * Grids: SAM's ViT hands qkv (B', h, w, C) tokens already; TinyViT hands flat windows (B*nW, ws*ws, C),
   row-major, reshaped to (B*nW, ws, ws, C) with the block's window size.
+* The recipe is lora.py's (loss, optimiser, schedule, batch, steps, input size, what trains); the paper's
+  own recipe could not be read.
 
-Run:  python atrous_lora.py --data drive --data-root ../shared/data/DRIVE --split salt
+Run:  python atrous_lora.py --data drive --data-root path/to/DRIVE --split salt
 """
 import math
 
@@ -43,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from data import UserError, load_data
+from data import UserError
 
 
 def parse_args(argv=None):
@@ -67,19 +68,31 @@ def parse_rates(text):
     return rates
 
 
+# ----------------------------------------------------------------------------------------------------
+# The adapter (needs only torch and segment_anything: copy it from here to the end of inject)
+# ----------------------------------------------------------------------------------------------------
+
+def encoder_attentions(image_encoder):
+    """(attention, heads) of every image-encoder attention, as in lora.py: heads None for SAM's ViT (qkv
+    output [q | k | v]), the head count for TinyViT (qkv output per head [q_h | k_h | v_h])."""
+    if hasattr(image_encoder, "blocks"):
+        return [(blk.attn, None) for blk in image_encoder.blocks]
+    return [(blk.attn, blk.attn.num_heads) for layer in image_encoder.layers[1:] for blk in layer.blocks]
+
+
+def qv_update(dq, dv, heads):
+    """[dq | 0 | dv] laid out as the qkv output keeps q, k and v, as in lora.py."""
+    dk = torch.zeros_like(dq)
+    if heads is None:
+        return torch.cat([dq, dk, dv], -1)
+    return torch.stack([t.unflatten(-1, (heads, -1)) for t in (dq, dk, dv)], -2).flatten(-3)
+
+
 class AtrousAttention(nn.Module):
     """The Atrous Attention Module on the bottleneck tokens of `paths` low-rank paths at once.
 
     Input and output: tokens (B', h, w, paths*r) or flat (B', side*side, paths*r). Channels [i*r:(i+1)*r]
-    belong to path i (q, v); every conv is grouped by path, so the paths share no weights but one call.
-    `reference()` computes the module branch by branch, as described above; `compute()` computes the same
-    thing in five convolution calls instead of eight, with no broadcast map (see there), and a test checks
-    that they agree; `forward()` runs compute().
-
-    Speed: forward and backward are about a hundred small operations on 8-channel maps, on which eager
-    PyTorch spends 4-6 ms of CPU per block against 0.7-1.3 ms of GPU work (profiled on the H100,
-    scripts/aam_speed.py). Eager steps wait on Python; replayed from a CUDA graph (common.TrainStep,
-    which this method's training uses) they do not."""
+    belong to path i (q, v); every conv is grouped by path, so the paths share no weights but one call."""
 
     def __init__(self, rank, rates, paths=2, side=None, device=None):
         super().__init__()
@@ -93,53 +106,17 @@ class AtrousAttention(nn.Module):
         self.fuse = nn.Conv2d((len(rates) + 2) * c, c, 1, groups=g, device=device)
         self.gate = nn.Conv2d(c, c, 1, groups=g, device=device)  # attention weights alpha = sigmoid(gate(F))
 
-    def _grid(self, tokens):
-        if tokens.dim() == 3:  # TinyViT: (B', ws*ws, c) row-major in each window -> (B', ws, ws, c)
-            tokens = tokens.unflatten(1, (self.side, self.side))
-        return tokens.permute(0, 3, 1, 2)  # (B', c, h, w), channels-last in memory: no copy
-
-    def reference(self, tokens):
-        """The module branch by branch: eight convolutions, the pooled branch broadcast to the grid."""
-        z = self._grid(tokens)
+    def forward(self, tokens):
+        z = tokens
+        if z.dim() == 3:  # TinyViT: (B', ws*ws, c) row-major in each window -> (B', ws, ws, c)
+            z = z.unflatten(1, (self.side, self.side))
+        z = z.permute(0, 3, 1, 2)  # (B', c, h, w)
         h, w = z.shape[-2:]
-        pooled = self.pool(z.mean((2, 3), keepdim=True)).expand(-1, -1, h, w)
+        pooled = self.pool(z.mean((2, 3), keepdim=True)).expand(-1, -1, h, w)  # image-level branch
         branches = torch.stack([self.point(z), *(conv(z) for conv in self.atrous), pooled], 1)  # (B', nb, c, h, w)
         # the grouped fuse conv wants each path's channels together: (B', nb, paths, r) -> (B', paths, nb, r)
         branches = branches.unflatten(2, (self.paths, -1)).transpose(1, 2).flatten(1, 3)
         fused = self.fuse(F.gelu(branches))  # F: (B', c, h, w)
-        out = z + torch.sigmoid(self.gate(fused)) * fused  # plain LoRA's z, plus the gated multi-scale map
-        return out.permute(0, 2, 3, 1).reshape(tokens.shape)
-
-    def spatial_kernel(self):
-        """The 1x1 and the dilated 3x3 branches as one K x K kernel, K = 2*max(rate)+1: a 3x3 conv with
-        dilation d is a K x K conv whose taps sit at the centre +- d and are zero elsewhere.
-        Returns weight (paths*ns*r, r, K, K) and bias (paths*ns*r,), output channels ordered (path, branch, r),
-        ns = 1 + len(rates): the order the grouped fuse conv reads its input in."""
-        g, r, reach = self.paths, self.rank, max(self.rates)
-        size, ns = 2 * reach + 1, 1 + len(self.rates)
-        weight = self.point.weight.new_zeros(g, ns, r, r, size, size)
-        weight[:, 0, :, :, reach, reach] = self.point.weight.view(g, r, r)
-        for i, (d, conv) in enumerate(zip(self.rates, self.atrous), start=1):
-            weight[:, i, :, :, reach - d:reach + d + 1:d, reach - d:reach + d + 1:d] = conv.weight.view(g, r, r, 3, 3)
-        bias = torch.stack([self.point.bias.view(g, r), *(conv.bias.view(g, r) for conv in self.atrous)], 1)
-        return weight.flatten(0, 2), bias.flatten()
-
-    def forward(self, tokens):
-        return self.compute(tokens)
-
-    def compute(self, tokens):
-        """As reference(), in fewer operations on the (B', 2r, h, w) maps: the four spatial branches run as
-        one conv (spatial_kernel), and the pooled branch, constant over the grid, enters the fuse conv as a
-        per-image bias instead of being broadcast to (B', c, h, w) and concatenated."""
-        z = self._grid(tokens)  # (B', c, h, w)
-        g, r, ns = self.paths, self.rank, 1 + len(self.rates)
-        weight, bias = self.spatial_kernel()
-        spatial = F.conv2d(z, weight, bias, padding=max(self.rates), groups=g)  # (B', g*ns*r, h, w)
-        fuse_spatial = self.fuse.weight.view(g, r, ns + 1, r)[:, :, :ns].reshape(g * r, ns * r, 1, 1)
-        fuse_pooled = self.fuse.weight.view(g, r, ns + 1, r)[:, :, ns].reshape(g * r, r, 1, 1)
-        pooled = F.gelu(self.pool(z.mean((2, 3), keepdim=True)))  # (B', c, 1, 1)
-        pooled_bias = F.conv2d(pooled, fuse_pooled, self.fuse.bias, groups=g)  # (B', c, 1, 1)
-        fused = F.conv2d(F.gelu(spatial), fuse_spatial, groups=g) + pooled_bias  # F: (B', c, h, w)
         out = z + torch.sigmoid(self.gate(fused)) * fused  # plain LoRA's z, plus the gated multi-scale map
         return out.permute(0, 2, 3, 1).reshape(tokens.shape)
 
@@ -150,9 +127,6 @@ class AtrousLoRAQKV(nn.Linear):
     As LoRAQKV in lora.py: subclasses nn.Linear and keeps the frozen weight and bias under the same names
     (checkpoint keys unchanged); `heads=None`: output [q | k | v] (SAM's ViT), `heads=h`: per head
     [q_1 k_1 v_1 | q_2 k_2 v_2 | ...] (MobileSAM's TinyViT), whose flat window tokens have grid `side`."""
-    # the AAM's convolutions and pooling mix the tokens of a window, padding included (its zero tokens get a
-    # non-zero update from the convolutions' biases): windowed ViT blocks keep stock SAM's padded windows
-    tokenwise = False
 
     def __init__(self, qkv: nn.Linear, rank: int, rates, heads=None, side=None):
         super().__init__(qkv.in_features, qkv.out_features, bias=qkv.bias is not None, device="meta")
@@ -170,11 +144,10 @@ class AtrousLoRAQKV(nn.Linear):
 
     def forward(self, x):
         # x: (B, H, W, d) for ViT (windowed: (B*nW, 14, 14, d)); (B*nW, ws*ws, d) for TinyViT
-        down = F.linear(x, torch.cat([self.lora_A_q.weight, self.lora_A_v.weight]))  # [A_q x | A_v x]: x read once
-        z = self.lora_aam(down)  # (..., 2r): [q path | v path]
-        # W x + b + [B_q z_q | 0 | B_v z_v], (..., 3*width), q and v where the layout keeps them
-        return common.linear_with_qv_update(x, self.weight, self.bias, z, self.lora_B_q.weight,
-                                            self.lora_B_v.weight, self.heads)
+        z = self.lora_aam(torch.cat([self.lora_A_q(x), self.lora_A_v(x)], -1))  # AAM([A_q x | A_v x]), (..., 2r)
+        z_q, z_v = z.chunk(2, -1)
+        dq, dv = self.lora_B_q(z_q), self.lora_B_v(z_v)  # B_q AAM(A_q x), B_v AAM(A_v x)
+        return F.linear(x, self.weight, self.bias) + qv_update(dq, dv, self.heads)  # W x + b + [dq | 0 | dv]
 
 
 def grid_sides(image_encoder):
@@ -187,40 +160,41 @@ def grid_sides(image_encoder):
     return sides
 
 
-def inject(model, rank, rates):
+def inject(sam, rank, rates):
     """Wrap every encoder attention's qkv; train the low-rank paths, their AAMs and the mask decoder."""
-    sides = grid_sides(model.image_encoder)
-    for attn, heads in common.encoder_attentions(model.image_encoder):
+    sides = grid_sides(sam.image_encoder)
+    for attn, heads in encoder_attentions(sam.image_encoder):
         limit = min(attn.qkv.in_features, attn.qkv.out_features // 3)
         if not 0 < rank <= limit:
-            raise UserError(f"--rank {rank} does not fit: it must be between 1 and {limit} for this model.")
+            raise ValueError(f"--rank {rank} does not fit: it must be between 1 and {limit} for this model.")
         if max(rates) >= sides[attn]:  # every off-centre tap would read padding: the branch is a 1x1 conv
-            raise UserError(f"--rates {','.join(map(str, rates))}: rate {max(rates)} does not fit the "
-                            f"{sides[attn]}x{sides[attn]} token grid of this model's attention; use rates "
-                            f"below {sides[attn]}.")
+            raise ValueError(f"--rates {','.join(map(str, rates))}: rate {max(rates)} does not fit the "
+                             f"{sides[attn]}x{sides[attn]} token grid of this model's attention; use rates "
+                             f"below {sides[attn]}.")
         attn.qkv = AtrousLoRAQKV(attn.qkv, rank, rates, heads, side=sides[attn])
-    for name, p in model.named_parameters():
+    for name, p in sam.named_parameters():
         p.requires_grad = "lora_" in name
-    common.train_decoder(model)
+    sam.mask_decoder.requires_grad_(True)  # as lora.py (SAMed)
+    sam.prompt_encoder.no_mask_embed.requires_grad_(True)
 
+
+# ----------------------------------------------------------------------------------------------------
+# Using it
+# ----------------------------------------------------------------------------------------------------
 
 def adapter_parameter_count(model, rank, n_rates):
     """Per attention, two paths of A (d*r) + B (r*width) + AAM. One path's AAM, r channels in and out:
     1x1, pooling 1x1 and gate 1x1 (r*r + r each), n_rates 3x3 convs (9*r*r + r each), fuse ((n_rates+2)*r*r + r)."""
     aam = 3 * (rank * rank + rank) + n_rates * (9 * rank * rank + rank) + (n_rates + 2) * rank * rank + rank
     return sum(2 * (rank * (attn.qkv.in_features + attn.qkv.out_features // 3) + aam)
-               for attn, _ in common.encoder_attentions(model.image_encoder))
+               for attn, _ in encoder_attentions(model.image_encoder))
 
 
 def main(argv=None):
     args = parse_args(argv)
     rates = parse_rates(args.rates)
-    device = common.setup(args, "atrous_lora", gpu_steps=1000)  # lora.py's budget: same steps, fair comparison
-    model = common.load_sam(args, device)
-    inject(model, args.rank, rates)
-    model.to(device)
-    train_set, test_set = load_data(args, device)
-    return common.run(model, train_set, test_set, args, device, cuda_graph=True)  # default_loss: capturable
+    # lora.py's budget (1000 GPU steps): the same steps, a fair comparison
+    return common.main(args, "atrous_lora", inject=lambda model: inject(model, args.rank, rates))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ the paper's "1.8% = 11.7 M" implies SAM ViT-H and is not copied:
   vit_h:      5,523,650 of 642,555,662 (0.86%): LoRA 2,293,760, the rest as above
 (The totals are below stock SAM's because the factorised projections replace 0.6 M dense weights.)
 
-Run:  python balr_sam.py --data drive --data-root ../shared/data/DRIVE --split salt
+Run:  python balr_sam.py --data drive --data-root path/to/DRIVE --split salt
       python balr_sam.py --measure-decoder          # decoder memory / time, dense vs low-rank
 """
 import copy
@@ -60,7 +60,6 @@ import torch.nn.functional as F
 from segment_anything.modeling.transformer import Attention
 
 import common
-from data import UserError, load_data
 
 
 def parse_args(argv=None):
@@ -79,6 +78,7 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The adapter (needs only torch and segment_anything: copy it from here to the end of inject)
 # 1. CDEN: the boundary-detail CNN
 # ----------------------------------------------------------------------------------------------------
 
@@ -125,10 +125,24 @@ class CDEN(nn.Module):
 # 2. LoRA in the ViT blocks: q/v of the attention (as lora.py) and both MLP linears
 # ----------------------------------------------------------------------------------------------------
 
+def encoder_attentions(image_encoder):
+    """(attention, heads) of every image-encoder attention, as in lora.py."""
+    if hasattr(image_encoder, "blocks"):
+        return [(blk.attn, None) for blk in image_encoder.blocks]
+    return [(blk.attn, blk.attn.num_heads) for layer in image_encoder.layers[1:] for blk in layer.blocks]
+
+
+def qv_update(dq, dv, heads):
+    """[dq | 0 | dv] laid out as the qkv output keeps q, k and v, as in lora.py."""
+    dk = torch.zeros_like(dq)
+    if heads is None:
+        return torch.cat([dq, dk, dv], -1)
+    return torch.stack([t.unflatten(-1, (heads, -1)) for t in (dq, dk, dv)], -2).flatten(-3)
+
+
 class LoRAQKV(nn.Linear):
     """As lora.py: frozen qkv plus trainable low-rank updates of q and v. `heads=None`: output [q | k | v]
     (SAM's ViT); `heads=h`: per head [q_1 k_1 v_1 | q_2 k_2 v_2 | ...] (MobileSAM's TinyViT)."""
-    tokenwise = True  # per token, a zero token gives the bias: no window padding needed (common.tokenwise)
 
     def __init__(self, qkv: nn.Linear, rank: int, heads=None):
         super().__init__(qkv.in_features, qkv.out_features, bias=qkv.bias is not None, device="meta")
@@ -146,10 +160,8 @@ class LoRAQKV(nn.Linear):
 
     def forward(self, x):
         # x: (B, H, W, d) for ViT (windowed: (B*nW, 14, 14, d)); (B*nW, ws*ws, d) for TinyViT
-        down = F.linear(x, torch.cat([self.lora_A_q.weight, self.lora_A_v.weight]))  # [A_q x | A_v x]: x read once
-        # W x + b + [B_q A_q x | 0 | B_v A_v x], q and v where the layout keeps them
-        return common.linear_with_qv_update(x, self.weight, self.bias, down, self.lora_B_q.weight,
-                                            self.lora_B_v.weight, self.heads)
+        dq, dv = self.lora_B_q(self.lora_A_q(x)), self.lora_B_v(self.lora_A_v(x))
+        return F.linear(x, self.weight, self.bias) + qv_update(dq, dv, self.heads)  # W x + b + [dq | 0 | dv]
 
 
 class LoRALinear(nn.Linear):
@@ -209,31 +221,20 @@ def factorise_decoder(mask_decoder, rank):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The model: CDEN joins before and inside the decoder
+# Where CDEN joins SAM: two forward hooks, so that SAM's modules and state-dict keys stay as they are
 # ----------------------------------------------------------------------------------------------------
 
-class BalrSam(common.PromptFreeSam):
-    """PromptFreeSam whose decode adds CDEN's features to the image embedding and to the upscaled mask
-    features. Made from a loaded model by `inject` (class swap), so SAM's parameter names are unchanged."""
+def add_detail_to_embedding(sam, image_encoder, inputs, embedding):
+    """Forward hook on the image encoder: CDEN reads the same normalised image (B, 3, S, S) and adds its
+    1/16 map to the embedding (B, D, S/16, S/16); its 1/4 map waits for the mask decoder."""
+    to_embedding, sam.cden.to_mask_features = sam.cden(inputs[0])
+    return embedding + to_embedding
 
-    def decode(self, embeddings, images):
-        x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
-        to_embedding, to_mask = self.cden(x)
-        embeddings = embeddings + to_embedding  # (B, D, h, w), h = S/16
-        # MaskDecoder.predict_masks, re-written to add `to_mask` before the hypernetwork product. The prompt
-        # embeddings stay at batch 1 (as PromptFreeSam.decode); they broadcast over the B images.
-        dec = self.mask_decoder
-        sparse, dense = self.prompt_encoder(points=None, boxes=None, masks=None)  # (1, 0, D), (1, D, h, w)
-        tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], 0)[None]  # (1, 1 + T, D)
-        tokens = torch.cat([tokens, sparse], 1)
-        b, c, h, w = embeddings.shape
-        hs, src = dec.transformer(embeddings + dense, self.prompt_encoder.get_dense_pe(), tokens)
-        n = self.num_classes + 1  # background + classes; SAM's spare mask tokens (up to 4) make no mask
-        mask_tokens = hs[:, 1:1 + n]  # (B, n, D); the IoU token is not used prompt-free
-        upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))  # (B, D/8, 4h, 4w)
-        upscaled = upscaled + to_mask  # boundary detail from CDEN at 1/4 scale
-        hyper = torch.stack([dec.output_hypernetworks_mlps[i](mask_tokens[:, i]) for i in range(n)], 1)
-        return (hyper @ upscaled.flatten(2)).view(b, n, 4 * h, 4 * w)  # (B, n, S/4, S/4)
+
+def add_detail_to_mask_features(sam, upscaling, inputs, upscaled):
+    """Forward hook on the decoder's output upscaling: CDEN's 1/4 map (B, D/8, S/4, S/4) joins the upscaled
+    features right before the hypernetwork product forms the masks."""
+    return upscaled + sam.cden.to_mask_features
 
 
 def encoder_mlps(image_encoder):
@@ -244,30 +245,36 @@ def encoder_mlps(image_encoder):
     return [(blk.mlp, "fc1", "fc2") for layer in image_encoder.layers[1:] for blk in layer.blocks]
 
 
-def inject(model, args):
+def inject(sam, rank=4, decoder_rank=32, cden_width=32):
     """LoRA in the encoder blocks, low-rank decoder attention, CDEN; train those and the mask decoder."""
-    if args.cden_width < 16 or args.cden_width % 16:
-        raise UserError(f"--cden-width {args.cden_width} must be a positive multiple of 16 (GroupNorm uses 8 "
-                        f"groups at half that width); use e.g. 32.")
-    if args.decoder_rank < 0:
-        raise UserError(f"--decoder-rank {args.decoder_rank} is negative; give a rank, or 0 for dense projections.")
-    device = model.pixel_mean.device
-    for attn, heads in common.encoder_attentions(model.image_encoder):
+    import functools
+    if cden_width < 16 or cden_width % 16:
+        raise ValueError(f"--cden-width {cden_width} must be a positive multiple of 16 (GroupNorm uses 8 "
+                         f"groups at half that width); use e.g. 32.")
+    if decoder_rank < 0:
+        raise ValueError(f"--decoder-rank {decoder_rank} is negative; give a rank, or 0 for dense projections.")
+    for attn, heads in encoder_attentions(sam.image_encoder):
         limit = min(attn.qkv.in_features, attn.qkv.out_features // 3)
-        if not 0 < args.rank <= limit:
-            raise UserError(f"--rank {args.rank} does not fit: it must be between 1 and {limit} for this model.")
-        attn.qkv = LoRAQKV(attn.qkv, args.rank, heads)
-    for mlp, *names in encoder_mlps(model.image_encoder):
+        if not 0 < rank <= limit:
+            raise ValueError(f"--rank {rank} does not fit: it must be between 1 and {limit} for this model.")
+        attn.qkv = LoRAQKV(attn.qkv, rank, heads)
+    for mlp, *names in encoder_mlps(sam.image_encoder):
         for name in names:
-            setattr(mlp, name, LoRALinear(getattr(mlp, name), args.rank))
-    if args.decoder_rank > 0:
-        factorise_decoder(model.mask_decoder, args.decoder_rank)
-    model.__class__ = BalrSam
-    model.cden = CDEN(args.cden_width, model.mask_decoder.transformer_dim).to(device)
-    for name, p in model.named_parameters():
+            setattr(mlp, name, LoRALinear(getattr(mlp, name), rank))
+    if decoder_rank > 0:
+        factorise_decoder(sam.mask_decoder, decoder_rank)
+    sam.cden = CDEN(cden_width, sam.mask_decoder.transformer_dim).to(sam.mask_decoder.iou_token.weight.device)
+    sam.image_encoder.register_forward_hook(functools.partial(add_detail_to_embedding, sam))
+    sam.mask_decoder.output_upscaling.register_forward_hook(functools.partial(add_detail_to_mask_features, sam))
+    for name, p in sam.named_parameters():
         p.requires_grad = "lora_" in name or name.startswith("cden.")
-    common.train_decoder(model)
+    sam.mask_decoder.requires_grad_(True)  # as lora.py (SAMed)
+    sam.prompt_encoder.no_mask_embed.requires_grad_(True)
 
+
+# ----------------------------------------------------------------------------------------------------
+# Using it
+# ----------------------------------------------------------------------------------------------------
 
 def trainable_by_part(model):
     """Trainable parameters of each component, for metrics.json."""
@@ -352,11 +359,11 @@ def measure_decoder(model, rank, batch_size, device, repeats):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.setup(args, "balr_sam", gpu_steps=1000)
-    model = common.load_sam(args, device)
     if args.measure_decoder:
+        device = common.setup(args, "balr_sam", gpu_steps=1000)
+        model = common.load_sam(args, device)
         bench = measure_decoder(model, args.decoder_rank or 32, args.batch_size, device,
-                               repeats=20 if device.type == "cuda" else 5)
+                                repeats=20 if device.type == "cuda" else 5)
         for label, r in bench["results"].items():
             mib = lambda v: "n/a (CPU)" if v is None else f"{v:.1f} MiB"
             print(f"{label:16s} decoder {r['decoder_params']:,} params (q/k/v {r['qkv_params']:,})  "
@@ -366,15 +373,10 @@ def main(argv=None):
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "decoder_benchmark.json").write_text(json.dumps(bench, indent=1))
         return bench
-    inject(model, args)
-    model.to(device)
-    if common.predict_or_export(model, args, device):  # CDEN runs at inference: no merged export
-        return None
-    if common.should_compile(args, device):
-        model.cden.compile()  # common.run's compile_model compiles the encoder blocks, not the CDEN
-    train_set, test_set = load_data(args, device)
-    return common.run(model, train_set, test_set, args, device,
-                      extra_metrics=dict(trainable_by_part=trainable_by_part(model)), cuda_graph=True)
+    # CDEN runs at inference: no merged export
+    return common.main(args, "balr_sam", inject=lambda model: inject(model, args.rank, args.decoder_rank,
+                                                                     args.cden_width),
+                       describe=lambda model: dict(trainable_by_part=trainable_by_part(model)))
 
 
 if __name__ == "__main__":

@@ -11,9 +11,15 @@ What the method does, in the order of this file:
 2. Train the mask decoder too (SAMed trains it, and its mask tokens are re-purposed as one per class:
    background + each foreground class, scored by a softmax).
 3. No prompts: the prompt encoder's "no mask" embedding is the only prompt the decoder ever sees.
-Loss 0.2 CE + 0.8 Dice, AdamW, linear warm-up then polynomial decay, as SAMed (changes in common.py).
 
-Run:  python lora.py --data drive --data-root ../shared/data/DRIVE --split salt
+Differences from SAMed's recipe (common.py holds the loop every method shares):
+  what            SAMed                                   this file
+  loss            0.2 CE + 0.8 Dice on 4x smaller labels  0.2 CE + 0.8 Dice on full-size labels, foreground Dice
+  optimiser       AdamW, lr 5e-3, weight decay 0.1        AdamW, lr 1e-3, weight decay 0.01
+  schedule        250 warm-up steps, poly decay 0.9       50 warm-up steps, poly decay 0.9
+  batch, length   24, about 160 epochs                    8, 1000 steps
+  input           ViT-B at 512                            MobileSAM at 1024 by default; crops of 1/zoom (DRIVE: 2)
+  augmentation    flips, rotations (random)               flip, rotation +-10 deg, brightness (SALT's)
 """
 import math
 
@@ -22,7 +28,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from data import UserError, load_data
 
 
 def parse_args(argv=None):
@@ -31,15 +36,33 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# ----------------------------------------------------------------------------------------------------
+# The adapter (needs only torch and segment_anything: copy it from here to the end of inject)
+# ----------------------------------------------------------------------------------------------------
+
+def encoder_attentions(image_encoder):
+    """(attention, heads) of every image-encoder attention. SAM's ViT: its qkv output is [q | k | v] over
+    tokens (B, H, W, C) (heads None). MobileSAM's TinyViT: its qkv output is per head [q_h | k_h | v_h] over
+    flat window tokens (B*nW, ws*ws, C), so the head count is needed to place q and v."""
+    if hasattr(image_encoder, "blocks"):
+        return [(blk.attn, None) for blk in image_encoder.blocks]
+    return [(blk.attn, blk.attn.num_heads) for layer in image_encoder.layers[1:] for blk in layer.blocks]
+
+
+def qv_update(dq, dv, heads):
+    """[dq | 0 | dv] (..., 3*width) laid out as the qkv output keeps q, k and v: whole (heads None) or per
+    head [dq_h | 0 | dv_h] (TinyViT)."""
+    dk = torch.zeros_like(dq)
+    if heads is None:
+        return torch.cat([dq, dk, dv], -1)
+    return torch.stack([t.unflatten(-1, (heads, -1)) for t in (dq, dk, dv)], -2).flatten(-3)
+
+
 class LoRAQKV(nn.Linear):
     """A frozen qkv projection plus trainable low-rank updates of its q and v outputs.
 
     Subclasses nn.Linear and keeps the frozen weight under the same name, so `...attn.qkv.weight` still
-    loads from a SAM checkpoint. `heads=None`: output laid out [q | k | v] (SAM's ViT); `heads=h`: laid out
-    per head [q_1 k_1 v_1 | q_2 k_2 v_2 | ...] (MobileSAM's TinyViT)."""
-    # each token's output depends on that token alone, and a zero token gives the bias: windowed ViT blocks
-    # need not pad their windows (common.tokenwise)
-    tokenwise = True
+    loads from a SAM checkpoint."""
 
     def __init__(self, qkv: nn.Linear, rank: int, heads=None):
         super().__init__(qkv.in_features, qkv.out_features, bias=qkv.bias is not None, device="meta")
@@ -56,37 +79,39 @@ class LoRAQKV(nn.Linear):
 
     def forward(self, x):
         # x: (B, H, W, d) for ViT (windowed: (B*nW, 14, 14, d)); (B*nW, ws*ws, d) for TinyViT
-        # A_q x and A_v x as one product with [A_q; A_v]: x is read once, and the backward writes one
-        # gradient for it (ViT-B LoRA step on the H100: 86.8 -> 85.6 ms)
-        down = F.linear(x, torch.cat([self.lora_A_q.weight, self.lora_A_v.weight]))  # (..., 2r)
-        # W x + b + [B_q A_q x | 0 | B_v A_v x] (TinyViT: per-head order), (..., 3*width); see
-        # linear_with_qv_update for how
-        return common.linear_with_qv_update(x, self.weight, self.bias, down, self.lora_B_q.weight,
-                                            self.lora_B_v.weight, self.heads)
+        dq = self.lora_B_q(self.lora_A_q(x))  # B_q A_q x, (..., width)
+        dv = self.lora_B_v(self.lora_A_v(x))  # B_v A_v x
+        return F.linear(x, self.weight, self.bias) + qv_update(dq, dv, self.heads)  # W x + b + [dq | 0 | dv]
 
     def merged_weight(self):
-        """W + ΔW as one (3*width, d_in) matrix: the update folded into the frozen weight."""
+        """W + [B_q A_q; 0; B_v A_v] as one (3*width, d_in) matrix: the update folded into the frozen weight."""
         dq = self.lora_B_q.weight @ self.lora_A_q.weight  # (width, d_in)
         dv = self.lora_B_v.weight @ self.lora_A_v.weight
-        return self.weight + common.place_qv(dq.T, dv.T, self.heads).T
+        return self.weight + qv_update(dq.T, dv.T, self.heads).T
 
 
-def inject(model, rank):
-    """Wrap every encoder attention's qkv; train the LoRA paths and the mask decoder."""
-    for attn, heads in common.encoder_attentions(model.image_encoder):
+def inject(sam, rank):
+    """Wrap every encoder attention's qkv of `sam` (any module holding SAM's image_encoder, prompt_encoder
+    and mask_decoder); train the LoRA paths, the mask decoder and the no-mask embedding (SAMed)."""
+    for attn, heads in encoder_attentions(sam.image_encoder):
         limit = min(attn.qkv.in_features, attn.qkv.out_features // 3)
         if not 0 < rank <= limit:
-            raise UserError(f"--rank {rank} does not fit: it must be between 1 and {limit} for this model.")
+            raise ValueError(f"--rank {rank} does not fit: it must be between 1 and {limit} for this model.")
         attn.qkv = LoRAQKV(attn.qkv, rank, heads)
-    for name, p in model.named_parameters():
+    for name, p in sam.named_parameters():
         p.requires_grad = "lora_" in name
-    common.train_decoder(model)
+    sam.mask_decoder.requires_grad_(True)
+    sam.prompt_encoder.no_mask_embed.requires_grad_(True)  # the only prompt embedding used without prompts
 
+
+# ----------------------------------------------------------------------------------------------------
+# Using it
+# ----------------------------------------------------------------------------------------------------
 
 def lora_parameter_count(model, rank):
     """The formula the tests check: per attention, two paths of r·(d_in + width)."""
     return sum(2 * rank * (attn.qkv.in_features + attn.qkv.out_features // 3)
-               for attn, _ in common.encoder_attentions(model.image_encoder))
+               for attn, _ in encoder_attentions(model.image_encoder))
 
 
 def merged_state_dict(model):
@@ -100,14 +125,7 @@ def merged_state_dict(model):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.setup(args, "lora", gpu_steps=1000)
-    model = common.load_sam(args, device)
-    inject(model, args.rank)
-    model.to(device)
-    if common.predict_or_export(model, args, device, merged_state_dict):
-        return None
-    train_set, test_set = load_data(args, device)
-    return common.run(model, train_set, test_set, args, device, cuda_graph=True)  # default_loss: capturable
+    return common.main(args, "lora", inject=lambda model: inject(model, args.rank), merge=merged_state_dict)
 
 
 if __name__ == "__main__":

@@ -49,17 +49,15 @@ Choices of this file (the paper and its code leave them open or do otherwise):
 * Not trained here, unlike the authors' code: pos_embed (0.79 M at their 512 input) and the CLIP text
   branch (this repository is prompt-free).
 
-Run:  python salt.py --data drive --data-root ../shared/data/DRIVE --split salt --rank 4
+Run:  python salt.py --data drive --data-root path/to/DRIVE --split salt --rank 4
 """
 import math
-from collections import OrderedDict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from data import UserError, load_data
 
 
 def parse_args(argv=None):
@@ -89,7 +87,8 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The SALT layer: one mixin holding the SVD and the trainable parts, two subclasses of SAM's own layers
+# The adapter (needs only torch and segment_anything: copy it from here to the end of inject).
+# One mixin holds the SVD and the trainable parts; two subclasses of SAM's own layers use it.
 # ----------------------------------------------------------------------------------------------------
 
 class SALTMixin:
@@ -160,7 +159,6 @@ class SALTMixin:
 
 class SALTLinear(SALTMixin, nn.Linear):
     """A frozen nn.Linear whose weight is W~ = U ReLU(Sigma') Vt; `weight`/`bias` are SAM's, shared not copied."""
-    tokenwise = True  # per token, a zero token gives the bias: no window padding needed (common.tokenwise)
 
     def __init__(self, layer: nn.Linear, top, rank, relu="sigma"):
         super().__init__(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
@@ -184,10 +182,6 @@ class SALTConv2d(SALTMixin, nn.Conv2d):
         return self._conv_forward(x, self.adapted_weight(), self.bias)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Where SALT goes, and what trains
-# ----------------------------------------------------------------------------------------------------
-
 def salt_targets(encoder):
     """(kind, parent module, child name) of every layer SALT adapts, for SAM's ViT and MobileSAM's TinyViT."""
     if hasattr(encoder, "blocks"):  # SAM ViT: blocks.i.attn.{qkv,proj}, blocks.i.mlp.{lin1,lin2}
@@ -206,19 +200,19 @@ def salt_targets(encoder):
 def top_count(value, R):
     """--top-* value -> r: a fraction of R (rounded) below 1, an absolute count from 1 up; clamped to R."""
     if value < 0 or (value >= 1 and value != int(value)):
-        raise UserError(f"--top-* value {value} is neither a fraction in [0, 1) nor a whole count; "
+        raise ValueError(f"--top-* value {value} is neither a fraction in [0, 1) nor a whole count; "
                         f"use e.g. 0.99 or 760.")
     return min(R, round(value * R) if value < 1 else int(value))
 
 
-def inject(model, args):
-    """Replace the target layers by SALT layers (SVD of the loaded weights), set what trains; returns the
-    per-layer-type summary (also printed)."""
+def inject(sam, args):
+    """Replace the target layers of `sam` by SALT layers (SVD of the loaded weights), set what trains.
+    `args`: rank, top_attn, top_mlp, top_neck, relu and s_sam, as the command line's."""
     if args.rank < 0 or (args.rank == 0 and not args.s_sam):
-        raise UserError(f"--rank {args.rank} must be at least 1 (or pass --s-sam for no low-rank part).")
+        raise ValueError(f"--rank {args.rank} must be at least 1 (or pass --s-sam for no low-rank part).")
     fractions = dict(attn=args.top_attn, mlp=args.top_mlp, neck=args.top_neck)
-    summary = OrderedDict()
-    for kind, parent, name in salt_targets(model.image_encoder):
+    summary = {}  # (layer kind, R, top, rank) -> layers
+    for kind, parent, name in salt_targets(sam.image_encoder):
         layer = getattr(parent, name)
         R = min(layer.weight.shape[0], layer.weight[0].numel())
         top = R if args.s_sam else top_count(fractions[kind], R)
@@ -227,14 +221,15 @@ def inject(model, args):
         setattr(parent, name, cls(layer, top, rank, args.relu))
         key = (f"{kind}.{name}", R, top, rank)
         summary[key] = summary.get(key, 0) + 1
-    for pname, p in model.named_parameters():
+    for pname, p in sam.named_parameters():
         p.requires_grad = "salt_" in pname
-    for pname, p in model.image_encoder.named_parameters():
+    for pname, p in sam.image_encoder.named_parameters():
         # the paper's rule: every "norm" parameter of the encoder; TinyViT's norm_head belongs to its unused
         # classification head (not in SAM's forward), so it stays frozen
         if "norm" in pname and not pname.startswith("norm_head"):
             p.requires_grad = True
-    common.train_decoder(model)
+    sam.mask_decoder.requires_grad_(True)  # as lora.py (SAMed)
+    sam.prompt_encoder.no_mask_embed.requires_grad_(True)
 
     lines = []
     for (kind, R, top, rank), n in summary.items():
@@ -292,16 +287,10 @@ def main(argv=None):
     if args.run_name is None:  # tell rank-4, rank-256 and S-SAM runs apart
         label = "ssam" if args.s_sam else f"salt_r{args.rank}"
         args.run_name = f"{label}_{args.data}_{args.model}_s{args.seed}"
-    device = common.setup(args, "salt", gpu_steps=1000)
-    model = common.load_sam(args, device)
-    summary = inject(model, args)
-    model.to(device)
-    if common.predict_or_export(model, args, device, merged_state_dict):
-        return None
-    train_set, test_set = load_data(args, device)
-    return common.run(model, train_set, test_set, args, device, loss_fn=make_loss(args.reg_weight),
-                      extra_metrics=dict(salt_layers=summary, salt_params=salt_parameter_count(model)),
-                      cuda_graph=True)  # the loss and its regulariser are capturable
+    summary = []  # inject's per-layer-type summary, for metrics.json
+    return common.main(args, "salt", inject=lambda model: summary.extend(inject(model, args)),
+                       loss_fn=make_loss(args.reg_weight), merge=merged_state_dict,
+                       describe=lambda model: dict(salt_layers=summary, salt_params=salt_parameter_count(model)))
 
 
 if __name__ == "__main__":

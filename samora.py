@@ -1,8 +1,8 @@
 """SAMora: three self-supervised LoRA experts (image, patch and pixel level), fused by HL-Attn.
 
 Paper: Chen et al., "SAMora: Enhancing SAM through Hierarchical Self-Supervised Pre-Training for Medical
-Images", ICCV 2025, arXiv 2511.08626; code github.com/ShChen233/SAMora (it cannot run as released; see
-../shared/reference/methods.md, section 5). LoRA experts as in lora.py (SAMed).
+Images", ICCV 2025, arXiv 2511.08626; code github.com/ShChen233/SAMora (as released it cannot run: its teachers are built at random and never
+loaded). LoRA experts as in lora.py (SAMed).
 
 What changes relative to lora.py, in the order of this file:
 1. Every image-encoder attention's frozen `qkv` gets three rank-r q/v LoRA experts instead of one:
@@ -42,17 +42,16 @@ Choices that are ours (the paper's teachers are not available, and the released 
   to q and v. The paper's order is kept: patch attends to pixel, then image attends to the result.
   The attention runs over the tokens the frozen attention sees (one window, or the global grid).
 * HL-Attn size and start. The released HL-Attn works at width 768 (about 71 M parameters for ViT-B), and
-  its LayerNorm-ed output perturbs SAM from the first step. Here one shared projection maps every
-  expert's update to width --hl-width (32), computed as (P B_e)(A_e x) so that no d-wide tensor is formed
-  per expert. Two cross-attentions run at that width, and a zero-initialised projection back to q/v makes
-  stage 2 start exactly at stock SAM. ViT-B: 1.30 M HL-Attn parameters; MobileSAM: 0.33 M. The released
+  its LayerNorm-ed output perturbs SAM from the first step. Here one shared projection P maps every
+  expert's update [B_q A_q x | B_v A_v x] to width --hl-width (32). Two cross-attentions run at that
+  width, and a zero-initialised projection back to q/v makes stage 2 start exactly at stock SAM. ViT-B: 1.30 M HL-Attn parameters; MobileSAM: 0.33 M. The released
   learnable gates and expert scales start at 1 and are frozen in stage 2. They are identities here.
 * Budget. Stage 1 runs --stage1-steps per expert (300 on a GPU; the released config uses 30 epochs,
   lr 1e-3, wd 0.1). The paper's stage 2 needs about a tenth of SAMed's epochs (20 vs 200). A strict
   tenth of lora.py's 1000 steps would leave the decoder's mask tokens (re-purposed as background and
   classes) under-trained, so stage 2 defaults to 300 steps (measured on DRIVE: Dice 0.8155 at seed 0).
 
-Run:  python samora.py --data drive --data-root ../shared/data/DRIVE --split salt --stage both
+Run:  python samora.py --data drive --data-root path/to/DRIVE --split salt --stage both
       (--label-fraction 0.3: stage 2 sees 4 of the 14 labels; stage 1 still uses all 14 images)
 """
 import argparse
@@ -66,9 +65,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from data import UserError, load_data, load_unlabeled_folder
+from data import UserError, load_unlabeled_folder
 
-EXPERTS = ("image", "patch", "pixel")
 TEMPERATURE = 0.2  # NT-Xent temperature (SimCLR uses 0.1-0.5; the lower end suits small batches)
 MASK_RATIO = 0.75  # MAE's masking ratio
 NOISE_STD = 0.08  # released stage1_pixel config
@@ -99,8 +97,26 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The adapter: three q/v experts per attention, and HL-Attn to fuse them
+# The adapter (needs only torch and segment_anything: copy it from here to the end of set_stage):
+# three q/v experts per attention, and HL-Attn to fuse them
 # ----------------------------------------------------------------------------------------------------
+
+EXPERTS = ("image", "patch", "pixel")  # the three self-supervised levels, in HL-Attn's order
+
+def encoder_attentions(image_encoder):
+    """(attention, heads) of every image-encoder attention, as in lora.py."""
+    if hasattr(image_encoder, "blocks"):
+        return [(blk.attn, None) for blk in image_encoder.blocks]
+    return [(blk.attn, blk.attn.num_heads) for layer in image_encoder.layers[1:] for blk in layer.blocks]
+
+
+def qv_update(dq, dv, heads):
+    """[dq | 0 | dv] laid out as the qkv output keeps q, k and v, as in lora.py."""
+    dk = torch.zeros_like(dq)
+    if heads is None:
+        return torch.cat([dq, dk, dv], -1)
+    return torch.stack([t.unflatten(-1, (heads, -1)) for t in (dq, dk, dv)], -2).flatten(-3)
+
 
 class CrossAttention(nn.Module):
     """x attends to y, both (B', T, w); returns x + attention output. One LayerNorm per input, as the
@@ -119,12 +135,12 @@ class CrossAttention(nn.Module):
 
 
 class HLAttn(nn.Module):
-    """Hierarchical fusion of the three experts' projected q/v updates (B', T, w) each: patch attends to
-    pixel, image attends to the result. Then a zero-initialised map back to a q/v update (B', T, 2*width)."""
+    """Hierarchical fusion of the three experts' q/v updates: each [dq_e | dv_e] (..., 2*qv_width) is
+    projected by the shared P to width w; patch attends to pixel, image attends to the result; a
+    zero-initialised map takes that back to one q/v update (..., 2*qv_width)."""
 
     def __init__(self, qv_width, width, heads):
         super().__init__()
-        self.width = width
         self.proj_in = nn.Linear(2 * qv_width, width, bias=False)  # P: one [dq | dv] update -> width w
         self.patch_from_pixel = CrossAttention(width, heads)
         self.image_from_low = CrossAttention(width, heads)
@@ -133,9 +149,9 @@ class HLAttn(nn.Module):
         nn.init.zeros_(self.proj_out.weight)  # zero: the fused update starts at zero, stage 2 at stock SAM
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, u):
-        lead = u.shape[:-1]  # ViT (B', h, w); TinyViT (B', T)
-        image, patch, pixel = u.reshape(u.shape[0], -1, 3, self.width).unbind(2)  # (B', T, w) each
+    def forward(self, image, patch, pixel):
+        lead = image.shape[:-1]  # ViT (B', h, w); TinyViT (B', T)
+        image, patch, pixel = (self.proj_in(u).flatten(1, -2) for u in (image, patch, pixel))  # (B', T, w) each
         low = self.patch_from_pixel(patch, pixel)
         high = self.image_from_low(image, low)
         return self.proj_out(self.norm(high)).reshape(*lead, -1)  # (..., 2 * qv_width) = [dq | dv]
@@ -162,67 +178,56 @@ class SAMoraQKV(nn.Linear):
                 setattr(self, f"samora_{e}_B_{t}", b)
         self.samora_hl = HLAttn(self.width, hl_width, hl_heads).to(dev)
 
-    @property
-    def tokenwise(self):
-        """A single expert (stage 1) maps each token alone, a zero token to the bias: windowed ViT blocks need
-        no padding (common.tokenwise). HL-Attn's fusion (stage 2) attends across a window's tokens, padding
-        included, so it sees stock SAM's padded windows."""
-        return self.active != "fused"
-
-    def expert(self, e):
-        """Weights A_q (r, d), A_v (r, d), B_q (width, r), B_v (width, r) of expert e."""
-        return [getattr(self, f"samora_{e}_{name}").weight for name in ("A_q", "A_v", "B_q", "B_v")]
+    def expert_update(self, e, x):
+        """Expert e's q/v update [B_q A_q x | B_v A_v x], (..., 2*width)."""
+        A_q, A_v, B_q, B_v = (getattr(self, f"samora_{e}_{name}") for name in ("A_q", "A_v", "B_q", "B_v"))
+        return torch.cat([B_q(A_q(x)), B_v(A_v(x))], -1)
 
     def forward(self, x):
         # x: (B, H, W, d) for ViT (windowed: (B*nW, 14, 14, d)); (B*nW, ws*ws, d) for TinyViT
-        if self.active == "fused":
-            # Each expert's update [B_q A_q x | B_v A_v x] through the shared projection P, computed as
-            # (P B_e)(A_e x): one (d -> 6r) matmul for all experts, then a block-diagonal (6r -> 3w) one.
-            P = self.samora_hl.proj_in.weight  # (w, 2*width)
-            A, M = [], []
-            for e in EXPERTS:
-                Aq, Av, Bq, Bv = self.expert(e)
-                A += [Aq, Av]
-                M.append(torch.cat([P[:, :self.width] @ Bq, P[:, self.width:] @ Bv], 1))  # (w, 2r)
-            u = F.linear(F.linear(x, torch.cat(A)), torch.block_diag(*M))  # (..., 3w): image, patch, pixel
-            dq, dv = self.samora_hl(u).chunk(2, -1)  # (..., width) each
-            out = F.linear(x, self.weight, self.bias)  # (..., 3*width)
-            return out + common.place_qv(dq, dv, self.heads)  # q and v where the layout keeps them
-        # stage 1: one expert's update, as lora.py's LoRAQKV (one down-projection, the shared up-projections)
-        Aq, Av, Bq, Bv = self.expert(self.active)
-        return common.linear_with_qv_update(x, self.weight, self.bias, F.linear(x, torch.cat([Aq, Av])), Bq, Bv,
-                                            self.heads)
+        if self.active == "fused":  # stage 2: HL-Attn fuses the three experts' updates
+            update = self.samora_hl(*(self.expert_update(e, x) for e in EXPERTS))  # image, patch, pixel
+        else:  # stage 1: one expert's update, as lora.py's LoRAQKV
+            update = self.expert_update(self.active, x)
+        dq, dv = update.chunk(2, -1)  # (..., width) each
+        return F.linear(x, self.weight, self.bias) + qv_update(dq, dv, self.heads)  # W x + b + [dq | 0 | dv]
 
 
-def inject(model, rank=4, hl_width=32, hl_heads=4):
+def inject(sam, rank=4, hl_width=32, hl_heads=4):
     """Wrap every encoder attention's qkv. The model starts in stage-2 mode, equal to stock SAM."""
     if hl_width % hl_heads:
-        raise UserError(f"--hl-width {hl_width} is not divisible by --hl-heads {hl_heads}; pick e.g. 32 and 4.")
-    for attn, heads in common.encoder_attentions(model.image_encoder):
+        raise ValueError(f"--hl-width {hl_width} is not divisible by --hl-heads {hl_heads}; pick e.g. 32 and 4.")
+    for attn, heads in encoder_attentions(sam.image_encoder):
         limit = min(attn.qkv.in_features, attn.qkv.out_features // 3)
         if not 0 < rank <= limit:
-            raise UserError(f"--rank {rank} does not fit: it must be between 1 and {limit} for this model.")
+            raise ValueError(f"--rank {rank} does not fit: it must be between 1 and {limit} for this model.")
         attn.qkv = SAMoraQKV(attn.qkv, rank, heads, hl_width, hl_heads)
-    set_stage(model, "fused")
+    set_stage(sam, "fused")
 
 
-def set_stage(model, stage):
+def set_stage(sam, stage):
     """An expert's name: stage 1, only that expert (and the stage-1 head) trains. "fused": stage 2, only
-    HL-Attn and the mask decoder train."""
-    for attn, _ in common.encoder_attentions(model.image_encoder):
+    HL-Attn, the mask decoder and the no-mask embedding train (as lora.py)."""
+    for attn, _ in encoder_attentions(sam.image_encoder):
         attn.qkv.active = stage
     key = "samora_hl." if stage == "fused" else f"samora_{stage}_"
-    for name, p in model.named_parameters():
+    for name, p in sam.named_parameters():
         p.requires_grad = key in name or name.startswith("samora_head.")
     if stage == "fused":
-        common.train_decoder(model)
+        sam.mask_decoder.requires_grad_(True)
+        sam.prompt_encoder.no_mask_embed.requires_grad_(True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Counting
+# ----------------------------------------------------------------------------------------------------
 
 
 def hl_parameter_count(model, hl_width):
     """HL-Attn's size per attention: in 2W·w, two cross-attentions 2(4w² + 8w), norm 2w, out 2W·w + 2W."""
     w = hl_width
     return sum(4 * W * w + 2 * W + 8 * w * w + 18 * w
-               for W in (a.qkv.out_features // 3 for a, _ in common.encoder_attentions(model.image_encoder)))
+               for W in (a.qkv.out_features // 3 for a, _ in encoder_attentions(model.image_encoder)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -279,7 +284,7 @@ def nt_xent(z1, z2, temperature=TEMPERATURE):
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
     sim = (z @ z.T / temperature).masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf"))
     B = len(z1)
-    partner = torch.cat([torch.arange(B, 2 * B), torch.arange(B)]).to(z.device)
+    partner = torch.arange(2 * B, device=z.device).roll(B)  # view i's partner: i + B, and i - B
     return F.cross_entropy(sim, partner)
 
 
@@ -424,49 +429,46 @@ def load_experts(path, model, args):
     return ckpt["stage1"]
 
 
+def stage_one(model, train_set, run_dir, args):
+    """Before the labelled stage: train the three experts on the training images without their labels
+    (plus --unlabeled), or load them (--stage 2 --experts). Returns the stage-1 record for metrics.json,
+    or None after --stage 1, which ends there."""
+    device = model.pixel_mean.device
+    if args.stage == "2":
+        return dict(stage1=load_experts(args.experts, model, args))
+    if args.stage1_steps is None:
+        args.stage1_steps = 300 if device.type == "cuda" else min(10, args.steps)
+    images = train_set.images  # the labels are never read in stage 1
+    if args.unlabeled:
+        images = torch.cat([images, load_unlabeled_folder(args.unlabeled, args.zoom * args.img_size, device)])
+    teachers = dict(image=args.image_teacher and load_teacher(args.image_teacher, device),
+                    patch=args.patch_teacher and load_teacher(args.patch_teacher, device))
+    stage1 = dict(images=len(images), steps_per_expert=args.stage1_steps,
+                  experts={e: pretrain_expert(model, images, e, args, device, run_dir, teachers.get(e))
+                           for e in EXPERTS})
+    save_experts(run_dir / "experts.pt", model, args, stage1)
+    print(f"stage 1 done: wrote {run_dir / 'experts.pt'}")
+    set_stage(model, "fused")
+    if args.stage == "1":
+        (run_dir / "stage1.json").write_text(json.dumps(stage1, indent=1))
+        return None
+    return dict(stage1=stage1)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    device = common.setup(args, "samora", gpu_steps=300)
     if (args.resume or args.eval_only) and args.stage != "2":
         raise UserError("--resume and --eval-only continue stage 2: pass --stage 2 (the checkpoint holds the experts).")
     if args.stage == "2" and not (args.experts or args.resume):
         raise UserError("--stage 2 needs the stage-1 experts: pass --experts <run>/experts.pt, or use --stage both.")
     if args.experts and args.stage != "2":
         raise UserError("--experts is read by --stage 2 only; --stage 1 and both train the experts themselves.")
-    if args.stage1_steps is None:
-        args.stage1_steps = 300 if device.type == "cuda" else min(10, args.steps)
-    model = common.load_sam(args, device)
-    inject(model, args.rank, args.hl_width, args.hl_heads)
-    model.to(device)
-    train_set, test_set = load_data(args, device)
-    run_dir = Path(args.out) / args.run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-    stage1 = None
-    if args.stage in ("1", "both"):
-        images = train_set.images  # the labels are never read in stage 1
-        if args.unlabeled:
-            images = torch.cat([images, load_unlabeled_folder(args.unlabeled, args.zoom * args.img_size, device)])
-        teachers = dict(image=args.image_teacher and load_teacher(args.image_teacher, device),
-                        patch=args.patch_teacher and load_teacher(args.patch_teacher, device))
-        if common.should_compile(args, device):
-            common.compile_model(model)
-        stage1 = dict(images=len(images), steps_per_expert=args.stage1_steps,
-                      experts={e: pretrain_expert(model, images, e, args, device, run_dir, teachers.get(e))
-                               for e in EXPERTS})
-        save_experts(run_dir / "experts.pt", model, args, stage1)
-        print(f"stage 1 done: wrote {run_dir / 'experts.pt'}")
-        if args.stage == "1":
-            (run_dir / "stage1.json").write_text(json.dumps(stage1, indent=1))
-            return stage1
-    elif args.experts:
-        stage1 = load_experts(args.experts, model, args)
-
-    set_stage(model, "fused")
-    # common.run keeps the labels of a seeded --label-fraction of train_set (stage 1 above used all images)
-    extra = dict(stage=args.stage, hl_params=hl_parameter_count(model, args.hl_width),
-                 expert_params=sum(v.numel() for v in expert_state(model).values()), stage1=stage1)
-    return common.run(model, train_set, test_set, args, device, extra_metrics=extra, cuda_graph=True)
+    # common.main keeps the labels of a seeded --label-fraction of train_set for stage 2; stage 1 uses all images
+    return common.main(args, "samora", inject=lambda model: inject(model, args.rank, args.hl_width, args.hl_heads),
+                       pretrain=lambda model, train_set, run_dir: stage_one(model, train_set, run_dir, args),
+                       describe=lambda model: dict(stage=args.stage, hl_params=hl_parameter_count(model, args.hl_width),
+                                                   expert_params=sum(v.numel() for v in expert_state(model).values())),
+                       gpu_steps=300)
 
 
 if __name__ == "__main__":

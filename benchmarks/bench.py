@@ -17,26 +17,23 @@ What one row measures (model x method x config x batch):
   executes (counted with SDPA's math backend, whose matmuls are the fused kernels' FLOPs).
 * MFU = model FLOPs per image x images/s / the measured bf16 matmul peak (8192^3, random data).
 
-Configs are named by tokens joined with "_": stock|fast (SAM's attention and norms, or common.use_fast_path:
-fused attention, TinyViT's layout, LayerNorm2d in one kernel), fp32|bf16 (bf16 = autocast, as common.run on
-CUDA), compile (common.compile_model: per-block torch.compile), ckpt (common.use_grad_checkpointing), nopadv
-(fast path without v padding), folded (fast path with the rel-pos term folded into SDPA in every block,
-instead of relpos_attention.py's kernels), fp32w (fast path with the frozen base weights left in fp32,
-for autocast to cast at every use, instead of stored in bf16 by common.frozen_weights_to_bf16), graph (the
-whole training step replayed from a CUDA graph, common.TrainStep).
-Compiled configs run on CUDA only (as common.run); on the CPU they are recorded as skipped.
+Configs are named by tokens joined with "_": stock|fast, then compile and ckpt. stock: segment_anything's
+own forwards and a plain eager step (what --no-fast runs); fast: the fast layer (fast.apply and its training
+step: fused attention kernels, LoRA inside the qkv matmul, frozen weights in bf16, the step replayed from a
+CUDA graph); compile: common.compile_blocks (per-block torch.compile); ckpt: --grad-checkpoint (with fast,
+the fast layer's selective policy). Every config trains under bf16 autocast on CUDA (fp32 on the CPU), as a
+run does. Compiled configs run on CUDA only; on the CPU they are recorded as skipped.
 
 Run (GPU). A 10-minute call holds about one model's worth of rows (compiled rows spend most of their time
 compiling); --max-seconds stops starting new rows in time, and the JSON is rewritten after every row:
     python benchmarks/bench.py --models vit_b --out runs/bench_vit_b
-    python benchmarks/bench.py --models mobile_sam --out runs/bench_mobile_sam
-    python benchmarks/bench.py --merge runs/bench_vit_b/bench.json runs/bench_mobile_sam/bench.json --out runs/bench
-CPU smoke test:  python benchmarks/bench.py --model tiny --quick --batches 1 --configs stock_fp32,fast_fp32
+    python benchmarks/bench.py --models mobile_sam --configs stock,stock_compile,fast,fast_ckpt --out runs/bench_ms
+    python benchmarks/bench.py --merge runs/bench_vit_b/bench.json runs/bench_ms/bench.json --out runs/bench
+CPU smoke test:  python benchmarks/bench.py --model tiny --quick --batches 1 --configs stock,fast
 Writes --out/bench.json (every row, with the run's configuration and versions) and --out/bench.md.
 """
 import argparse
 import contextlib
-import copy
 import gc
 import importlib
 import io
@@ -51,10 +48,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import fast  # noqa: E402
 from data import UserError  # noqa: E402
 
-DEFAULT_CONFIGS = "stock_fp32,stock_bf16,fast_bf16,fast_bf16_compile,fast_bf16_compile_ckpt"
-TOKENS = {"fp32", "bf16", "compile", "ckpt", "nopadv", "graph", "folded", "fp32w"}
+DEFAULT_CONFIGS = "stock,stock_compile,fast_compile,fast_compile_ckpt"
+TOKENS = {"compile", "ckpt"}
 
 # How each method file adapts a loaded SAM, from its own arguments (their inject() signatures differ),
 # and the loss it trains with (None: common.default_loss).
@@ -62,7 +60,7 @@ ADAPTERS = {
     "lora": (lambda mod, model, a: mod.inject(model, a.rank), None),
     "salt": (lambda mod, model, a: mod.inject(model, a), lambda mod, a: mod.make_loss(a.reg_weight)),
     "atrous_lora": (lambda mod, model, a: mod.inject(model, a.rank, mod.parse_rates(a.rates)), None),
-    "balr_sam": (lambda mod, model, a: mod.inject(model, a), None),
+    "balr_sam": (lambda mod, model, a: mod.inject(model, a.rank, a.decoder_rank, a.cden_width), None),
     "samora": (lambda mod, model, a: mod.inject(model, a.rank, a.hl_width, a.hl_heads), None),
 }
 
@@ -74,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default="none", help="weights of vit_* models ('none': random, for speed)")
     p.add_argument("--methods", default="lora", help=f"comma-separated method files to time: {','.join(ADAPTERS)}")
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
-                   help="comma-separated configs, each stock|fast plus _fp32|_bf16, _compile, _ckpt, _nopadv")
+                   help="comma-separated configs, each stock|fast, optionally followed by _compile and _ckpt")
     p.add_argument("--batches", default="1,4,8", help="comma-separated training and inference batch sizes")
     p.add_argument("--img-size", type=int, default=None, help="input size (default 1024; tiny: 128)")
     p.add_argument("--warmup", type=int, default=3, help="untimed-for-speed warm-up steps (compilation happens here)")
@@ -84,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--no-flops", action="store_true", help="skip counting FLOPs (and MFU)")
     p.add_argument("--peak-size", type=int, default=None,
                    help="side of the square matmul that measures the peak (default 8192 on CUDA, 512 on CPU)")
-    p.add_argument("--baseline", default="stock_bf16",
+    p.add_argument("--baseline", default="stock",
                    help="config that the speed-up column divides by (same model, method and batch)")
     p.add_argument("--max-seconds", type=float, default=0,
                    help="start no new row after this many seconds (0: no limit); later rows are recorded as skipped")
@@ -126,13 +124,10 @@ def parse_args(argv=None):
 
 def parse_config(name):
     attention, *tokens = name.split("_")
-    if (attention not in ("stock", "fast") or not set(tokens) <= TOKENS
-            or ({"nopadv", "folded", "fp32w"} & set(tokens) and attention != "fast")):
-        raise UserError(f"config {name!r} is not stock|fast followed by _-joined tokens from {sorted(TOKENS)} "
-                        f"(nopadv, folded and fp32w with fast only); e.g. fast_bf16_compile.")
-    return dict(fast=attention == "fast", bf16="bf16" in tokens, compile="compile" in tokens,
-                ckpt="ckpt" in tokens, pad_v="nopadv" not in tokens, graph="graph" in tokens,
-                relpos_kernel="folded" not in tokens, bf16_weights="bf16" in tokens and "fp32w" not in tokens)
+    if attention not in ("stock", "fast") or not set(tokens) <= TOKENS:
+        raise UserError(f"config {name!r} is not stock|fast followed by _-joined tokens from {sorted(TOKENS)}; "
+                        f"e.g. fast_compile.")
+    return dict(fast=attention == "fast", compile="compile" in tokens, ckpt="ckpt" in tokens)
 
 
 def sync(device):
@@ -161,26 +156,17 @@ def matmul_peak(device, size):
     return dict(flops_per_s=2 * size ** 3 / best, size=size, dtype=str(dtype).replace("torch.", ""))
 
 
-def build(base, method, mod, margs, cfg, device, quiet=True):
-    """A fresh model: the stock base on the device, the method's adapter, then the config's fast path."""
-    model = copy.deepcopy(base).to(device)
+def build(method, mod, margs, cfg, device, quiet=True):
+    """A fresh model as a run builds it (common.build_model: base weights, the method's adapter, then the
+    config's checkpointing and fast layer), compiled where the config says."""
     torch.manual_seed(0)
+    margs.no_fast, margs.grad_checkpoint, margs.no_compile = not cfg["fast"], cfg["ckpt"], not cfg["compile"]
     inject, _ = ADAPTERS[method]
     with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-        inject(mod, model, margs)  # quiet: a method's summary is printed once per model, not once per row
-    model.to(device)
-    if cfg["fast"]:
-        common.use_fast_path(model, pad_v=cfg["pad_v"], relpos_kernel=cfg["relpos_kernel"])  # as common.load_sam
-    if cfg["fast"] and device.type == "cuda":  # as common.load_sam and common.run
-        common.compile_ahead(model, cfg["compile"])
-        if cfg["bf16_weights"]:
-            common.frozen_weights_to_bf16(model)
-    if cfg["ckpt"]:
-        common.use_grad_checkpointing(model.image_encoder)
+        # quiet: a method's summary is printed once per model, not once per row
+        model = common.build_model(margs, device, lambda m: inject(mod, m, margs))
     if cfg["compile"]:
-        common.compile_model(model)
-        if hasattr(model, "cden"):  # balr_sam's detail CNN lies outside what compile_model compiles (as balr_sam.main)
-            model.cden.compile()
+        common.compile_blocks(model)
     return model
 
 
@@ -218,26 +204,25 @@ def measure_loop(step, batch, args, device):
                 peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None)
 
 
-def measure(base, method, mod, margs, cfg, batch, args, device, count_exec):
+def measure(method, mod, margs, cfg, batch, args, device, count_exec):
     """One row. Training and inference each in their own try, so an OOM in training keeps inference."""
     row = {}
-    model = build(base, method, mod, margs, cfg, device)
+    model = build(method, mod, margs, cfg, device)
     make_loss = ADAPTERS[method][1]
     loss_fn = make_loss(mod, margs) if make_loss else common.default_loss
     if count_exec:  # eager only: the counter does not see inside compiled code
         row["exec_flops_train"] = count_flops(model, loss_fn, margs.img_size, margs.num_classes, device)
     images, masks = random_batch(batch, margs.img_size, margs.num_classes, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["bf16"])
     params = [p for p in model.parameters() if p.requires_grad]
-    graphed = cfg["graph"] and device.type == "cuda"
-    optimizer = common.make_optimizer(params, 1e-4, 0.01, device, graphed)  # 0.01: AdamW's default, as before
-    one_step = common.TrainStep(model, loss_fn, optimizer, device, graphed, amp=cfg["bf16"])  # as common.train_loop
+    # as common.train_loop: fused AdamW on CUDA, the fast layer's step or the plain one
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=device.type == "cuda")
+    one_step = (fast.training_step if cfg["fast"] else common.TrainStep)(model, loss_fn, optimizer, device)
 
     def train_step():
         one_step(images, masks)
 
     def infer_step():
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), common.autocast(device):
             model(images)
 
     for part, step, mode in (("train", train_step, True), ("infer", infer_step, False)):
@@ -348,14 +333,11 @@ def main(argv=None):
         for method in args.methods:
             mod = importlib.import_module(method)
             margs = mod.parse_args(["--model", model_name, "--checkpoint", args.checkpoint, "--device",
-                                    device.type, "--stock-attention"]
-                                   + (["--img-size", str(args.img_size)] if args.img_size else []))
+                                    device.type] + (["--img-size", str(args.img_size)] if args.img_size else []))
             common.setup(margs, method, gpu_steps=1)
-            # stock SAM, kept on the CPU; each row copies it over and applies its config's fast path
-            base = common.load_sam(margs, torch.device("cpu"))
             flops = {}
-            if not args.no_flops:  # the model's FLOPs: stock attention, fp32, eager (the basis of MFU)
-                model = build(base, method, mod, margs, parse_config("stock_fp32"), device, quiet=False)
+            if not args.no_flops:  # the model's FLOPs: stock, fp32, eager (the basis of MFU)
+                model = build(method, mod, margs, parse_config("stock"), device, quiet=False)
                 make_loss = ADAPTERS[method][1]
                 loss_fn = make_loss(mod, margs) if make_loss else common.default_loss
                 flops = dict(model_flops_train=count_flops(model, loss_fn, margs.img_size, margs.num_classes, device),
@@ -379,7 +361,7 @@ def main(argv=None):
                         print(f"{model_name} {method} {config} batch {batch} ...", end=" ", flush=True)
                         count_exec = not args.no_flops and not cfg["compile"] and config not in exec_flops
                         try:
-                            row.update(measure(base, method, mod, margs, cfg, batch, args, device, count_exec))
+                            row.update(measure(method, mod, margs, cfg, batch, args, device, count_exec))
                         except torch.OutOfMemoryError:
                             row["status"] = "out of memory"
                         except Exception as e:
@@ -399,7 +381,6 @@ def main(argv=None):
                               f"{tr.get('error', '')}, infer {fmt(inf.get('imgs_per_s'), '.2f')} img/s "
                               f"{inf.get('error', '')}, peak {fmt(tr.get('peak_gib'), '.1f')} GiB")
                     put(row)
-            del base
             free(device)
     write(result, out)
     print(f"wrote {out / 'bench.json'} and {out / 'bench.md'} ({time.perf_counter() - start:.0f} s)")

@@ -18,6 +18,17 @@ def build(*extra):
     return args, device, common.load_sam(args, device)
 
 
+def inject(model, args):
+    """As main() calls it: the command line's ranks and CDEN width."""
+    balr_sam.inject(model, args.rank, args.decoder_rank, args.cden_width)
+
+
+def build_trained(*extra):
+    """The model main() builds (common.build_model: inject, then the spare mask tokens frozen)."""
+    args, device, _ = build(*extra)
+    return args, device, common.build_model(args, device, lambda model: inject(model, args))
+
+
 def images(n=2, seed=0):
     """Smooth random images (B, 3, 128, 128): blobs a model can learn to segment."""
     low = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
@@ -33,7 +44,7 @@ def test_starts_as_stock_sam_at_full_decoder_rank_and_both_cden_joins_are_live()
     x = images()
     with torch.no_grad():
         ref = model(x)
-        balr_sam.inject(model, args)
+        inject(model, args)
         out = model(x)
         assert close(out, ref), (out - ref).abs().max()
         # the zero projections are what makes it a no-op: each join, once non-zero, changes the output
@@ -64,7 +75,7 @@ def test_low_rank_projection_is_the_truncated_svd():
     args, _, model = build("--decoder-rank", "4")
     with torch.no_grad():
         ref = model(images())
-        balr_sam.inject(model, args)
+        inject(model, args)
         out = model(images())
     assert torch.isfinite(out).all() and not close(out, ref, 1e-4)
 
@@ -80,11 +91,11 @@ def cden_count(w, d):
 
 @pytest.mark.parametrize("rank,decoder_rank", [(4, 32), (2, 4), (4, 0)])
 def test_trainable_parameters_are_the_adapters_and_the_decoder(rank, decoder_rank):
-    args, _, model = build("--rank", str(rank), "--decoder-rank", str(decoder_rank))
-    stock_decoder = sum(p.numel() for p in model.mask_decoder.parameters())
+    _, _, stock = build()
+    stock_decoder = sum(p.numel() for p in stock.mask_decoder.parameters())
     # the hypernetworks of SAM's spare mask tokens (2 and 3 with one class) make no mask and stay frozen
-    stock_decoder -= sum(p.numel() for p in model.mask_decoder.output_hypernetworks_mlps[2:].parameters())
-    balr_sam.inject(model, args)
+    stock_decoder -= sum(p.numel() for p in stock.mask_decoder.output_hypernetworks_mlps[2:].parameters())
+    args, _, model = build_trained("--rank", str(rank), "--decoder-rank", str(decoder_rank))
     hidden = 4 * D_VIT
     lora = BLOCKS * (2 * rank * (D_VIT + D_VIT) + 2 * rank * (D_VIT + hidden))  # q/v + lin1 + lin2
     # 7 attentions: 2 self-attentions 32 -> 32, 5 cross-attentions 32 -> 16 (downsample 2); 3 projections each
@@ -111,7 +122,7 @@ def test_each_image_is_decoded_on_its_own():
     """Batch of 2 = each image alone: no B*B masks from expanded prompts, no coupling across the batch
     (GroupNorm; BatchNorm in training mode would fail this)."""
     args, _, model = build()
-    balr_sam.inject(model, args)
+    inject(model, args)
     torch.nn.init.normal_(model.cden.to_mask.weight, 0, 0.5)
     torch.nn.init.normal_(model.cden.to_embedding.weight, 0, 0.5)
     model.train()
@@ -124,7 +135,7 @@ def test_each_image_is_decoded_on_its_own():
 
 def test_training_lowers_the_loss_reaches_cden_and_reloads(tmp_path):
     args, device, model = build("--decoder-rank", "8")
-    balr_sam.inject(model, args)
+    inject(model, args)
     stem = model.cden.stem[0].weight.detach().clone()
     x = images(2)
     masks = (x[:, 1] > 0.5).to(torch.uint8)
@@ -143,7 +154,7 @@ def test_training_lowers_the_loss_reaches_cden_and_reloads(tmp_path):
         out = model(x)
     common.save_checkpoint(tmp_path / "c.pt", model, args)
     args2, _, fresh = build("--decoder-rank", "8")
-    balr_sam.inject(fresh, args2)
+    inject(fresh, args2)
     common.load_checkpoint(tmp_path / "c.pt", fresh, args2)
     fresh.eval()
     with torch.no_grad():
@@ -151,10 +162,14 @@ def test_training_lowers_the_loss_reaches_cden_and_reloads(tmp_path):
 
 
 def test_bad_arguments_are_user_errors():
-    for flags in (["--cden-width", "24"], ["--decoder-rank", "-1"], ["--rank", "0"]):
+    """inject says what does not fit (ValueError); main, through common.build_model, makes it a UserError."""
+    for flags, message in ((["--cden-width", "24"], "--cden-width 24"), (["--decoder-rank", "-1"], "--decoder-rank -1"),
+                           (["--rank", "0"], "--rank 0")):
         args, _, model = build(*flags)
-        with pytest.raises(UserError):
-            balr_sam.inject(model, args)
+        with pytest.raises(ValueError, match=message):
+            inject(model, args)
+        with pytest.raises(UserError, match=message):
+            balr_sam.main(["--model", "tiny", "--device", "cpu", *flags])
 
 
 def test_measure_decoder_runs():

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import common
 import lora
 from data import load_data
+from fast import forwards
 
 
 def tiny_model(extra=()):
@@ -38,8 +39,8 @@ def test_vit_update_touches_only_q_and_v():
 
 
 def test_update_is_b_a_x_on_q_and_v():
-    """The forward (both down-projections in one product) gives W x + b plus B_q A_q x on q and B_v A_v x on
-    v, each path with its own A and B, and the merged weight gives the same."""
+    """The forward gives W x + b plus B_q A_q x on q and B_v A_v x on v, each path with its own A and B, and
+    the merged weight gives the same."""
     torch.manual_seed(0)
     qkv = nn.Linear(16, 48)
     wrapped = lora.LoRAQKV(qkv, rank=3)
@@ -67,17 +68,19 @@ def test_tinyvit_update_follows_the_per_head_layout():
 
 @pytest.mark.parametrize("heads", [None, 4])  # SAM's ViT [q | k | v]; TinyViT per head [q_h | k_h | v_h]
 def test_qv_update_is_each_path_up_projected_into_its_place(heads):
-    """common.linear_with_qv_update (ViT: one product of [x | z] with [W | U^T] and a backward of its own;
-    TinyViT: an addmm onto W x + b) gives W x + b + [B_q z_q | 0 | B_v z_v] in the layout's order, and the
-    same gradients for x, z, the bias, both up-projections and a weight that trains, as the r-wide products
-    laid out by place_qv."""
+    """fast.forwards.linear_with_qv_update (ViT: one product of [x | z] with [W | U^T] and a backward of its
+    own; TinyViT: an addmm onto W x + b) gives W x + b + [B_q z_q | 0 | B_v z_v] in the layout's order, and
+    the same gradients for x, z, the bias, both up-projections and a weight that trains, as the r-wide
+    products laid out by place_qv, which lays them out as lora.py's own qv_update does."""
     torch.manual_seed(0)
     x, z = torch.randn(2, 5, 16, requires_grad=True), torch.randn(2, 5, 6, requires_grad=True)
     B_q, B_v = torch.randn(16, 3, requires_grad=True), torch.randn(16, 3, requires_grad=True)
     for weight_trains in (False, True):  # frozen, as every method has it; trained, as the kernel tests have it
         weight, bias = torch.randn(48, 16, requires_grad=weight_trains), torch.randn(48, requires_grad=True)
-        want = F.linear(x, weight, bias) + common.place_qv(z[..., :3] @ B_q.T, z[..., 3:] @ B_v.T, heads)
-        got = common.linear_with_qv_update(x, weight, bias, z, B_q, B_v, heads)
+        dq, dv = z[..., :3] @ B_q.T, z[..., 3:] @ B_v.T
+        assert torch.equal(forwards.place_qv(dq, dv, heads), lora.qv_update(dq, dv, heads))
+        want = F.linear(x, weight, bias) + forwards.place_qv(dq, dv, heads)
+        got = forwards.linear_with_qv_update(x, weight, bias, z, B_q, B_v, heads)
         torch.testing.assert_close(got, want)
         g, inputs = torch.randn_like(want), (x, z, bias, B_q, B_v) + ((weight,) if weight_trains else ())
         for a, b in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g)):
@@ -85,12 +88,14 @@ def test_qv_update_is_each_path_up_projected_into_its_place(heads):
 
 
 def test_exactly_the_intended_parameters_train():
-    args, device, model = tiny_model()
-    decoder = sum(p.numel() for p in model.mask_decoder.parameters())
-    spare = model.mask_decoder.output_hypernetworks_mlps[2:]  # tokens 2, 3 make no mask with one class
+    """What trains in the model main() builds (common.build_model: inject, then the spare mask tokens'
+    hypernetworks frozen)."""
+    args, device, stock = tiny_model(["--rank", "3"])
+    decoder = sum(p.numel() for p in stock.mask_decoder.parameters())
+    spare = stock.mask_decoder.output_hypernetworks_mlps[2:]  # tokens 2, 3 make no mask with one class
     decoder -= sum(p.numel() for p in spare.parameters())
-    no_mask = model.prompt_encoder.no_mask_embed.weight.numel()
-    lora.inject(model, rank=3)
+    no_mask = stock.prompt_encoder.no_mask_embed.weight.numel()
+    model = common.build_model(args, device, lambda m: lora.inject(m, args.rank))
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert all("lora_" in n or n.startswith("mask_decoder.") or n == "prompt_encoder.no_mask_embed.weight"
                for n in names)
@@ -102,11 +107,16 @@ def test_exactly_the_intended_parameters_train():
 
 
 def test_bad_rank_is_a_user_error():
+    """inject says what does not fit (ValueError); main, through common.build_model, makes it a UserError:
+    one sentence, exit status 2."""
     args, device, model = tiny_model()
-    with pytest.raises(common.UserError, match="--rank 0"):
+    with pytest.raises(ValueError, match="--rank 0"):
         lora.inject(model, rank=0)
-    with pytest.raises(common.UserError, match="between 1 and 64"):
+    with pytest.raises(ValueError, match="between 1 and 64"):
         lora.inject(model, rank=65)
+    for rank, message in (("0", "--rank 0"), ("65", "between 1 and 64")):
+        with pytest.raises(common.UserError, match=message):
+            lora.main(["--model", "tiny", "--device", "cpu", "--rank", rank])
 
 
 def test_checkpoint_round_trip_gives_identical_predictions(tmp_path):
@@ -117,7 +127,7 @@ def test_checkpoint_round_trip_gives_identical_predictions(tmp_path):
         if p.requires_grad:
             p.data.normal_(0, 0.05)  # as if trained
     common.save_checkpoint(tmp_path / "best.pt", model, args, step=0)
-    assert not (tmp_path / "best.pt.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # atomic_save's temporary file is gone
     x = torch.rand(2, 3, args.img_size, args.img_size)
     _, _, fresh = tiny_model()
     lora.inject(fresh, rank=4)

@@ -1,4 +1,4 @@
-"""relpos_attention.py, the Triton kernels of ViT's global attention: through common.fast_vit_attention they
+"""fast/relpos_attention.py, the Triton kernels of ViT's attention: through fast.forwards.vit_attention they
 must give stock SAM's attention with its decomposed rel-pos term, forward and backward (block input, qkv
 and proj weights, both rel-pos tables, LoRA). On the CPU the kernels run under Triton's interpreter in a
 subprocess that the module's tests share (Interpreter; TRITON_INTERPRET is read when the kernels are
@@ -14,11 +14,12 @@ import pytest
 import torch
 
 import common
-from test_fastpath import fast_copy, tiny_model, vit_attention
+from fast import forwards
+from test_fast import fast_copy, make_fast, method_model, vit_attention, vit_encoder
 
 pytest.importorskip("triton", reason="PyTorch without Triton: the kernels are not used, the folded path is")
 
-TOL = 1e-5  # fp32, as the folded path (test_fastpath.TOL); measured ~2e-6 under the interpreter
+TOL = 1e-5  # fp32, as the folded path (test_fast.TOL); measured ~2e-6 under the interpreter
 # (grid rows, grid columns, LoRA rank): the row kernels on a square grid and on rows != columns (query blocks
 # of several grid rows), and on a grid 64 wide (each query block within one grid row: rel_h from one slice of
 # the table); the window kernels on ViT's 14 x 14 window (the one-kernel backward: 196 queries in a tile of
@@ -64,11 +65,11 @@ def checkpointed(device, window=0):
     often the attention kernel ran in each forward + backward (checkpointing keeps a global block's output:
     once, not twice; a windowed block's is recomputed)."""
     import copy
-    from types import SimpleNamespace
     from segment_anything.modeling.image_encoder import Block
     from torch.utils._python_dispatch import TorchDispatchMode
     import lora
-    from test_fastpath import randomise
+    from fast.step import CHECKPOINT_POLICY
+    from test_fast import randomise
 
     class CountKernel(TorchDispatchMode):
         calls = 0
@@ -83,10 +84,10 @@ def checkpointed(device, window=0):
     ckpt = copy.deepcopy(plain)
     grads, calls = [], []
     for blk, checkpoint in ((plain, False), (ckpt, True)):
-        encoder = SimpleNamespace(blocks=[blk.to(device)])
-        common.use_fast_attention(encoder)
-        if checkpoint:
-            common.use_grad_checkpointing(encoder)
+        encoder = vit_encoder(blk.to(device))
+        make_fast(encoder)
+        if checkpoint:  # as fast.apply does for --grad-checkpoint: with the fast layer's policy
+            common.use_grad_checkpointing(encoder, policy=CHECKPOINT_POLICY)
         x = torch.randn(2, 16, 16, 128, device=device, generator=torch.Generator(device).manual_seed(1),
                         requires_grad=True)
         CountKernel.calls = 0
@@ -101,15 +102,14 @@ def windowed_block_errors(grid, window, adapter, dtype=torch.float32, device="cp
     """A windowed ViT block (2 heads of 64) on a grid of `grid` tokens, fast path in `dtype` against stock in
     fp32: max |fast - stock| over the output and the gradients of the input and of every parameter (20 with
     LoRA), the qkv bias and both rel-pos tables training (the bias gets the padding keys' gradient); how
-    often stock's window_partition ran (0: no padding, fast_vit_window_attention); and for bf16 stock's own
+    often stock's window_partition ran (0: no padding, fast.forwards.vit_window_attention); and for bf16 stock's own
     errors in bf16. adapter: "none", "lora" (tokenwise), "atrous" (AtrousLoRA: not tokenwise, the padded
     windows)."""
     import copy
-    from types import SimpleNamespace
     import segment_anything.modeling.image_encoder as vit
     import atrous_lora
     import lora
-    from test_fastpath import randomise
+    from test_fast import randomise
     torch.manual_seed(0)
     stock = vit.Block(128, num_heads=2, use_rel_pos=True, window_size=window, input_size=(window, window))
     if adapter == "lora":
@@ -120,8 +120,9 @@ def windowed_block_errors(grid, window, adapter, dtype=torch.float32, device="cp
     stock.attn.qkv.bias.data.normal_()  # a visible bias: the padding keys' k and v
     stock.to(device)
     fast = copy.deepcopy(stock)
-    common.use_fast_attention(SimpleNamespace(blocks=[fast]))
+    make_fast(vit_encoder(fast))
     assert type(fast).__name__ == "FastBlock" and fast.attn.fast_relpos, "the fast path was not picked up"
+    assert fast.attn.qkv_tokenwise == (adapter != "atrous")  # fast.forwards.is_tokenwise's probe
     x = torch.randn(2, *grid, 128, device=device, requires_grad=True)
     g = torch.randn(2, *grid, 128, device=device)
 
@@ -144,7 +145,7 @@ def windowed_block_errors(grid, window, adapter, dtype=torch.float32, device="cp
 def errors_where_the_whole_window_does_not_fit(H, W):
     """errors() with the one-kernel window backward refusing to launch as Triton does where its tiles need
     more shared memory than the GPU has; and the (device, dtype) pairs relpos_attention then noted."""
-    import relpos_attention as ra
+    from fast import relpos_attention as ra
     from triton.runtime.errors import OutOfResources
 
     class NoRoom:  # _window_backward_dq, refusing its WHOLE launches
@@ -265,7 +266,7 @@ UNPADDED = [((10, 10), 4), ((6, 9), 4), ((8, 8), 4), ((16, 16), 14), ((20, 20), 
 
 
 def test_windowed_block_without_padding_matches_stock_under_the_interpreter():
-    """fast_vit_window_attention: qkv and proj on the grid's tokens only, the padding keys' k and v from the
+    """fast.forwards.vit_window_attention: qkv and proj on the grid's tokens only, the padding keys' k and v from the
     qkv bias, the padding queries skipped; the same output and gradients (qkv bias and tables included) as
     stock SAM's padded windows, and stock's window_partition never runs."""
     results = interpreted("[t.windowed_block_errors(grid, window, 'lora') for grid, window in t.UNPADDED]")
@@ -302,7 +303,7 @@ def fake_checks():
     that compiled graphs plan with, against what the kernels return) on a global grid (the row kernels, whose
     rel_h and rel_w are laid out transposed) and on windows crossing the grid's edge with the padding's
     gradient (window_attention)."""
-    import relpos_attention as ra
+    from fast import relpos_attention as ra
     results = []
     for rows, cols, grid in ((16, 16, (0, 0)), (4, 4, (10, 10))):
         qkv = torch.randn(1, (grid[0] * grid[1]) or rows * cols, 3, 2, 16)
@@ -366,7 +367,7 @@ def test_checkpointing_keeps_the_kernels_output_on_cuda():
 
 def test_shapes_the_kernels_do_not_take_go_the_folded_way():
     from types import SimpleNamespace
-    import relpos_attention
+    from fast import relpos_attention
 
     def query(n, width, cuda=True):
         return SimpleNamespace(is_cuda=cuda, shape=(1, n, 3, 1, width), dtype=torch.bfloat16,  # qkv
@@ -376,25 +377,28 @@ def test_shapes_the_kernels_do_not_take_go_the_folded_way():
     assert not relpos_attention.usable(query(70 * 70, 64), 70, 70)  # wider than the window kernels' 64
     assert not relpos_attention.usable(query(64 * 64, 80), 64, 64)  # ViT-H: heads 80 wide
     assert not relpos_attention.usable(query(64 * 64, 64, cuda=False), 64, 64)  # CPU, not interpreted
-    if not torch.cuda.is_available():  # a CPU run does not even import Triton for the fast path
-        assert common._relpos_kernels() is None
+    if not torch.cuda.is_available():  # a CPU run does not even import Triton for the fast forwards
+        assert forwards.relpos_kernels() is None
 
 
-def test_compile_ahead_precompiles_every_attention_shape(monkeypatch):
-    """common.compile_ahead asks relpos_attention.precompile (which starts one child per shape) for each
-    shape the kernels take: the tiny ViT's 4 x 4 windows, over its 8 x 8 grid (fast_vit_block) and alone
-    (the padded windows of an adapter that is not tokenwise), and its 8 x 8 global grid (heads 32 wide; all
-    for the window kernels)."""
+@pytest.mark.parametrize("method,windows", [("lora", [(2, 4, 4, 32, (8, 8))]),  # tokenwise: over the grid
+                                            ("atrous_lora", [(2, 4, 4, 32, None)])])  # not: padded windows
+def test_compile_ahead_precompiles_every_attention_shape(monkeypatch, method, windows):
+    """fast.step.compile_ahead asks relpos_attention.precompile (which starts one child per shape) for each
+    shape the kernels take: the tiny ViT's 4 x 4 windows, over its 8 x 8 grid where the block's qkv is
+    tokenwise (fast.forwards.vit_block) or alone where it is not (the padded windows of AtrousLoRA), and its
+    8 x 8 global grid (heads 32 wide; all for the window kernels)."""
     from types import SimpleNamespace
-    import relpos_attention
-    _, model = tiny_model()
+    from fast import relpos_attention
+    from fast.step import compile_ahead
+    _, model = method_model(method)  # the fast forwards, as fast.apply leaves them
     calls = []
-    monkeypatch.setattr(common, "_RELPOS", SimpleNamespace(usable_shape=relpos_attention.usable_shape,
-                                                           precompile=lambda *shape, grid=None: calls.append((*shape, grid))))
-    for attn, _ in common.encoder_attentions(model.image_encoder):
+    monkeypatch.setattr(forwards, "_RELPOS", SimpleNamespace(usable_shape=relpos_attention.usable_shape,
+                                                             precompile=lambda *shape, grid=None: calls.append((*shape, grid))))
+    for attn, _ in forwards.vit_attentions(model.image_encoder):
         attn.fast_relpos = True  # as on CUDA
-    common.compile_ahead(model, compiling=False)
-    assert sorted(set(calls), key=str) == [(2, 4, 4, 32, (8, 8)), (2, 4, 4, 32, None), (2, 8, 8, 32, None)], calls
+    compile_ahead(model, compiling=False)
+    assert sorted(set(calls), key=str) == sorted(windows + [(2, 8, 8, 32, None)], key=str), calls
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels need CUDA")
@@ -403,18 +407,22 @@ def test_precompiled_kernels_are_what_a_vit_b_block_launches(tmp_path, monkeypat
     block's attention (bf16 autocast, batch 2, forward and backward) then launches: a fresh process running
     that block adds nothing to the cache, so it compiled nothing."""
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    common._relpos_kernels()
-    common._RELPOS._PRECOMPILING.clear()
-    child = common._RELPOS.precompile(12, 64, 64, 64)
+    kernels = forwards.relpos_kernels()
+    kernels._PRECOMPILING.clear()
+    child = kernels.precompile(12, 64, 64, 64)
     assert child.wait(timeout=300) == 0
     filled = set(os.listdir(tmp_path))
     assert filled
     block = """
-from types import SimpleNamespace
-import torch, common
+import torch, torch.nn as nn
+from fast.forwards import use_fast_forwards
 from segment_anything.modeling.image_encoder import Attention
 attn = Attention(768, num_heads=12, qkv_bias=True, use_rel_pos=True, input_size=(64, 64)).cuda()
-common.use_fast_attention(SimpleNamespace(blocks=[SimpleNamespace(attn=attn)]))  # as a ViT's blocks[i].attn
+blk, encoder, model = nn.Module(), nn.Module(), nn.Module()
+blk.attn = attn
+encoder.blocks = nn.ModuleList([blk])  # as a ViT's blocks[i].attn
+model.image_encoder = encoder
+use_fast_forwards(model)
 assert attn.fast_relpos
 x = torch.randn(2, 64, 64, 768, device="cuda", requires_grad=True)
 with torch.autocast("cuda", dtype=torch.bfloat16):

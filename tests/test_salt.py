@@ -101,9 +101,10 @@ def test_weight_matches_paper_formula(relu):
 
 @pytest.mark.parametrize("flags", [["--rank", "4"], ["--rank", "256"], ["--s-sam"]])
 def test_trainable_set_and_count(flags):
-    args, model = build(*flags)
-    stock = copy.deepcopy(model)
-    salt.inject(model, args)
+    """What trains in the model main() builds (common.build_model: inject, then the spare mask tokens'
+    hypernetworks frozen)."""
+    args, stock = build(*flags)
+    model = common.build_model(args, torch.device("cpu"), lambda m: salt.inject(m, args))
     fractions = {"attn": 0.99, "mlp": 0.065, "neck": 0.977}  # the defaults, 760/768, 50/768, 250/256
     expected_salt, expected_names = 0, set()
     for name in target_names(stock):
@@ -123,9 +124,11 @@ def test_trainable_set_and_count(flags):
         if rank:
             assert m.salt_X.shape == (R - r, rank) and m.salt_Y.shape == (rank, R - r)
     norms = {f"image_encoder.{n}" for n, _ in stock.image_encoder.named_parameters() if ".norm" in n}
-    ref = copy.deepcopy(stock)
-    common.train_decoder(ref)  # the decoder part is lora.py's, defined in common
-    decoder = {n for n, p in ref.named_parameters() if p.requires_grad}
+    # the decoder part is lora.py's (SAMed's): the mask decoder but the hypernetworks of the spare mask tokens
+    # (2 and 3 with one class), and the no-mask embedding
+    decoder = {f"mask_decoder.{n}" for n, _ in stock.mask_decoder.named_parameters()
+               if not n.startswith(("output_hypernetworks_mlps.2.", "output_hypernetworks_mlps.3."))}
+    decoder.add("prompt_encoder.no_mask_embed.weight")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == expected_names | norms | decoder
     params = dict(stock.named_parameters())
@@ -140,11 +143,14 @@ def test_trainable_set_and_count(flags):
 def test_top_count_and_errors():
     assert [salt.top_count(f, R) for f, R in ((0.99, 768), (0.065, 768), (0.977, 256))] == [760, 50, 250]
     assert salt.top_count(760, 768) == 760 and salt.top_count(760, 128) == 128  # counts, clamped to R
-    with pytest.raises(salt.UserError):
+    with pytest.raises(ValueError, match="--top-\\* value 2.5"):
         salt.top_count(2.5, 768)
     args, model = build("--rank", "0")
-    with pytest.raises(salt.UserError):
+    with pytest.raises(ValueError, match="--rank 0"):  # inject says what does not fit
         salt.inject(model, args)
+    for flags, message in ((["--rank", "0"], "--rank 0"), (["--top-mlp", "2.5"], "2.5")):  # main: a UserError
+        with pytest.raises(common.UserError, match=message):
+            salt.main(["--model", "tiny", "--device", "cpu", *flags])
 
 
 def test_regulariser_zero_at_init_and_grows():

@@ -9,7 +9,8 @@ import torch.nn as nn
 import common
 import samora
 from data import UserError, load_data
-from test_fastpath import tokenwise_in_fact
+from fast.forwards import is_tokenwise
+from test_fast import tokenwise_in_fact
 
 BASE = ["--model", "tiny", "--device", "cpu", "--zoom", "1", "--synthetic-train", "8", "--synthetic-test", "2"]
 
@@ -40,10 +41,19 @@ def tiny(*extra):
 
 
 def stock_decoder():
-    """What the SAMed recipe trains on stock SAM (mask decoder, no_mask_embed), by common.train_decoder."""
+    """What the SAMed recipe trains on stock SAM: the mask decoder but the hypernetworks of the spare mask
+    tokens (2 and 3 with one class), and no_mask_embed."""
     model = tiny()[2]
-    common.train_decoder(model)
-    return {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    params = {f"mask_decoder.{n}": p.numel() for n, p in model.mask_decoder.named_parameters()
+              if not n.startswith(("output_hypernetworks_mlps.2.", "output_hypernetworks_mlps.3."))}
+    return dict(params, **{"prompt_encoder.no_mask_embed.weight": model.prompt_encoder.no_mask_embed.weight.numel()})
+
+
+def built(*extra):
+    """The model main() builds (common.build_model: inject, then the spare mask tokens frozen)."""
+    args, device, _ = tiny(*extra)
+    return args, device, common.build_model(args, device, lambda m: samora.inject(m, args.rank, args.hl_width,
+                                                                                  args.hl_heads))
 
 
 def decoder_names():
@@ -52,6 +62,11 @@ def decoder_names():
 
 def decoder_count():
     return sum(stock_decoder().values())
+
+
+def expert(qkv, e):
+    """Expert e's weights A_q, A_v, B_q, B_v."""
+    return [getattr(qkv, f"samora_{e}_{name}").weight for name in ("A_q", "A_v", "B_q", "B_v")]
 
 
 def randomise(model, key, scale=0.5, seed=1):
@@ -99,24 +114,30 @@ def test_updates_reach_q_and_v_only_and_fusion_reads_the_expert_updates(heads):
             assert parts[..., 1, :].abs().max() == 0
             assert parts[..., 0, :].abs().max() > 1e-3 and parts[..., 2, :].abs().max() > 1e-3
             if active != "fused":  # stage 1: the expert's own update, B_q A_q x and B_v A_v x
-                Aq, Av, Bq, Bv = qkv.expert(active)
+                Aq, Av, Bq, Bv = expert(qkv, active)
                 assert torch.allclose(parts[..., 0, :], x @ Aq.T @ Bq.T, atol=1e-5)
                 assert torch.allclose(parts[..., 2, :], x @ Av.T @ Bv.T, atol=1e-5)
-        # fused: HL-Attn of the shared projection P of each expert's explicit d-wide update [B_q A_q x | B_v A_v x]
+                update = qkv.expert_update(active, x)  # [B_q A_q x | B_v A_v x]
+                assert torch.allclose(update, torch.cat([x @ Aq.T @ Bq.T, x @ Av.T @ Bv.T], -1), atol=1e-5)
+        # fused: HL-Attn of the three experts' explicit updates [B_q A_q x | B_v A_v x], image, patch, pixel
         hl = qkv.samora_hl
-        u = [torch.cat([x @ Aq.T @ Bq.T, x @ Av.T @ Bv.T], -1) @ hl.proj_in.weight.T
-             for Aq, Av, Bq, Bv in (qkv.expert(e) for e in samora.EXPERTS)]
-        dq, dv = hl(torch.cat(u, -1)).chunk(2, -1)
+        u = [torch.cat([x @ Aq.T @ Bq.T, x @ Av.T @ Bv.T], -1) for Aq, Av, Bq, Bv in (expert(qkv, e) for e in samora.EXPERTS)]
+        dq, dv = hl(*u).chunk(2, -1)
         assert torch.allclose(parts[..., 0, :], dq, atol=1e-5) and torch.allclose(parts[..., 2, :], dv, atol=1e-5)
+        # which is P (proj_in, shared) on each, patch attending to pixel, image to the result, then proj_out
+        image, patch, pixel = (p @ hl.proj_in.weight.T for p in u)
+        fused = hl.proj_out(hl.norm(hl.image_from_low(image, hl.patch_from_pixel(patch, pixel))))
+        assert torch.allclose(torch.cat([dq, dv], -1), fused, atol=1e-5)
 
 
 def test_trainable_sets_of_both_stages():
-    args, device, model = tiny()
-    samora.inject(model, args.rank, args.hl_width, args.hl_heads)
+    args, device, model = built()
     names = [n for n, _ in model.named_parameters()]
-    attns = common.encoder_attentions(model.image_encoder)
+    attns = samora.encoder_attentions(model.image_encoder)
     r, w = args.rank, args.hl_width
     per_expert = sum(2 * r * (a.qkv.in_features + a.qkv.out_features // 3) for a, _ in attns)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in names if ".samora_hl." in n} | decoder_names()  # as built: stage 2's set
     for e in samora.EXPERTS:
         model.samora_head = samora.stage1_head(e, model.prompt_encoder.embed_dim)
         samora.set_stage(model, e)
@@ -125,7 +146,8 @@ def test_trainable_sets_of_both_stages():
         assert trainable == {n for n in names if f".samora_{e}_" in n} | head
         assert common.count_parameters(model)[0] == per_expert + sum(p.numel() for p in model.samora_head.parameters())
         del model.samora_head
-    samora.set_stage(model, "fused")
+    samora.set_stage(model, "fused")  # stage 2 after stage 1, as stage_one leaves it
+    common.freeze_spare_mask_tokens(model)  # as common.run does after the pre-training stage
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n in names if ".samora_hl." in n} | decoder_names()
     # HL-Attn per attention, counted layer by layer: proj_in (2W -> w, no bias); two cross-attentions, each
@@ -141,19 +163,19 @@ def test_trainable_sets_of_both_stages():
 
 
 def test_only_single_experts_let_windowed_blocks_skip_the_padding():
-    """common.tokenwise, which lets a windowed ViT block skip stock's window padding, must hold exactly when the
-    qkv maps each token alone and a zero token to the bias: a single expert (stage 1) does; HL-Attn's fusion
-    (stage 2) attends across the tokens, so changing one token changes the others' update."""
+    """fast.forwards.is_tokenwise, which lets a windowed ViT block skip stock's window padding, must hold
+    exactly when the qkv maps each token alone and a zero token to the bias: a single expert (stage 1) does;
+    HL-Attn's fusion (stage 2) attends across the tokens, so changing one token changes the others' update."""
     args, device, model = tiny()
     samora.inject(model, args.rank, args.hl_width, args.hl_heads)
-    qkv = common.encoder_attentions(model.image_encoder)[0][0].qkv
+    qkv = samora.encoder_attentions(model.image_encoder)[0][0].qkv
     g = torch.Generator().manual_seed(0)
     for name, p in qkv.named_parameters():
         if "_B_" in name or "proj_out" in name:  # zero at init, which would hide the updates
             p.data.copy_(torch.randn(p.shape, generator=g))
     for stage, tokenwise in ((samora.EXPERTS[0], True), ("fused", False)):
         qkv.active = stage
-        assert common.tokenwise(qkv) == tokenwise == tokenwise_in_fact(qkv), stage
+        assert is_tokenwise(qkv, 4) == tokenwise == tokenwise_in_fact(qkv), stage
 
 
 @pytest.mark.parametrize("expert", samora.EXPERTS)

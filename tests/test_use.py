@@ -121,7 +121,7 @@ def test_methods_that_do_not_fold_refuse_to_export(tmp_path):
     args = balr_sam.parse_args(["--model", "tiny", "--device", "cpu"])
     device = common.setup(args, "balr_sam", gpu_steps=1)
     model = common.load_sam(args, device)
-    balr_sam.inject(model, args)
+    balr_sam.inject(model, args.rank, args.decoder_rank, args.cden_width)
     common.save_checkpoint(tmp_path / "b.pt", model, args)
     with pytest.raises(common.UserError, match="does not fold"):
         balr_sam.main(["--model", "tiny", "--device", "cpu", "--resume", str(tmp_path / "b.pt"),

@@ -1,53 +1,39 @@
-"""Exact attention with SAM's decomposed relative-position term, written as Triton kernels (forward and
-backward), for the blocks of SAM's ViT: row kernels for the global blocks, window kernels (further down)
-for the windowed ones.
+"""Exact attention with SAM's decomposed relative-position term, as Triton kernels (forward and backward) for the
+blocks of SAM's ViT: row kernels for the global blocks, window kernels (further down) for the windowed ones.
 
 SAM adds to the logits of query i = (row a, col b) and key j = (row r, col c)
     bias(i, j) = rel_h[i, r] + rel_w[i, c],    rel_h = q_i . Rh[a - r],  rel_w = q_i . Rw[b - c],
-which no fused PyTorch kernel takes as it is. common.fast_vit_attention folds it into q and k (q' =
-[q | rel_h | rel_w], k' = [k | onehot(r) | onehot(c)]): exact, but the head width grows from 64 to 192 and
-the kernel does three times the work (12.0 ms for forward and backward of one global ViT-B block at 1024,
-batch 8, on the H100, against 3.2 ms for the same attention without the term).
+which no fused PyTorch kernel takes as it is. fast.forwards.vit_attention otherwise folds it into q and k (q' =
+[q | rel_h | rel_w], k' = [k | onehot(r) | onehot(c)]): exact, but the head width grows from 64 to 192.
 
-Here the key tile is one key row (the W keys of row r). Within it rel_h[i, r] is one number per query and
-rel_w[i, c] is the same (queries x W) tile for every key row, loaded once per query block. The logits tile
-is then q k_r^T * scale + rel_h[:, r] + rel_w, and the rest is flash attention (online softmax, no N x N
-matrix in memory). The backward needs the logits' gradient ds summed over key columns (d rel_h[:, r], one
-column per key row) and over key rows (d rel_w, one accumulator per query block): the kernel that walks the
-keys of one query block writes both without atomics.
+Here the key tile is one key row (the W keys of row r). Within it rel_h[i, r] is one number per query and rel_w[i, c]
+is the same (queries x W) tile for every key row, loaded once per query block. The logits tile is then
+q k_r^T * scale + rel_h[:, r] + rel_w, and the rest is flash attention (online softmax in fp32 through exp2, no
+N x N matrix in memory). The backward needs the logits' gradient ds summed over key columns (d rel_h[:, r], one
+column per key row) and over key rows (d rel_w, one accumulator per query block): the kernel that walks the keys of
+one query block writes both without atomics. rel_h and rel_w are computed in the kernels from q and the tables
+(_rel_term) instead of by SAM's einsums; the forward stores them for the backward, and the query-side kernels turn
+d rel_h and d rel_w into q's gradient (_rel_term_grad).
 
-rel_h and rel_w themselves are computed in the kernels too, from q and the tables (_rel_term): SAM's two
-einsums per block ran as small batched matmuls with copies of q around them, about 4 ms of a ViT-B LoRA
-step at batch 8. The forward kernels write them for the backward (the row kernels' transposed, as the
-key-side kernel reads them: _backward_dkdv); the query-side kernels turn d rel_h and d rel_w into q's
-gradient (_rel_term_grad). Graphed ViT-B LoRA step 79.8 -> 76.2 ms (call bc, one machine).
+Kernels (FlashAttention-2's backward split): `_forward` (queries in blocks, keys row by row), `_backward_dq` (the
+same walk: dq, d rel_h, d rel_w), `_backward_dkdv` (a block of keys, queries in blocks: dk, dv); the window kernels
+likewise, but a window whose queries all fit one tile takes a one-kernel backward (`_window_backward_dq`, WHOLE).
+Inputs: qkv (B, N, 3, heads, D) as SAM's qkv projection writes it, N = H * W; SAM's tables Rh (2H - 1, D),
+Rw (2W - 1, D). The output is (B, N, heads, D), the layout the block's projection reads; the backward kernels write
+dq, dk and dv into one gradient laid out as qkv, so that autograd need not stack three tensors into it. Forward +
+backward of one global ViT-B block at 1024, batch 8, bf16, H100: 7.2 ms against 12.1 ms for the folded form and
+3.2 ms without the term; two thirds of it is the backward, whose two kernels both recompute the logits.
 
-Kernels (after the FlashAttention-2 backward split): `_forward` (queries in blocks, keys row by row),
-`_backward_dq` (the same walk: dq, d rel_h, d rel_w), `_backward_dkdv` (a block of keys, queries in blocks:
-dk, dv); the window kernels likewise, but a window's backward is one kernel where all its queries fit one
-tile (`_window_backward_dq`, WHOLE). Inputs: qkv (B, N, 3, heads, D) as SAM's qkv projection writes it, N = H * W;
-SAM's tables Rh (2H - 1, D), Rw (2W - 1, D). The output is (B, N, heads, D), the layout the block's
-projection reads, and the backward kernels write dq, dk and dv into one gradient laid out as qkv (returned
-as three tensors, they were stacked into it by autograd, a pass over the whole gradient: graphed ViT-B LoRA
-step 73.2 -> 72.2 and 73.3 -> 72.1 ms on an H200, calls bf and bi, two processes each). `usable` says which
-attentions the kernels take: D one of 16, 32, 64, 128, fp32 or bf16 CUDA tensors, and W a power of two from
-16 to 128 for these row kernels (ViT-B and ViT-L global blocks at 1024 or 512) or a grid of at most 64 x 64
-for the window kernels (their 14 x 14 windows); not ViT-H, whose heads are 80 wide. Everything else goes
-through the folded path. Softmax in fp32, exp2 with log2(e) folded into the logits.
+`usable` (and `usable_windows`, for window_attention) says which attentions the kernels take: D one of 16, 32, 64,
+128, fp32 or bf16 CUDA tensors, and W a power of two from 16 to 128 for the row kernels (ViT-B and ViT-L global
+blocks at 1024 or 512) or a grid of at most 64 x 64 for the window kernels (their 14 x 14 windows); not ViT-H,
+whose heads are 80 wide. Everything else goes through the folded path.
 
-window_attention gives the window kernels a windowed block's whole grid instead of its padded windows: they
-read each window's tokens where they lie in the grid (B, H * W tokens), take the padding keys' k and v (stock
-SAM pads 64 x 64 to 70 x 70 with zero tokens, whose k and v are the qkv bias) from a (2, heads, D) input, skip
-the padding queries and write the output in the grid's layout, so that the block's qkv and proj run on 4096
-tokens instead of 4900 and no pad, partition or unpartition copies are made (common.fast_vit_window_attention).
-
-Measured on the H100 (bf16, batch 8, 12 heads, 64 x 64 tokens; scripts/speed_probe.py relpos, forward and
-backward with the rel-pos einsums): 7.2 ms against 12.1 ms for the folded form and 3.2 ms for the same
-attention without the term; a compiled, graphed ViT-B LoRA step went from 72.0 to 85.3 images/s. The
-backward is two thirds of it: both backward kernels recompute the logits (FlashAttention-2's split), and
-Triton's tiles are not cuDNN's. Loading the key-side kernel's bias row-wise and computing rowsum(o * do) in
-the query-side kernel (call ap, one machine) took it from 7.31 to 6.74 ms, and the graphed ViT-B LoRA step
-from 89.0 to 86.8 ms (call aq).
+window_attention gives the window kernels a windowed block's whole grid (B, H * W tokens) instead of its padded
+windows: they read each window's tokens where they lie in the grid, take the padding keys' k and v (stock SAM pads
+64 x 64 to 70 x 70 with zero tokens, whose k and v are the qkv bias) from a (2, heads, D) input, skip the padding
+queries and write the output in the grid's layout. The block's qkv and proj then run on 4096 tokens instead of
+4900, with no pad, partition or unpartition copies (fast.forwards.vit_window_attention).
 """
 import os
 from typing import Optional
@@ -94,11 +80,9 @@ def _online_softmax_step(s, shift, v, m_i, l_i, acc, PRECISION: tl.constexpr):
     units, shift (BLOCK_M,) one number per query for the whole tile (a key row's rel_h; 0 in the windows),
     values v (keys, D); the running max m_i, sum l_i and output acc, rescaled to the new max and returned.
     The shift goes into the max that every logit is taken from, not into each logit: one operation per
-    entry fewer. With the same in the backward kernels (rel_w less the log-sum-exp once per query block in
-    _backward_dq, the bias tile of _backward_dkdv one multiply-add per entry), the global kernels of a
-    graphed ViT-B LoRA step at batch 8 went from 21.9 to 20.6 ms (forward 6.17 -> 5.75, dq 7.35 -> 7.06,
-    dkdv 8.38 -> 7.81), the step 65.19 -> 63.99 ms (H200, call cj): the entries' exp2 and arithmetic, not
-    the products, bound these kernels."""
+    entry fewer, which counts because the entries' exp2 and arithmetic, not the products, bound these
+    kernels. The backward kernels do the same (rel_w less the log-sum-exp once per query block in
+    _backward_dq, the bias tile of _backward_dkdv one multiply-add per entry)."""
     m_new = tl.maximum(m_i, tl.max(s, 1) + shift)
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - (m_new - shift)[:, None])
@@ -235,14 +219,12 @@ def _backward_dq(Q, K, V, TH, TW, RH, RW, DO, O, LSE, DELTA, DQ, DRH, DRW,
                  N: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
                  BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     """One query block, keys row by row: dq, with the part through rel_h and rel_w (_rel_term_grad). Also
-    writes DELTA = rowsum(o * do), which _backward_dkdv reads after it (eager, that sum was four passes over
-    fp32 copies of o and do), and d rel_h, d rel_w to DRH, DRW (the tables' gradient, when they train; DRH
-    is also this kernel's scratch). RH, RW, DRH and DRW laid out as the forward writes rel_h and rel_w, (B,
-    heads, ROWS / COLS, N): d rel_h's column of a key row, stored at every step of the walk, is then
-    contiguous (in SAM's layout, (B, heads, N, ROWS / COLS), it was BLOCK_M stores a row of d rel_h apart:
-    this kernel took 7.96 ms of a graphed ViT-B LoRA step at batch 8, now 7.35, the step 66.43 -> 65.97 ms;
-    H200, call ch). DQ strided as the gradient's q part (sg_*), a view of the one (B, N, 3, heads, D) gradient
-    of qkv."""
+    writes DELTA = rowsum(o * do), which _backward_dkdv reads after it (no separate passes over o and do), and
+    d rel_h, d rel_w to DRH, DRW (the tables' gradient, when they train; DRH is also this kernel's scratch).
+    RH, RW, DRH and DRW laid out as the forward writes rel_h and rel_w, (B, heads, ROWS / COLS, N): d rel_h's
+    column of a key row, stored at every step of the walk, is then contiguous, where in SAM's layout, (B,
+    heads, N, ROWS / COLS), its entries would lie a row apart. DQ strided as the gradient's q part (sg_*), a
+    view of the one (B, N, 3, heads, D) gradient of qkv."""
     b, h = tl.program_id(2), tl.program_id(1)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, COLS)
@@ -292,15 +274,10 @@ def _backward_dkdv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
     transposed, keys along the first axis, so that the products accumulate into (BLOCK_N, D) tiles. The bias
     of the tile is read as the forward wrote rel_h and rel_w, transposed ((B, heads, ROWS / COLS, N)): its
     (ROWS_PER, BLOCK_M) and (COLS, BLOCK_M) tiles are then contiguous along the queries, as the transposed
-    logits want them. Laid out as SAM's (queries first), the tile was first gathered element by element in
-    the transposed order (neighbouring threads a row of rel_w apart: the slowest part of this kernel), then
-    read row-wise and transposed in registers once per query block (calls ap to bw). Read like this, the
-    forward and backward of one global ViT-B block at batch 8 took 6.31 ms against 6.71 (H200, call cd), and
-    in a graphed ViT-B LoRA step this kernel 8.35 ms against 10.56, while the forward and query-side kernels,
-    which now transpose a tile once per query block, took 0.31 and 0.50 ms more (call cc). BLOCK_N may be
-    several rows (128: two rows at ViT-B's 64, reading q and do half as often), but tuning kept one row
-    (calls ap and cb: two rows were slower). DK, DV strided alike (sg_*): views of the one (B, N, 3, heads,
-    D) gradient of qkv."""
+    logits want them (forward + backward of one global ViT-B block at batch 8, H200: 6.31 ms against 6.71
+    with SAM's layout, read row-wise and transposed in registers). BLOCK_N may be several rows, reading q and
+    do less often, but one row was faster. DK, DV strided alike (sg_*): views of the one (B, N, 3, heads, D)
+    gradient of qkv."""
     b, h = tl.program_id(2), tl.program_id(1)
     row0 = tl.program_id(0) * ROWS_PER  # this program's first key row
     offs_j = row0 * COLS + tl.arange(0, BLOCK_N)  # its keys
@@ -339,23 +316,14 @@ def _backward_dkdv(Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
 # ----------------------------------------------------------------------------------------------------
 # In a window a key row (14 keys) is too narrow a tile, so these kernels take keys in blocks of BLOCK_N
 # like FlashAttention-2, the N = H * W tokens padded to whole blocks by masks. The term of a (queries x
-# keys) tile is the fold of fast_vit_attention done in registers: [rel_h | rel_w] (BLOCK_M x HP, x WP;
-# computed by _rel_term in the forward, read from memory in the backward) times the one-hot codes of the
-# keys' rows and columns (HP x BLOCK_N, WP x BLOCK_N, built from the key indices), two small products that
-# gather exactly (one-hot). Its gradient is the same products transposed: d rel_h = ds @ onehot(rows)^T.
+# keys) tile is the fold of fast.forwards.vit_attention done in registers: [rel_h | rel_w] (BLOCK_M x HP,
+# x WP; computed by _rel_term in the forward, read from memory in the backward) times the one-hot codes of
+# the keys' rows and columns (HP x BLOCK_N, WP x BLOCK_N, built from the key indices), two small products
+# that gather exactly (one-hot). Its gradient is the same products transposed: d rel_h = ds @ onehot(rows)^T.
 # No widened q', k' or padded v in memory, no cat or slice passes. H100, bf16, 8 x 25 windows of 14 x 14,
-# 12 heads (scripts/speed_probe.py relpos, call aw): forward + backward with the rel-pos einsums 2.85 ms
-# against 3.36 ms for the folded form on cuDNN (0.68 ms without the term); the graphed ViT-B LoRA step
-# 80.6 -> 79.6 ms. In the step's profile these kernels take 7.6 ms over the eight windowed blocks and
-# cuDNN's took 9.2 ms with its conversions; inductor had already fused most of the folded form's other
-# passes. With rel_h and rel_w computed inside (call bc):
-# 1.70 ms forward and backward, everything included. A window of 196 tokens fits one tile of queries, so its
-# backward is one kernel (_window_backward_dq with WHOLE, no FlashAttention-2 split): on an H200 the window
-# backward kernels of the graphed ViT-B LoRA step went from 6.17 to 4.28 ms (call bl's profile; bk's, 6.16 ->
-# 4.27; both a separate kernel of the same operations, merged into _window_backward_dq since). Merged, it took
-# 4.71 ms in call bp's profile while its queries were offset by the grid's first axis as the split kernel's are;
-# from 0 (WHOLE's branch, so that the compiler knows them) 4.26 ms (call bq), and alone 0.534 ms against 0.556
-# for the separate kernel of 89b3de7 in one call (bq).
+# 12 heads: forward + backward 1.70 ms, rel-pos term included, against 3.36 ms for the folded form on cuDNN.
+# A window of 196 tokens fits one tile of queries, so its backward is one kernel (_window_backward_dq with
+# WHOLE, no FlashAttention-2 split): the window backward of a ViT-B LoRA step, H200, 4.28 ms against 6.17.
 
 
 @triton.jit
@@ -386,11 +354,10 @@ def _window_keys(K, V, PAD, h, heads, sk_n, sv_n, tok, in_window, in_grid, D: tl
                  HAS_PAD: tl.constexpr):
     """(BLOCK_N, D) k and v of a key block: read from the grid, and the padding tokens' k and v (PAD: (2,
     heads, D), what the qkv projection gives a zero token) where the window crosses the grid's edge. The
-    padding rows point into PAD, and one load reads both: swapping them in after the load (tl.where on the
-    loaded tiles) took the windows' forward in a ViT-B LoRA step from 2.06 ms (padded windows, commit
-    2b257fa) to 3.30 ms, and their backward from 4.23 to 4.98 ms (call bv's profile); like this, 2.07 and
-    4.42 ms (call bw). Our reading: a tile that goes from the load straight into the products is one that
-    Triton copies to shared memory ahead of use, in its pipeline; one changed in registers in between is not."""
+    padding rows point into PAD, and one load reads both. Swapping them in after the load (tl.where on the
+    loaded tiles) was slower: the windows' forward in a ViT-B LoRA step, H200, 3.30 ms against 2.07. Our
+    reading: a tile that goes from the load straight into the products is one that Triton copies to shared
+    memory ahead of use, in its pipeline; one changed in registers in between is not."""
     d = tl.arange(0, D)[None, :]
     k_rows = K + tok[:, None] * sk_n  # (BLOCK_N, 1)
     v_rows = V + tok[:, None] * sv_n
@@ -434,8 +401,8 @@ def _window_logits(q_s, k, rh, rw, code_h, code_w, base, PRECISION: tl.constexpr
     log-sum-exp in the backward): q_s k^T, q_s the queries times the scale as stock SAM's (q * scale) @ k^T
     rounds them, plus the term rel_h[i, row j] + rel_w[i, col j], gathered by the one-hot products. The
     three products accumulate into base one after the other, so that the only work per entry is the
-    change to log2 units (it was an add, a multiply and a multiply-add, and in the backward a subtraction).
-    Called with the roles swapped, (k, q_s, code_h, code_w, rh, rw), it gives the same logits transposed."""
+    change to log2 units. Called with the roles swapped, (k, q_s, code_h, code_w, rh, rw), it gives the same
+    logits transposed."""
     acc = tl.dot(rh, tl.trans(code_h), base, input_precision=PRECISION)
     acc = tl.dot(rw, tl.trans(code_w), acc, input_precision=PRECISION)
     return tl.dot(q_s, tl.trans(k), acc, input_precision=PRECISION) * LOG2E
@@ -604,20 +571,12 @@ def _strides(*tensors):
 
 
 # Launch settings of each kernel (BLOCK_M queries, BLOCK_N keys per program or step, warps, pipeline stages),
-# chosen on the H100 at ViT-B's global shape (forward, dq, dkdv) and window shape (window_*), batch 8
-# (scripts/speed_probe.py relpos). The forward's registers are capped (maxnreg): Nsight Compute found the three
-# row kernels latency-bound, about 40% of the SM's compute and 30% of L2's throughput, with two programs of 4
-# warps per SM (12.5% occupancy) for want of registers (197, 238 and 214 per thread; call cv). At 168 three
-# programs fit, and the forward of one ViT-B global block at batch 8 took 1.21-1.24 ms against 1.44-1.45 on an
-# H200 (calls cw, cx: one process each, both settings; 3 or 4 stages alike), though with that machine's Triton
-# (3.6) it spills 120 bytes a thread (scripts/kernel_registers.py). The backward kernels, capped so (with fewer
-# stages, for shared memory), ran slower, and with 32 queries per program on 4 warps instead (168 and 154
-# registers, no spill) the query side was slower and the key side no faster (call da). The window forward with
-# 64 queries on 4 warps (152 registers: three programs, 12 warps per SM, against two of 8 warps at 128) was
-# slower in the graphed ViT-B step, 2.11 -> 2.33 ms of it (call db), though faster timed alone with its
-# backward (da). Every setting that fits more warps per SM without spilling on Triton 3.6 (kernel_registers.py
-# --sweep), each in the graphed step: all slower, the global kernels 1.4-4.4x (the forward by 32 queries on 8
-# warps 4.9 -> 21.4 ms of the step), the window kernels 1.2-1.5x (call dc).
+# chosen at ViT-B's global shape (forward, dq, dkdv) and window shape (window_*), batch 8, on the H100 and in a
+# graphed ViT-B LoRA step on an H200. The row kernels are latency-bound, and for want of registers (197-238 a
+# thread) only two programs of 4 warps fit an SM. Capped at 168 (maxnreg), three of the forward's fit: one ViT-B
+# global block's forward at batch 8, H200, 1.21 ms against 1.44 (though Triton 3.6 spills 120 bytes a thread).
+# The backward kernels capped alike, smaller query blocks, and every other setting that fits more warps per SM
+# without spilling (the window forward with 64 queries on 4 warps among them) were slower in the graphed step.
 CONFIG = dict(forward=dict(BLOCK_M=64, num_warps=4, num_stages=3, maxnreg=168),
               dq=dict(BLOCK_M=64, num_warps=4, num_stages=4),
               dkdv=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
@@ -626,17 +585,17 @@ CONFIG = dict(forward=dict(BLOCK_M=64, num_warps=4, num_stages=3, maxnreg=168),
               window_dkdv=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
               window_backward=dict(BLOCK_N=64, num_warps=8, num_stages=2),
               # fp32 tiles take twice the shared memory: at the bf16 settings 336 KB, over the 227 KB of a
-              # Hopper SM (call bk)
+              # Hopper SM
               window_backward_fp32=dict(BLOCK_N=16, num_warps=8, num_stages=1))
 
 # Windows of at most this many tokens take the one-kernel backward (_window_backward_dq, WHOLE), all their
 # queries in one tile (BLOCK_M: N rounded up to a power of two): 196 in ViT's 14 x 14 windows. Larger grids
 # (a global grid that is not a power of two, such as 56 x 56 at 896) take the split kernels.
 WHOLE_WINDOW = 256
-# Its tiles take more shared memory than some GPUs have: 336 KB in fp32 at the bf16 settings (call bk), about
-# half that in bf16, which fits an H100 or H200 (227 KB per SM) but perhaps not an A100 (163 KB) or a 24 GB
-# Ampere or Ada card (100 KB). Where Triton finds it does not fit, the split kernels run instead, and the
-# (device, dtype) is noted here so that later calls go straight to them.
+# Its tiles take more shared memory than some GPUs have: 336 KB in fp32 at the bf16 settings, about half that
+# in bf16, which fits an H100 or H200 (227 KB per SM) but perhaps not an A100 (163 KB) or a 24 GB Ampere or
+# Ada card (100 KB). Where Triton finds it does not fit, the split kernels run instead, and the (device,
+# dtype) is noted here so that later backwards go straight to them.
 _SPLIT_ONLY = set()
 
 
@@ -757,10 +716,10 @@ def _relpos_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, table_
                                grid_w: int = 0, pad_kv: Optional[torch.Tensor] = None, pad_grad: bool = False
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradient of qkv (B, T, 3, heads, D), and those of rel_h and rel_w (laid out as they are,
-    _rel_terms_out), which the tables' gradient needs (_table_grad) when they train; its q part includes the part through
-    rel_h and rel_w. The kernels write dq, dk and dv straight into their places in qkv's layout: returned as
-    three tensors, autograd stacked them into it, a pass that read and wrote the whole gradient (1.35 ms of
-    a ViT-B LoRA step at batch 8 on the H100, call bc's profile). Last, pad_kv's gradient (2, heads, D) where
+    _rel_terms_out), which the tables' gradient needs (_table_grad) when they train; its q part includes the
+    part through rel_h and rel_w. The kernels write dq, dk and dv straight into their places in qkv's layout:
+    returned as three tensors, autograd would stack them into it, a pass that reads and writes the whole
+    gradient (1.35 ms of a ViT-B LoRA step at batch 8, H100). Last, pad_kv's gradient (2, heads, D) where
     pad_grad (else empty): the padding keys' dk and dv, summed."""
     qkv, grad_out, out = _last_contiguous(qkv, grad_out, out)
     q, k, v = _split(qkv)
