@@ -1,6 +1,6 @@
 """Run methods x datasets x seeds and write the results table and plot.
 
-    python train.py --methods lora salt --data drive synthetic --seeds 0 1 2 --data-root ../shared/data/DRIVE
+    python train.py --methods lora salt --data drive synthetic --seeds 0 1 2 --data-root data/DRIVE
 
 Each combination is one run of the method's own script (`python lora.py --data drive --seed 0 ...`), so
 what the table shows is exactly what those commands produce. A run whose metrics.json already exists is
@@ -32,7 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--out", default="runs", help="folder of run folders")
     p.add_argument("--parallel", type=int, default=1,
-                   help="runs at once (small models leave most of a large GPU idle: 4 fit an H100 well)")
+                   help="runs at once on one GPU (a MobileSAM run at batch 8 keeps an H200 busy: four at a time "
+                        "each took 143 s of training where one alone takes 41 s, 15%% more runs per hour)")
     p.add_argument("--force", action="store_true", help="run again even where metrics.json exists")
     p.add_argument("--report-only", action="store_true", help="only rebuild results.md/png from the run folders")
     p.add_argument("--results", default="results", help="stem of the table and plot files")
@@ -78,12 +79,6 @@ def run_all(args):
     return [name for name, proc in started if proc.wait() != 0]
 
 
-def stage1_seconds(metrics):
-    """Seconds a run spent in its stage 1 before the training its train_seconds count: SAMora's experts, each
-    trained by common.train_loop, whose history (seconds included) samora.py keeps in metrics["stage1"]."""
-    return sum(expert["seconds"] for expert in metrics["stage1"]["experts"].values())
-
-
 def report(args):
     rows = {}
     for spec, data, seed, name, cmd in planned_runs(args):
@@ -97,33 +92,29 @@ def report(args):
                             "seeds): run them first (train.py without --report-only), or point --out at their folder.")
         print("no finished runs to report")
         return
+    # no times here: runs of one table may have shared a GPU; benchmarks/bench.py measures speed
     lines = ["| method | data | model | Dice (mean ± std) | HD95 px (mean ± std) | paper Dice / HD95 | trainable params "
-             "| peak GiB | train s | img/s | seeds |", "|" + "---|" * 11]
+             "| peak GiB | seeds |", "|" + "---|" * 9]
     for (spec, data), runs in rows.items():
         ms = [m for m, *_ in runs]
 
         def stat(key, fmt):
             vals = [m[key] for m in ms]
-            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            return f"{statistics.mean(vals):{fmt}} ± {sd:{fmt}}"
+            if len(vals) == 1:  # no spread from one seed
+                return f"{vals[0]:{fmt}} (one seed)"
+            return f"{statistics.mean(vals):{fmt}} ± {statistics.stdev(vals):{fmt}}"
         paper = PAPER_DRIVE.get("salt --rank 4" if spec == "salt" else spec) if data == "drive" else None
         paper_s = "–" if paper is None else f"{paper[0]:.2f} / {paper[1] if paper[1] else '–'}"
         m0 = ms[0]
         peak = f"{statistics.mean(m['peak_mem_gib'] for m in ms):.1f}" if m0["peak_mem_gib"] else "cpu"
-        train_s = f"{statistics.mean(m['train_seconds'] for m in ms):.0f}"
-        speed = f"{statistics.mean(m['imgs_per_s'] for m in ms):.0f}"
-        if all(m.get("stage1") for m in ms):  # a run that pre-trains first (SAMora): its stage-1 time too
-            train_s += f" + {statistics.mean(stage1_seconds(m) for m in ms):.0f} (stage 1)"
-            speed += " (stage 2)"
         lines.append(f"| `{spec}` | {data} | {m0['model']} | {stat('dice', '.4f')} | {stat('hd95', '.2f')} | {paper_s} | "
-                     f"{m0['trainable_params']:,} ({m0['trainable_percent']:.2f}%) | {peak} | "
-                     f"{train_s} | {speed} | {len(ms)} |")
+                     f"{m0['trainable_params']:,} ({m0['trainable_percent']:.2f}%) | {peak} | {len(ms)} |")
     commands = sorted({" ".join(shlex.quote(c) for c in cmd[1:]).replace(f"--seed {m['seed']}", "--seed S")
                        .replace(f"_s{m['seed']}", "_sS") for runs in rows.values() for m, cmd, _ in runs})
     gpu = next((m["versions"].get("gpu") for runs in rows.values() for m, *_ in runs if "gpu" in m["versions"]), "CPU")
     text = "\n".join(lines) + f"\n\nMachine: {gpu}. Each row is mean ± std over the seeds listed, of:\n\n" + \
         "\n".join(f"    {c}" for c in commands) + "\n"
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)  # e.g. RESULTS=results/h200 in scripts/results.sh
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)  # e.g. RESULTS=DIR in scripts/results.sh
     Path(f"{args.results}.md").write_text(text)
     print(text)
     plot(rows, f"{args.results}.png")
