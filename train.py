@@ -16,6 +16,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 METHODS = ("lora", "atrous_lora", "salt", "balr_sam", "samora")
@@ -65,18 +66,30 @@ def planned_runs(args):
 def run_all(args):
     todo = [r for r in planned_runs(args) if args.force or not (Path(args.out) / r[3] / "metrics.json").is_file()]
     print(f"{len(todo)} runs to do")
-    started, running = [], []
-    for spec, data, seed, name, cmd in todo:
+    running, failed = {}, []  # proc -> (number, name, log)
+
+    def finish(proc):  # say how a run ended: its test line, or that it failed
+        number, name, log = running.pop(proc)
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.startswith(("test (", "error:"))]
+        ok = proc.returncode == 0
+        if not ok:
+            failed.append(name)
+        print(f"[{number}/{len(todo)}] {name}: {lines[-1] if lines else ('done' if ok else 'failed')}", flush=True)
+
+    for number, (spec, data, seed, name, cmd) in enumerate(todo, 1):
         while len(running) >= args.parallel:  # wait for a free slot
-            running[0].wait()
-            running = [p for p in running if p.poll() is None]
+            time.sleep(1)
+            for proc in [p for p in running if p.poll() is not None]:
+                finish(proc)
         log = Path(args.out) / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        print("$", " ".join(shlex.quote(c) for c in cmd[1:]), f"  > {log}", flush=True)
-        proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
-        started.append((name, proc))
-        running.append(proc)
-    return [name for name, proc in started if proc.wait() != 0]
+        print(f"[{number}/{len(todo)}] $", " ".join(shlex.quote(c) for c in cmd[1:]), f"  > {log}", flush=True)
+        running[subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)] = (number, name, log)
+    while running:
+        proc = next(iter(running))
+        proc.wait()
+        finish(proc)
+    return failed
 
 
 def report(args):

@@ -13,7 +13,7 @@ import torch
 
 import common
 from data import UserError
-from fast.forwards import use_fast_forwards
+from fast.forwards import TRITON_CAPABILITY, use_fast_forwards
 from fast.step import (CHECKPOINT_POLICY, GraphedStep, compile_ahead, configure_compilation,
                        frozen_weights_to_bf16)
 
@@ -22,6 +22,11 @@ def apply(model, args, device):
     """Make a built model (base weights loaded, adapter injected, on `device`) fast, in place."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # shapes are fixed within a run: time cuDNN's algorithms once
+        if torch.cuda.get_device_capability(device) < TRITON_CAPABILITY:
+            major, minor = torch.cuda.get_device_capability(device)
+            print(f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}, older than the "
+                  f"8.0 that Triton's bf16 code needs: attention runs through SDPA, not the Triton kernels, and "
+                  f"nothing is compiled (slower)")
     use_fast_forwards(model)
     compiling = common.should_compile(args, device)
     if compiling:

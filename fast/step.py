@@ -1,6 +1,7 @@
 """The training step replayed from a CUDA graph, frozen weights stored in bf16, the checkpoint policy,
 and compilation started ahead of the first step."""
 import functools
+import warnings
 
 import torch
 import torch.nn as nn
@@ -54,7 +55,9 @@ class GraphedStep(common.TrainStep):
 
     def checked(self, batch):
         """One eager step whose loss may not synchronise with the host; if it does, every step stays eager."""
-        torch.cuda.set_sync_debug_mode("error")
+        with warnings.catch_warnings():  # PyTorch calls the mode a prototype: nothing a user can act on
+            warnings.simplefilter("ignore", UserWarning)
+            torch.cuda.set_sync_debug_mode("error")
         try:
             with common.autocast(self.device):
                 loss = self.loss_fn(self.model, *batch)

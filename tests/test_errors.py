@@ -32,7 +32,7 @@ def test_missing_dataset(tmp_path):
 def test_data_arguments_are_checked_before_the_model_is_built(tmp_path):
     # no checkpoint in tmp_path: had the model been built first, the error would name sam_vit_b_01ec64.pth
     proc = run_lora("--model", "vit_b", "--data", "drive", cwd=tmp_path)
-    assert_clean_failure(proc, "--data drive needs --data-root")
+    assert_clean_failure(proc, "DRIVE is not in data/DRIVE/", "--data-root PATH")
     proc = run_lora("--model", "vit_b", "--data", "drive", "--data-root", str(tmp_path), "--num-classes", "2",
                     cwd=tmp_path)
     assert_clean_failure(proc, "one foreground class")
@@ -57,7 +57,7 @@ def test_checkpoint_that_is_not_a_checkpoint(tmp_path):
 
 def test_image_size_the_model_cannot_take():
     assert_clean_failure(run_lora("--model", "tiny", "--img-size", "100"), "multiple of 16")
-    assert_clean_failure(run_lora("--model", "mobile_sam", "--img-size", "512"), "1024")
+    assert_clean_failure(run_lora("--model", "mobile_sam", "--img-size", "480"), "multiples of 64")
 
 
 def test_folder_with_a_mask_of_another_size(tmp_path):

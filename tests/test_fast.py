@@ -280,7 +280,7 @@ def test_mobile_sam_fast_forwards_match_stock():
     """The whole MobileSAM with LoRA, fp32: fast attention, the fused LoRA update, folded BatchNorms and
     channels-last convolutions give stock's logits and stock's LoRA gradients. BatchNorm statistics are
     randomised (the pretrained ones would hide a fold that ignored them)."""
-    args = lora.parse_args(["--model", "mobile_sam", "--device", "cpu"])
+    args = lora.parse_args(["--model", "mobile_sam", "--device", "cpu", "--img-size", "1024"])
     device = common.setup(args, "lora", gpu_steps=10)
     stock = common.load_sam(args, device)
     lora.inject(stock, rank=4)
