@@ -17,7 +17,9 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -96,6 +98,9 @@ def base_parser(description):
                    help="recompute each encoder block's activations in the backward pass (for small GPUs)")
     g.add_argument("--out", default="runs", help="folder of run folders")
     g.add_argument("--run-name", default=None, help="run folder name (default: method_data_model_sSEED)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace what is there: a run folder that holds a finished or interrupted run, masks in "
+                        "--predict-out, the --export-merged file")
     g.add_argument("--resume", default=None,
                    help="continue training from (or evaluate, predict or export) this last.pt or best.pt, or an "
                         "adapter (adapter.safetensors or adapter.json); the model's configuration comes from it")
@@ -142,6 +147,9 @@ def finish_args(args, method, gpu_steps):
     args.warmup = min(args.warmup, max(1, args.steps // 10))  # short (CPU) budgets must still reach the peak
     if args.run_name is None:
         args.run_name = f"{method}_{args.data}_{args.model}_s{args.seed}"
+    if Path(args.run_name).name != args.run_name or args.run_name in (".", ".."):
+        raise UserError(f"--run-name {args.run_name!r} is not a plain folder name; name the run folder itself "
+                        f"(it goes under --out {args.out}).")
     return args
 
 
@@ -758,6 +766,29 @@ def evaluate(model, split, batch_size):
 # The training loop
 # ----------------------------------------------------------------------------------------------------
 
+class Interrupts:
+    """Ctrl-C (SIGINT) and SIGTERM during training are taken at the next step boundary: the step under way
+    finishes, since one cut inside AdamW's update (tensor by tensor) or the schedule would leave a state that no
+    uninterrupted run passes through. A second signal stops at once, saving nothing (last.pt then holds the
+    state of the last evaluation). Outside the main thread, where Python cannot catch signals, nothing changes."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.caught, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def handle(self, signum, frame):
+        if self.caught is not None:
+            raise KeyboardInterrupt
+        self.caught = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
 class Progress:
     """Where a loop stands, with elapsed time and time left: a tqdm bar on a terminal; in a log (stdout not a
     terminal) one plain line per update, no carriage returns, or none where `log` is False."""
@@ -853,7 +884,8 @@ class TrainStep:
 def train_loop(model, next_batch, loss_fn, args, device, run_dir, steps, evaluate_fn=None, tag="", resume=None):
     """AdamW (fused on CUDA) over the parameters that require grad, warm-up + poly decay, bf16 autocast on
     CUDA. `next_batch()` returns the arguments of `loss_fn(model, *batch)`. Writes run_dir/last.pt (resumable)
-    at every evaluation and on Ctrl-C, and run_dir/best.pt when `evaluate_fn` finds a better Dice.
+    at every evaluation and, at the next step boundary, on Ctrl-C or SIGTERM (Interrupts), and run_dir/best.pt
+    when `evaluate_fn` finds a better Dice.
     Returns the history: losses and evaluations by step, seconds, images per second."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
@@ -872,10 +904,9 @@ def train_loop(model, next_batch, loss_fn, args, device, run_dir, steps, evaluat
     fast = fast_layer(args)
     step_fn = (fast.training_step if fast else TrainStep)(model, loss_fn, optimizer, device)
 
-    def checkpoint(name, step, generator_state=None):
+    def checkpoint(name, step):
         save_checkpoint(run_dir / name, model, args, step=step, tag=tag, optimizer=optimizer.state_dict(),
-                        schedule=schedule.state_dict(), history=history,
-                        generator=args.generator.get_state() if generator_state is None else generator_state)
+                        schedule=schedule.state_dict(), history=history, generator=args.generator.get_state())
 
     model.train()
     running = torch.zeros((), device=device)
@@ -885,40 +916,45 @@ def train_loop(model, next_batch, loss_fn, args, device, run_dir, steps, evaluat
     log_every = max(1, min(args.log_every, steps // 20))
     progress = Progress(f"{tag}training", steps, start)
     try:
-        for step in range(start, steps):
-            step_rng = args.generator.get_state()  # so an interrupted step can be redrawn identically
-            batch = next_batch()
-            loss = step_fn(*batch)
-            schedule.step()
-            done = step + 1
-            running += loss  # stays on the device: no sync per step
-            seen += batch[0].shape[0]
-            if done % log_every == 0 or done == steps:
-                n = (step % log_every) + 1
-                mean_loss = (running / n).item()  # the one sync per log interval
-                running.zero_()
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(done)
-                history["loss"].append((done, mean_loss))
-                lr = float(schedule.get_last_lr()[0])
-                progress.update(done, f"loss {mean_loss:.4f}  lr {lr:.2e}  {seen / (time.time() - t0):.1f} img/s")
-                log_row(run_dir, tag.strip() or "train", step=done, loss=mean_loss, lr=lr)
-            if evaluate_fn is not None and (done % args.eval_every == 0 or done == steps):
-                metrics = evaluate_fn()
-                history["eval"].append((done, metrics["dice"], metrics["hd95"]))
-                progress.say(f"{tag}eval at step {done}: Dice {metrics['dice']:.4f}  HD95 {metrics['hd95']:.2f}")
-                log_row(run_dir, tag.strip() or "train", step=done, dice=metrics["dice"], hd95=metrics["hd95"])
-                if metrics["dice"] > history["best_dice"]:
-                    history["best_dice"] = metrics["dice"]
-                    save_checkpoint(run_dir / "best.pt", model, args, step=done, tag=tag, dice=metrics["dice"])
+        with Interrupts() as interrupts:
+            for step in range(start, steps):
+                if interrupts.caught:  # a step boundary: the state is one the uninterrupted run passes through
+                    break
+                batch = next_batch()
+                loss = step_fn(*batch)
+                schedule.step()
+                done = step + 1
+                running += loss  # stays on the device: no sync per step
+                seen += batch[0].shape[0]
+                if done % log_every == 0 or done == steps:
+                    n = (step % log_every) + 1
+                    mean_loss = (running / n).item()  # the one sync per log interval
+                    running.zero_()
+                    if not math.isfinite(mean_loss):
+                        raise FloatingPointError(done)
+                    history["loss"].append((done, mean_loss))
+                    lr = float(schedule.get_last_lr()[0])
+                    progress.update(done, f"loss {mean_loss:.4f}  lr {lr:.2e}  {seen / (time.time() - t0):.1f} img/s")
+                    log_row(run_dir, tag.strip() or "train", step=done, loss=mean_loss, lr=lr)
+                if evaluate_fn is not None and (done % args.eval_every == 0 or done == steps):
+                    metrics = evaluate_fn()
+                    history["eval"].append((done, metrics["dice"], metrics["hd95"]))
+                    progress.say(f"{tag}eval at step {done}: Dice {metrics['dice']:.4f}  HD95 {metrics['hd95']:.2f}")
+                    log_row(run_dir, tag.strip() or "train", step=done, dice=metrics["dice"], hd95=metrics["hd95"])
+                    if metrics["dice"] > history["best_dice"]:
+                        history["best_dice"] = metrics["dice"]
+                        save_checkpoint(run_dir / "best.pt", model, args, step=done, tag=tag, dice=metrics["dice"])
+                    checkpoint("last.pt", done)
+                    model.train()
+            if interrupts.caught:
                 checkpoint("last.pt", done)
-                model.train()
-    except KeyboardInterrupt:
-        # interrupted inside a step: its update never happened, so save the state from before it
-        checkpoint("last.pt", done, step_rng if done == step else None)
+                progress.close()
+                print(f"interrupted after step {done}; saved {run_dir / 'last.pt'}; continue with "
+                      f"--resume {run_dir / 'last.pt'}")
+                sys.exit(128 + interrupts.caught)  # 130 for Ctrl-C, 143 for SIGTERM
+    except KeyboardInterrupt:  # a second signal: stop at once, the state of the last evaluation stays in last.pt
         progress.close()
-        print(f"interrupted after step {done}; saved {run_dir / 'last.pt'}; continue with "
-              f"--resume {run_dir / 'last.pt'}")
+        print(f"stopped at once; {run_dir / 'last.pt'} holds the state of the last evaluation")
         sys.exit(130)
     except FloatingPointError as e:
         raise UserError(f"the loss became NaN or infinite by step {e.args[0]}; training stopped and "
@@ -973,13 +1009,45 @@ def build_model(args, device, inject):
     return model
 
 
+_CLAIMS = []  # the open lock files of the run folders this process holds
+
+
+def claim_run_folder(args):
+    """The run folder, for this run alone: an exclusive lock on its .lock file while the process lives (two
+    runs with one --run-name would write one another's checkpoints), and a folder that already holds a run
+    is continued (--resume), replaced (--overwrite: its files go first) or refused, never silently mixed."""
+    import fcntl
+    import shutil
+    run_dir = Path(args.out) / args.run_name
+    while _CLAIMS:  # one run at a time in a process: an earlier run of it gives its folder up
+        _CLAIMS.pop().close()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = (run_dir / ".lock").open("a")
+    except OSError as e:
+        raise UserError(f"cannot write the run folder {run_dir} ({e.strerror}); pass an --out you can write to.")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise UserError(f"{run_dir} is in use by another run; wait for it to finish, or pass another --run-name.")
+    _CLAIMS.append(lock)
+    held = [p for p in ("metrics.json", "last.pt", "best.pt") if (run_dir / p).exists()]
+    if held and not args.resume:
+        if not args.overwrite:
+            raise UserError(f"{run_dir} already holds a run ({held[0]}); continue it with --resume "
+                            f"{run_dir / 'last.pt'}, replace it with --overwrite, or pass another --run-name.")
+        for old in run_dir.iterdir():
+            if old.name != ".lock":
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+    return run_dir
+
+
 def run(model, train_set, test_set, args, device, loss_fn=default_loss, pretrain=None, extra_metrics=None):
     """Train the parameters that require grad on `train_set` (after `pretrain`, if given), evaluate on
     `test_set`, write the run folder: best.pt / last.pt, metrics.json, predictions.png, curves.png, test
     masks, and the trained adapter (adapter.safetensors + adapter.json). Returns the metrics dict, or None
     where `pretrain` ended the run."""
-    run_dir = Path(args.out) / args.run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = claim_run_folder(args)
     extra = dict(extra_metrics or {})
     if args.label_fraction < 1:
         labelled = train_set.subset(labelled_subset(len(train_set), args.label_fraction, args.seed))
@@ -1125,7 +1193,17 @@ def predict_folder(model, args):
     if not paths:
         raise UserError(f"--predict {src} is not a folder of images ({', '.join(IMAGE_SUFFIXES)}); pass one.")
     out = Path(args.predict_out or f"{str(src).rstrip('/')}_masks")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.resolve() == src.resolve():
+        raise UserError(f"--predict-out {out} is the folder of the scans; the masks would replace them: pass another.")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--predict-out {out} is a file; pass a folder.")
+    taken = [out / f"{p.stem}{end}" for p in paths for end in (".png", "_overlay.jpg") if (out / f"{p.stem}{end}").exists()]
+    if taken and not args.overwrite:
+        raise UserError(f"{taken[0]} exists; pass another --predict-out, or --overwrite to replace the masks there.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make --predict-out {out} ({e.strerror}); pass a folder you can write to.")
     palette = np.array([[0, 0, 0], [255, 60, 60], [60, 200, 60], [60, 120, 255], [255, 200, 0]])
     progress = Progress("prediction", len(paths), unit="image")
     for done, p in enumerate(paths, 1):
@@ -1144,6 +1222,11 @@ def export_merged(model, args, merge_fn):
     sam_model_registry[...]() and load_state_dict(strict=True), with no code from this repository.
     Prompt-free use: sam.mask_decoder.predict_masks(emb, pe, *sam.prompt_encoder(None, None, None)),
     then masks[:, :num_classes + 1] are background + classes (softmax)."""
+    path = Path(args.export_merged)
+    if args.resume and path.resolve() == Path(args.resume).resolve():
+        raise UserError(f"--export-merged {path} is the checkpoint being read; pass another file name.")
+    if path.is_dir() or (path.exists() and not args.overwrite):
+        raise UserError(f"--export-merged {path} exists; pass another file name, or --overwrite to replace it.")
     if merge_fn is None:
         raise UserError(f"{args.method}'s adapter does not fold into SAM's weights (it adds modules that run at "
                         f"inference), so --export-merged is not available; use --predict with --resume instead.")
@@ -1155,11 +1238,12 @@ def export_merged(model, args, merge_fn):
                         f"background; use --predict with --resume instead.")
     n = args.num_classes + 1
     state = {k: v.detach().float().cpu() for k, v in merge_fn(model).items()}
-    path = Path(args.export_merged)
-    atomic_save(state, path)
+    try:
+        atomic_save(state, path)
+    except OSError as e:
+        raise UserError(f"cannot write --export-merged {path} ({e.strerror}); pass a path you can write to.")
     print(f"wrote {path}: load it with segment_anything's (or mobile_sam's) sam_model_registry and "
           f"load_state_dict; masks[:, :{n}] of predict_masks are background + classes")
-
 
 
 def main_guard(main):

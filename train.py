@@ -60,6 +60,11 @@ def planned_runs(args):
                 root = ["--data-root", args.data_root] if data != "synthetic" and args.data_root else []
                 cmd = [sys.executable, f"{script}.py", *shlex.split(spec)[1:], "--data", data, *root,
                        "--seed", str(seed), "--out", args.out, "--run-name", name, *extra]
+                last = Path(args.out) / name / "last.pt"
+                if args.force:
+                    cmd.append("--overwrite")
+                elif last.is_file() and not (last.parent / "metrics.json").is_file():
+                    cmd += ["--resume", str(last)]  # an interrupted run continues where it stopped
                 yield spec, data, seed, name, cmd
 
 

@@ -1,4 +1,11 @@
 """Using a trained adapter: resume after an interruption, predict on a folder, export merged weights."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +14,8 @@ from PIL import Image
 import common
 import lora
 from data import load_data
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def setup_tiny(tmp_path, extra=()):
@@ -18,34 +27,79 @@ def setup_tiny(tmp_path, extra=()):
     return args, device, model
 
 
-def train(tmp_path, name, interrupt_at=None, resume=None):
-    args, device, model = setup_tiny(tmp_path)
+def interrupt():
+    os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, delivered to this process now
+
+
+def train(tmp_path, name, resume=None, interrupt_in=None, at=6):
+    """Ten tiny LoRA steps, evaluated every 4; with `interrupt_in`, a real SIGINT arrives inside that phase of
+    step `at` (or of the `at`-th evaluation or checkpoint write)."""
+    args, device, model = setup_tiny(tmp_path, ["--eval-every", "4"])
     ckpt = common.load_checkpoint(resume, model, args) if resume else None
-    train_set, _ = load_data(args, device)
-    calls = [0]
+    train_set, test_set = load_data(args, device)
+    calls = dict(forward=0, backward=0, optimiser=0, schedule=0, evaluation=0, saving=0)
+
+    def phase(name):
+        calls[name] += 1
+        if interrupt_in == name and calls[name] == at:
+            interrupt()
 
     def loss_fn(m, x, y):
-        calls[0] += 1
-        if calls[0] == interrupt_at:
-            raise KeyboardInterrupt  # as if Ctrl-C arrived in the middle of a step
-        return common.default_loss(m, x, y)
-    common.train_loop(model, common.labelled_batches(train_set, args.batch_size, args.generator), loss_fn, args,
-                      device, tmp_path / name, args.steps, resume=ckpt)
+        phase("forward")
+        loss = common.default_loss(m, x, y)
+        loss.register_hook(lambda grad: phase("backward"))  # runs inside loss.backward()
+        return loss
+
+    def evaluate():
+        phase("evaluation")
+        return common.evaluate(model, test_set, 2)[0]
+
+    step, schedule_step, save = torch.optim.AdamW.step, torch.optim.lr_scheduler.LambdaLR.step, common.save_checkpoint
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (phase("optimiser"), step(self, *a, **k))[1])
+        patch.setattr(torch.optim.lr_scheduler.LambdaLR, "step",
+                      lambda self, *a, **k: (phase("schedule"), schedule_step(self, *a, **k))[1])
+        patch.setattr(common, "save_checkpoint", lambda *a, **k: (phase("saving"), save(*a, **k))[1])
+        common.train_loop(model, common.labelled_batches(train_set, args.batch_size, args.generator), loss_fn, args,
+                          device, tmp_path / name, args.steps, evaluate_fn=evaluate, resume=ckpt)
     return model
 
 
-def test_interrupted_and_resumed_run_ends_with_the_same_parameters(tmp_path):
+# (phase, which call, the step after which the run must stop): a signal inside a step lets that step finish
+# (the schedule's first call is LambdaLR's own, at its construction: its 7th is in step 6); inside the 2nd
+# evaluation (after step 8) or the 3rd checkpoint write (best.pt or last.pt of step 8), the run stops at 8
+PHASES = [("forward", 6, 6), ("backward", 6, 6), ("optimiser", 6, 6), ("schedule", 7, 6),
+          ("evaluation", 2, 8), ("saving", 3, 8)]
+
+
+@pytest.mark.parametrize("phase,at,stop", PHASES)
+def test_an_interrupt_in_any_phase_stops_at_a_step_boundary_and_resumes_exactly(tmp_path, phase, at, stop):
     straight = train(tmp_path, "straight")
-    with pytest.raises(SystemExit) as stop:
-        train(tmp_path, "interrupted", interrupt_at=6)  # steps 1-5 done, the 6th interrupted
-    assert stop.value.code == 130
+    with pytest.raises(SystemExit) as stopped:
+        train(tmp_path, "interrupted", interrupt_in=phase, at=at)
+    assert stopped.value.code == 130
     saved = torch.load(tmp_path / "interrupted" / "last.pt", weights_only=True)
-    assert saved["step"] == 5
+    assert saved["step"] == stop
     resumed = train(tmp_path, "resumed", resume=tmp_path / "interrupted" / "last.pt")
     a, b = dict(straight.named_parameters()), dict(resumed.named_parameters())
     for name, p in a.items():
         if p.requires_grad:
             assert torch.equal(p, b[name]), name
+
+
+def test_sigterm_is_taken_like_ctrl_c(tmp_path):
+    args, device, model = setup_tiny(tmp_path)
+    train_set, _ = load_data(args, device)
+
+    def loss_fn(m, x, y):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return common.default_loss(m, x, y)
+    with pytest.raises(SystemExit) as stopped:
+        common.train_loop(model, common.labelled_batches(train_set, 2, args.generator), loss_fn, args, device,
+                          tmp_path / "t", args.steps)
+    assert stopped.value.code == 143
+    assert torch.load(tmp_path / "t" / "last.pt", weights_only=True)["step"] == 1
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are given back
 
 
 def test_checkpoint_from_another_method_or_model_is_refused(tmp_path):
@@ -126,3 +180,47 @@ def test_methods_that_do_not_fold_refuse_to_export(tmp_path):
     with pytest.raises(common.UserError, match="does not fold"):
         balr_sam.main(["--model", "tiny", "--device", "cpu", "--resume", str(tmp_path / "b.pt"),
                        "--export-merged", str(tmp_path / "m.pth")])
+
+
+TINY_RUN = ["--model", "tiny", "--device", "cpu", "--steps", "2", "--batch-size", "2", "--synthetic-train", "2",
+            "--synthetic-test", "1"]
+
+
+def test_a_run_folder_is_never_silently_mixed_or_shared(tmp_path):
+    out = ["--out", str(tmp_path), "--run-name", "r"]
+    lora.main([*TINY_RUN, *out])
+    first = (tmp_path / "r" / "metrics.json").read_text()
+    with pytest.raises(common.UserError, match="already holds a run .*--resume .*--overwrite"):
+        lora.main([*TINY_RUN, *out])  # the same command again: refused, the first run untouched
+    assert (tmp_path / "r" / "metrics.json").read_text() == first
+    (tmp_path / "r" / "stale.txt").write_text("from the first run")
+    lora.main([*TINY_RUN, *out, "--overwrite", "--seed", "1"])  # replaced whole: nothing of the first run stays
+    assert not (tmp_path / "r" / "stale.txt").exists()
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["seed"] == 1
+    import fcntl
+    while common._CLAIMS:  # this process's run has ended: it gives its folder up
+        common._CLAIMS.pop().close()
+    with (tmp_path / "r" / ".lock").open("a") as lock:  # as if another process held the folder
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        done = subprocess.run([sys.executable, str(ROOT / "lora.py"), *TINY_RUN, *out, "--overwrite"],
+                              capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "is in use by another run" in done.stderr.splitlines()[-1]
+    with pytest.raises(common.UserError, match="not a plain folder name"):
+        lora.main([*TINY_RUN, "--out", str(tmp_path), "--run-name", "../../x"])
+
+
+def test_predict_and_export_never_overwrite_what_they_read(tmp_path):
+    lora.main([*TINY_RUN, "--out", str(tmp_path), "--run-name", "r"])
+    adapter = tmp_path / "r" / "adapter.json"
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(scans / "a.png")
+    with pytest.raises(common.UserError, match="folder of the scans"):
+        lora.main(["--device", "cpu", "--resume", str(adapter), "--predict", str(scans), "--predict-out", str(scans)])
+    assert np.asarray(Image.open(scans / "a.png")).ndim == 3  # the scan is still the scan
+    lora.main(["--device", "cpu", "--resume", str(adapter), "--predict", str(scans)])
+    with pytest.raises(common.UserError, match="a.png exists"):
+        lora.main(["--device", "cpu", "--resume", str(adapter), "--predict", str(scans)])
+    last = tmp_path / "r" / "last.pt"
+    with pytest.raises(common.UserError, match="is the checkpoint being read"):
+        lora.main(["--device", "cpu", "--resume", str(last), "--export-merged", str(last)])
