@@ -663,7 +663,7 @@ def save_adapter(run_dir, model, args):
     base model, classes, input size, zoom, every argument, versions): all another program needs, with SAM's
     own weights, to rebuild the model (load_adapter). No pickle: safetensors holds tensors only."""
     from safetensors.torch import save_file
-    state = {k: v.float().contiguous() for k, v in adapter_state(model).items()}
+    state = {k: v.float().cpu().contiguous() for k, v in adapter_state(model).items()}
     config = dict(plain_args(args), format=ADAPTER_FORMAT, method=args.method, versions=versions())
     for name, write in (("adapter.safetensors", lambda f: save_file(state, f)),
                         ("adapter.json", lambda f: Path(f).write_text(json.dumps(config, indent=1)))):
