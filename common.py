@@ -116,9 +116,27 @@ def base_parser(description):
     return p
 
 
+def check_numbers(args):
+    """Every number a user can give, checked before anything is loaded: one sentence for the first wrong one."""
+    def bad(flag, value, need):
+        raise UserError(f"{flag} {value} {need}.")
+    for flag, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                             ("--num-classes", args.num_classes, 1), ("--synthetic-train", args.synthetic_train, 1),
+                             ("--synthetic-test", args.synthetic_test, 1), ("--log-every", args.log_every, 1),
+                             ("--img-size", args.img_size, 16), ("--zoom", args.zoom, 0),
+                             ("--warmup", args.warmup, 0), ("--eval-every", args.eval_every, 0)):
+        if value is not None and value < low:
+            bad(flag, value, f"must be at least {low}" + (" (0: automatic)" if low == 0 and flag == "--zoom" else ""))
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        bad("--lr", args.lr, "must be a positive number, e.g. 1e-3")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        bad("--weight-decay", args.weight_decay, "must be a number of at least 0, e.g. 0.01")
+
+
 def finish_args(args, method, gpu_steps):
     """Fill the defaults that depend on the device and the model; name the run."""
     args.method = method
+    check_numbers(args)
     check_data_args(args)
     if not 0 < args.label_fraction <= 1:
         raise UserError(f"--label-fraction {args.label_fraction} must be in (0, 1], e.g. 0.3.")

@@ -457,6 +457,9 @@ def stage_one(model, train_set, run_dir, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.hl_heads < 1 or args.hl_width < 1 or args.rank < 1:
+        raise UserError(f"--hl-width {args.hl_width}, --hl-heads {args.hl_heads} and --rank {args.rank} must all be at "
+                        f"least 1; e.g. 32, 4 and 4.")
     if args.resume and args.stage == "both":  # a stage-2 checkpoint holds the experts: continue it, or use it
         args.stage = "2"
     if (args.resume or args.eval_only) and args.stage != "2":

@@ -95,3 +95,25 @@ def test_cuda_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     assert_clean_failure(run_lora("--model", "tiny", "--device", "cuda"), "no CUDA GPU")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--img-size", "0"], "--img-size 0 must be at least 16"), (["--lr", "nan"], "--lr nan must be a positive"),
+    (["--lr", "-1"], "--lr -1.0 must be a positive"), (["--weight-decay", "nan"], "--weight-decay nan must be"),
+    (["--batch-size", "0"], "--batch-size 0 must be at least 1"), (["--num-classes", "0"], "--num-classes 0"),
+    (["--zoom", "-1"], "--zoom -1 must be at least 0"), (["--synthetic-test", "0"], "--synthetic-test 0"),
+    (["--log-every", "0"], "--log-every 0"), (["--steps", "-5"], "--steps -5 must be at least 1"),
+    (["--warmup", "-5"], "--warmup -5 must be at least 0")])
+def test_impossible_numbers_end_in_one_sentence(argv, needle, tmp_path):
+    import lora
+    from data import UserError
+    with pytest.raises(UserError, match=needle.replace("-", r"\-").replace(".", r"\.")):
+        lora.main(["--model", "tiny", "--device", "cpu", "--out", str(tmp_path), *argv])
+    assert not (tmp_path / "lora_synthetic_tiny_s0").exists()  # stopped before anything was written
+
+
+def test_samora_hl_heads_zero_is_one_sentence(tmp_path):
+    import samora
+    from data import UserError
+    with pytest.raises(UserError, match="--hl-heads 0"):
+        samora.main(["--model", "tiny", "--device", "cpu", "--hl-heads", "0", "--out", str(tmp_path)])
