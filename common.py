@@ -209,8 +209,8 @@ VIT_CONFIGS = {  # segment_anything/build_sam.py
 }
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file of its own in the same folder, flushed to disk, then renamed: a crash
+def atomic_write(path, write):
+    """write(file) into a temporary file of its own in the same folder, flushed to disk, then renamed: a crash
     leaves the old file or the new one, never half of one."""
     import tempfile
     path = Path(path)
@@ -218,13 +218,18 @@ def atomic_save(obj, path):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save(obj, path):
+    """torch.save, written atomically (atomic_write)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def read_torch_file(path, what, fix):
@@ -623,10 +628,16 @@ def read_adapter_config(path):
         if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
             raise UserError(f"{config_path} is not an adapter.json written by this repository; pass one of a run folder.")
         return config
+    ckpt = read_checkpoint_file(path)
+    return dict(ckpt["args"], method=ckpt["method"])
+
+
+def read_checkpoint_file(path):
+    """A last.pt / best.pt written by save_checkpoint; one sentence for anything else."""
     ckpt = read_torch_file(path, "checkpoint", "pass a best.pt or last.pt from a run folder, or an adapter.json")
     if not isinstance(ckpt, dict) or ckpt.get("format") != "peft-sam-1":
         raise UserError(f"{path} is not a checkpoint written by this repository; pass a best.pt or last.pt.")
-    return dict(ckpt["args"], method=ckpt["method"])
+    return ckpt
 
 
 def configure_from_checkpoint(args, method):
@@ -656,9 +667,7 @@ def load_checkpoint(path, model, args):
             raise UserError(f"{weights} is not a readable adapter ({e.__class__.__name__}); pass the "
                             f"adapter.safetensors of a run folder, with its adapter.json beside it.")
     else:
-        ckpt = read_torch_file(path, "checkpoint", "pass a best.pt or last.pt from a run folder")
-        if not isinstance(ckpt, dict) or ckpt.get("format") != "peft-sam-1":
-            raise UserError(f"{path} is not a checkpoint written by this repository; pass a best.pt or last.pt.")
+        ckpt = read_checkpoint_file(path)
     for key, flag in (("method", None), ("model", "--model"), ("num_classes", "--num-classes"),
                       ("img_size", "--img-size")):
         if ckpt[key] != getattr(args, key):
@@ -680,14 +689,11 @@ def save_adapter(run_dir, model, args):
     """adapter.safetensors (the adapter's weights and whatever of SAM trained, fp32) and adapter.json (method,
     base model, classes, input size, zoom, every argument, versions): all another program needs, with SAM's
     own weights, to rebuild the model (load_adapter). No pickle: safetensors holds tensors only."""
-    from safetensors.torch import save_file
     state = {k: v.float().cpu().contiguous() for k, v in adapter_state(model).items()}
     config = dict(plain_args(args), format=ADAPTER_FORMAT, method=args.method, versions=versions())
-    for name, write in (("adapter.safetensors", lambda f: save_file(state, f)),
-                        ("adapter.json", lambda f: Path(f).write_text(json.dumps(config, indent=1)))):
-        tmp = run_dir / f".{name}.tmp"
-        write(str(tmp))
-        os.replace(tmp, run_dir / name)
+    from safetensors.torch import save
+    atomic_write(run_dir / "adapter.safetensors", lambda f: f.write(save(state)))
+    atomic_write(run_dir / "adapter.json", lambda f: f.write(json.dumps(config, indent=1).encode()))
 
 
 def load_adapter(path, device="auto"):
