@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 import common
 from data import UserError
 
@@ -194,8 +195,8 @@ def main(argv=None):
     args = parse_args(argv)
     parse_rates(args.rates)  # a malformed --rates stops here, before anything is loaded
     # lora.py's budget (1000 GPU steps): the same steps, a fair comparison
-    return common.main(args, "atrous_lora", inject=lambda model: inject(model, args.rank, parse_rates(args.rates)))
+    return cli.main(args, "atrous_lora", inject=lambda model: inject(model, args.rank, parse_rates(args.rates)))
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    cli.main_guard(main)

@@ -59,6 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from segment_anything.modeling.transformer import Attention
 
+import cli
 import common
 
 
@@ -374,10 +375,10 @@ def main(argv=None):
         (run_dir / "decoder_benchmark.json").write_text(json.dumps(bench, indent=1))
         return bench
     # CDEN runs at inference: no merged export
-    return common.main(args, "balr_sam", inject=lambda model: inject(model, args.rank, args.decoder_rank,
+    return cli.main(args, "balr_sam", inject=lambda model: inject(model, args.rank, args.decoder_rank,
                                                                      args.cden_width),
                        describe=lambda model: dict(trainable_by_part=trainable_by_part(model)))
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    cli.main_guard(main)

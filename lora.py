@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 import common
 
 
@@ -125,8 +126,8 @@ def merged_state_dict(model):
 
 def main(argv=None):
     args = parse_args(argv)
-    return common.main(args, "lora", inject=lambda model: inject(model, args.rank), merge=merged_state_dict)
+    return cli.main(args, "lora", inject=lambda model: inject(model, args.rank), merge=merged_state_dict)
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    cli.main_guard(main)

@@ -57,6 +57,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 import common
 
 
@@ -288,10 +289,10 @@ def main(argv=None):
         label = "ssam" if args.s_sam else f"salt_r{args.rank}"
         args.run_name = f"{label}_{args.data}_{args.model}_s{args.seed}"
     summary = []  # inject's per-layer-type summary, for metrics.json
-    return common.main(args, "salt", inject=lambda model: summary.extend(inject(model, args)),
+    return cli.main(args, "salt", inject=lambda model: summary.extend(inject(model, args)),
                        loss_fn=make_loss(args.reg_weight), merge=merged_state_dict,
                        describe=lambda model: dict(salt_layers=summary, salt_params=salt_parameter_count(model)))
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    cli.main_guard(main)

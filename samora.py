@@ -64,6 +64,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 import common
 from data import UserError, load_unlabeled_folder
 
@@ -468,8 +469,8 @@ def main(argv=None):
         raise UserError("--stage 2 needs the stage-1 experts: pass --experts <run>/experts.pt, or use --stage both.")
     if args.experts and args.stage != "2":
         raise UserError("--experts is read by --stage 2 only; --stage 1 and both train the experts themselves.")
-    # common.main keeps the labels of a seeded --label-fraction of train_set for stage 2; stage 1 uses all images
-    return common.main(args, "samora", inject=lambda model: inject(model, args.rank, args.hl_width, args.hl_heads),
+    # cli.main keeps the labels of a seeded --label-fraction of train_set for stage 2; stage 1 uses all images
+    return cli.main(args, "samora", inject=lambda model: inject(model, args.rank, args.hl_width, args.hl_heads),
                        pretrain=lambda model, train_set, run_dir: stage_one(model, train_set, run_dir, args),
                        describe=lambda model: dict(stage=args.stage, hl_params=hl_parameter_count(model, args.hl_width),
                                                    expert_params=sum(v.numel() for v in expert_state(model).values())),
@@ -477,4 +478,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    cli.main_guard(main)

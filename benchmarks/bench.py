@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import common  # noqa: E402
 import fast  # noqa: E402
 from data import UserError  # noqa: E402
@@ -317,7 +318,7 @@ def main(argv=None):
     peak = matmul_peak(device, args.peak_size or (8192 if device.type == "cuda" else 512))
     print(f"matmul peak: {peak['flops_per_s'] / 1e12:.3g} TFLOP/s ({peak['dtype']}, {peak['size']}^3)")
     meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", peak=peak,
-                baseline=args.baseline, versions=common.versions(),
+                baseline=args.baseline, versions=cli.versions(),
                 args={k: v for k, v in vars(args).items() if k != "device_resolved"})
     rows = []
     if args.append and (out / "bench.json").is_file():
@@ -388,4 +389,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    cli.main_guard(main)

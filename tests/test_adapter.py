@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import cli
 import common
 import lora
 import salt
@@ -37,10 +38,10 @@ def test_a_run_writes_its_adapter_and_the_adapter_alone_configures_predict_and_e
 
     # the weights in the file are the trained model's: rebuilt from the file alone, it predicts the same
     args = salt.parse_args(["--resume", str(run / "adapter.json"), "--device", "cpu"])
-    common.configure_from_checkpoint(args, "salt")
+    cli.configure_from_checkpoint(args, "salt")
     assert (args.model, args.img_size, args.rank, args.top_mlp) == ("tiny", 64, 2, 0.5)
-    model = common.load_adapter(run / "adapter.safetensors", device="cpu")
-    trained = common.load_adapter(run / "last.pt", device="cpu")  # the resumable checkpoint, the same weights
+    model = cli.load_adapter(run / "adapter.safetensors", device="cpu")
+    trained = cli.load_adapter(run / "last.pt", device="cpu")  # the resumable checkpoint, the same weights
     image = (np.random.default_rng(0).random((50, 70, 3)) * 255).astype(np.uint8)
     mask, = common.predict_masks(model, [image])
     assert mask.shape == (50, 70) and mask.dtype == np.uint8
@@ -59,7 +60,7 @@ def test_an_adapter_of_another_method_is_refused_in_one_sentence(tmp_path):
         salt.main(["--device", "cpu", "--resume", str(tmp_path / "r" / "adapter.json"), "--predict", str(tmp_path)])
     (tmp_path / "r" / "adapter.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(common.UserError, match="not a readable adapter"):
-        common.load_adapter(tmp_path / "r" / "adapter.json", device="cpu")
+        cli.load_adapter(tmp_path / "r" / "adapter.json", device="cpu")
 
 
 def readme_python():
@@ -78,7 +79,7 @@ def test_the_readme_python_api_runs_as_written(tmp_path):
     model = common.build_model(args, device, lambda m: lora.inject(m, args.rank))
     args.zoom = 1
     (tmp_path / "runs" / "lora_drive_mobile_sam_s0").mkdir(parents=True)
-    common.save_adapter(tmp_path / "runs" / "lora_drive_mobile_sam_s0", model, args)
+    cli.save_adapter(tmp_path / "runs" / "lora_drive_mobile_sam_s0", model, args)
     rng = np.random.default_rng(0)
     Image.fromarray((rng.random((90, 120, 3)) * 255).astype(np.uint8)).save(tmp_path / "scan1.png")
     Image.fromarray((rng.random((64, 48)) * 255).astype(np.uint8)).save(tmp_path / "scan2.png")

@@ -525,7 +525,7 @@ def test_first_block_input_requires_grad_and_gradients_stay(monkeypatch):
 
 
 def test_run_compiles_the_blocks_before_training_only_where_it_compiles(tmp_path, monkeypatch):
-    """common.run compiles the encoder blocks (common.compile_blocks) before training where should_compile
+    """cli.run compiles the encoder blocks (common.compile_blocks) before training where should_compile
     says so (on the CPU it does not compile, so compilation is faked here), and not otherwise."""
     train_loop = common.train_loop
     calls = []
@@ -745,7 +745,7 @@ def test_graphed_training_steps_match_eager_ones(method, monkeypatch):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-3), (a - b).abs().max()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="common.run compiles on CUDA only")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cli.run compiles on CUDA only")
 def test_compiled_training_steps_match_eager_ones(monkeypatch):
     """compile_blocks's blocks train as the uncompiled ones do: three steps, the same losses and trained
     parameters in fp32, within the tolerance of inductor's fused reductions."""

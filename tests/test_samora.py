@@ -147,7 +147,7 @@ def test_trainable_sets_of_both_stages():
         assert common.count_parameters(model)[0] == per_expert + sum(p.numel() for p in model.samora_head.parameters())
         del model.samora_head
     samora.set_stage(model, "fused")  # stage 2 after stage 1, as stage_one leaves it
-    common.freeze_spare_mask_tokens(model)  # as common.run does after the pre-training stage
+    common.freeze_spare_mask_tokens(model)  # as cli.run does after the pre-training stage
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n in names if ".samora_hl." in n} | decoder_names()
     # HL-Attn per attention, counted layer by layer: proj_in (2W -> w, no bias); two cross-attentions, each

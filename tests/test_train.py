@@ -45,7 +45,7 @@ def test_unknown_method_is_refused(tmp_path):
 
 
 def test_panel_shows_each_method_on_the_first_drive_test_image(tmp_path, drive_root):
-    """Report-only from two finished DRIVE runs (metrics.json and test_masks/ as common.run writes them)."""
+    """Report-only from two finished DRIVE runs (metrics.json and test_masks/ as cli.run writes them)."""
     shape = np.array(Image.open(drive_root / "training" / "1st_manual" / "35_manual1.gif")).shape
     for name, spec_args in (("lora_drive_s0", {}), ("salt_rank_4_drive_s0", {"rank": 4})):
         run = tmp_path / "runs" / name

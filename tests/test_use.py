@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cli
 import common
 import lora
 from data import load_data
@@ -198,8 +199,8 @@ def test_a_run_folder_is_never_silently_mixed_or_shared(tmp_path):
     assert not (tmp_path / "r" / "stale.txt").exists()
     assert json.loads((tmp_path / "r" / "metrics.json").read_text())["seed"] == 1
     import fcntl
-    while common._CLAIMS:  # this process's run has ended: it gives its folder up
-        common._CLAIMS.pop().close()
+    while cli._CLAIMS:  # this process's run has ended: it gives its folder up
+        cli._CLAIMS.pop().close()
     with (tmp_path / "r" / ".lock").open("a") as lock:  # as if another process held the folder
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         done = subprocess.run([sys.executable, str(ROOT / "lora.py"), *TINY_RUN, *out, "--overwrite"],
