@@ -210,5 +210,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from common import main_guard
+    from cli import main_guard
     main_guard(main)  # a bad input (e.g. a missing --data-root for the panel) ends in one sentence, exit 2

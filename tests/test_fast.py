@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import cli
 import common
 import fast
 import lora
@@ -535,9 +536,10 @@ def test_run_compiles_the_blocks_before_training_only_where_it_compiles(tmp_path
         return train_loop(*args, **kwargs)
     for compiling in (True, False):
         calls.clear()
-        monkeypatch.setattr(common, "should_compile", lambda args, device: compiling)
-        monkeypatch.setattr(common, "compile_blocks", lambda model: calls.append("compile"))
-        monkeypatch.setattr(common, "train_loop", recording_train_loop)
+        for module in (common, cli):  # cli.run calls the names it imported from common
+            monkeypatch.setattr(module, "should_compile", lambda args, device: compiling)
+        monkeypatch.setattr(cli, "compile_blocks", lambda model: calls.append("compile"))
+        monkeypatch.setattr(cli, "train_loop", recording_train_loop)
         lora.main(["--model", "tiny", "--device", "cpu", "--steps", "2", "--batch-size", "2", "--out", str(tmp_path),
                    "--synthetic-train", "2", "--synthetic-test", "1", "--run-name", f"compile_{compiling}"])
         assert calls == (["compile", "train"] if compiling else ["train"])
