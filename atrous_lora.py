@@ -13,11 +13,31 @@ attention weights. Relative to lora.py the only change is inside each low-rank p
 where A_q x, the (B', h, w, r) bottleneck tokens, is seen as an r-channel image of the token grid.
 B is zero-initialised, so at step 0 the model is exactly stock SAM.
 
-Everything else is reconstructed, and these choices are ours:
+Recipe: the paper's training recipe is in its method section, which we could not read, and there is no
+code to read it from: the paper's column holds only what its abstract and a secondary summary say. This
+file uses lora.py's recipe (the loop every method shares is common.py's):
+  what           the paper                                 this file
+  loss           not available                             0.2 CE + 0.8 foreground Dice on full-size labels
+  optimiser      not available                             AdamW, betas (0.9, 0.999)
+  learning rate  not available                             1e-3 (--lr)
+  weight decay   not available                             0.01 (--weight-decay)
+  warm-up        not available                             50 steps, linear (--warmup; at most a tenth of --steps)
+  schedule       not available                             poly 0.9, reaching 0 at the last step
+  batch          not available                             8 on a GPU, 2 on a CPU (--batch-size)
+  length         not available                             1000 steps on a GPU (--steps), as lora.py
+  input size     not available (data: aortic CT scans)     MobileSAM's TinyViT at 1024; crops of 1/zoom (DRIVE: 2)
+  prompts        not available (a secondary summary        none (the no-mask embedding)
+                 frames VesselSAM as box-prompted, as
+                 MedSAM; unconfirmed)
+  what trains    the AtrousLoRA adapters in the frozen     q/v AtrousLoRA paths (A, AAM, B) in every encoder
+                 image encoder (abstract); the decoder:    attention, mask decoder (spare tokens' hypernetworks
+                 not stated in what we could read          frozen), the no-mask embedding
+
+The adapter's details are reconstructed, and these choices are ours:
 * Where: q and v of every encoder attention's qkv, rank 4, as SAMed / lora.py (a secondary summary of the
   paper mentions rank 4). The mask decoder trains too, as in lora.py.
-* The AAM (see `AtrousAttention`): branches {1x1 conv; 3x3 convs with dilations --rates; global average
-  pool -> 1x1 conv -> broadcast}, each followed by GELU, concatenated, fused by a 1x1 conv to F (r channels);
+* The AAM (see `AtrousAttention`): branches {1x1 conv; 3x3 convs with dilations --rates; mean of the token
+  grid -> 1x1 conv -> broadcast}, each followed by GELU, concatenated, fused by a 1x1 conv to F (r channels);
   attention weights alpha = sigmoid(1x1 conv(F)), one per channel and position; output z + alpha * F.
   - sigmoid, not a softmax over branches: the description multiplies the *fused* map by the weights, so
     they gate F itself; independent gates also let a position keep several scales at once.
@@ -27,13 +47,16 @@ Everything else is reconstructed, and these choices are ours:
 * Rates 1,2,3 in every block, not DeepLab's 6,12,18: the qkv of a windowed ViT block sees a 14x14 window
   and TinyViT's a 7x7 or 14x14 one, where rate 6+ taps read mostly padding. Rates 1-3 cover a 7x7
   neighbourhood (a whole TinyViT window). Global ViT blocks (64x64 grid at 1024) keep the same rates: their
-  attention is already global, and the pooling branch gives the image-level context.
+  attention is already global.
+* The pooling branch averages the token grid the qkv sees, which is the whole image only where the attention
+  is global: ViT-B's 4 global blocks (2, 5, 8, 11; the whole S/16 x S/16 map). In its 8 windowed blocks it is
+  the mean of one 14x14 window, and in every TinyViT block (MobileSAM has no global attention at 1024) the
+  mean of one 7x7 or 14x14 window; windows at the image border include their padding tokens. So in most
+  blocks it gives window-level, not image-level, context.
 * q and v have separate AAMs (the query decides where to look, the value what is carried; they need not
   want the same context), run together as grouped convolutions (groups=2): one module, two paths.
 * Grids: SAM's ViT hands qkv (B', h, w, C) tokens already; TinyViT hands flat windows (B*nW, ws*ws, C),
   row-major, reshaped to (B*nW, ws, ws, C) with the block's window size.
-* The recipe is lora.py's (loss, optimiser, schedule, batch, steps, input size, what trains); the paper's
-  own recipe could not be read.
 
 Run:  python atrous_lora.py --data drive --data-root path/to/DRIVE --split salt
 """
@@ -103,7 +126,7 @@ class AtrousAttention(nn.Module):
         # padding = dilation keeps h x w; taps outside the grid read zeros
         self.atrous = nn.ModuleList(nn.Conv2d(c, c, 3, padding=d, dilation=d, groups=g, device=device)
                                     for d in rates)
-        self.pool = nn.Conv2d(c, c, 1, groups=g, device=device)  # on the grid's mean: image-level context
+        self.pool = nn.Conv2d(c, c, 1, groups=g, device=device)  # on the grid's mean (a window, or the whole map)
         self.fuse = nn.Conv2d((len(rates) + 2) * c, c, 1, groups=g, device=device)
         self.gate = nn.Conv2d(c, c, 1, groups=g, device=device)  # attention weights alpha = sigmoid(gate(F))
 
@@ -113,7 +136,7 @@ class AtrousAttention(nn.Module):
             z = z.unflatten(1, (self.side, self.side))
         z = z.permute(0, 3, 1, 2)  # (B', c, h, w)
         h, w = z.shape[-2:]
-        pooled = self.pool(z.mean((2, 3), keepdim=True)).expand(-1, -1, h, w)  # image-level branch
+        pooled = self.pool(z.mean((2, 3), keepdim=True)).expand(-1, -1, h, w)  # pooling branch: mean of this grid
         branches = torch.stack([self.point(z), *(conv(z) for conv in self.atrous), pooled], 1)  # (B', nb, c, h, w)
         # the grouped fuse conv wants each path's channels together: (B', nb, paths, r) -> (B', paths, nb, r)
         branches = branches.unflatten(2, (self.paths, -1)).transpose(1, 2).flatten(1, 3)

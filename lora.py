@@ -12,14 +12,30 @@ What the method does, in the order of this file:
    background + each foreground class, scored by a softmax).
 3. No prompts: the prompt encoder's "no mask" embedding is the only prompt the decoder ever sees.
 
-Differences from SAMed's recipe (common.py holds the loop every method shares):
-  what            SAMed                                   this file
-  loss            0.2 CE + 0.8 Dice on 4x smaller labels  0.2 CE + 0.8 Dice on full-size labels, foreground Dice
-  optimiser       AdamW, lr 5e-3, weight decay 0.1        AdamW, lr 1e-3, weight decay 0.01
-  schedule        250 warm-up steps, poly decay 0.9       50 warm-up steps, poly decay 0.9
-  batch, length   24, about 160 epochs                    8, 1000 steps
-  input           ViT-B at 512                            MobileSAM at 1024 by default; crops of 1/zoom (DRIVE: 2)
-  augmentation    flips, rotations (random)               flip, rotation +-10 deg, brightness (SALT's)
+Differences from SAMed's recipe (its train.py and trainer.py defaults and the README's command; the loop
+every method shares is common.py's):
+  what           SAMed                                          this file
+  loss           0.2 CE + 0.8 Dice on the 4x smaller logits     0.2 CE + 0.8 Dice on logits upsampled to the label's
+                 (128 x 128 at 512); Dice over background and   full size; Dice over the foreground classes only,
+                 classes, squared denominators, smooth 1e-5     plain denominators, smooth 1
+  optimiser      AdamW, betas (0.9, 0.999)                      the same
+  learning rate  5e-3                                           1e-3 (--lr)
+  weight decay   0.1                                            0.01 (--weight-decay)
+  warm-up        250 steps, linear                              50 steps, linear (--warmup; at most a tenth of --steps)
+  schedule       poly 0.9 over 200 epochs, stopped at epoch     poly 0.9, reaching 0 at the last step
+                 160 (the rate ends near a quarter of its peak)
+  batch          24 (12 on each of 2 GPUs)                      8 on a GPU, 2 on a CPU (--batch-size)
+  length         160 epochs of 2,211 Synapse slices (about      1000 steps on a GPU (--steps)
+                 15,000 steps)
+  input          ViT-B at 512 (slices stored at 224,            MobileSAM's TinyViT at 1024 (--model, --img-size);
+                 upsampled), in [0, 1] without mean/std         SAM's mean/std; crops of 1/zoom of the image
+                                                                (--zoom; DRIVE: 2)
+  prompts        none (the no-mask embedding)                   the same
+  what trains    q/v LoRA (r 4, all blocks), mask decoder,      q/v LoRA (--rank 4, every encoder attention), mask
+                 prompt encoder (of which only the no-mask      decoder (spare tokens' hypernetworks frozen), the
+                 embedding gets a gradient); mask tokens,       no-mask embedding; all of the decoder pretrained,
+                 hypernetworks and IoU head re-initialised      none re-initialised
+  augmentation   rot90 + flip, or rotation +-20 deg             flip, rotation +-10 deg, brightness (SALT's)
 """
 import math
 

@@ -19,6 +19,32 @@ Layers adapted: attention qkv and proj, MLP lin1/lin2 of every ViT block, and th
 convolutions; in MobileSAM's TinyViT the same roles: attention qkv/proj and MLP fc1/fc2 of the blocks of
 layers[1:] (layers[0] is convolutional) and its neck, which is the same conv/LN/conv/LN Sequential.
 
+Differences from the authors' recipe (SALT_config.yml, main.py and train.py of their code; the loop every
+method shares is common.py's):
+  what           SALT                                           this file
+  loss           focal (alpha 0.75, gamma 3, on probabilities)  0.2 CE + 0.8 foreground Dice on full-size labels,
+                 + soft Dice on one sigmoid mask; regulariser   softmax over background + classes; + 0.01 x the
+                 weight 0.01 in the paper, 0 in the config      regulariser (--reg-weight)
+  optimiser      AdamW                                          the same
+  learning rate  1e-4                                           1e-3 (--lr)
+  weight decay   0.01                                           the same (--weight-decay)
+  warm-up        none (configured, but its scheduler unused)    50 steps, linear (--warmup; at most a tenth of --steps)
+  schedule       StepLR(200 epochs, 0.2): constant for the run  poly 0.9, reaching 0 at the last step
+  batch          2 (the loader's hard-coded value; config: 8)   8 on a GPU, 2 on a CPU (--batch-size)
+  length         200 epochs (DRIVE: 14 images, 1,400 steps)     1000 steps on a GPU (--steps)
+  input size     512 (resized to 511 on the long side and       MobileSAM's TinyViT at 1024 (--model, --img-size);
+                 zero-padded); a ViT-B without windows or       crops of 1/zoom of the image (--zoom; DRIVE: 2)
+                 rel-pos, or SAM 2's Hiera (the shipped config)
+  prompts        the class name through CLIP ViT-B/32 and a     none (the no-mask embedding)
+                 trained affine layer: one sparse token
+  what trains    SALT parts; every parameter named "norm"       SALT parts; the encoder's norms; the mask decoder
+                 (encoder and decoder-transformer norms);       (spare tokens' hypernetworks frozen); the no-mask
+                 pos_embed; the text affine layer               embedding; pos_embed frozen
+  augmentation   flip, rotation 1-10 deg, brightness            the same kind (flip, rotation +-10 deg, brightness)
+S-SAM's (its eval/ultrasound/model_svdtuning.yml): focal loss, regulariser weight 0, lr 1e-3, batch 32,
+1000 epochs, StepLR(100, 0.5), input 256, and a, b, pos_embed, LayerNorms and the text affine layer train
+(decoder frozen). With --s-sam this file keeps the recipe above, so SALT and S-SAM differ only in the layer.
+
 Choices of this file (the paper and its code leave them open or do otherwise):
 * r per layer type is a fraction of R (--top-attn/--top-mlp/--top-neck). The authors' ViT-B setting is
   760/768 (qkv, proj), 50/768 (MLP), 250/256 (neck); the defaults 0.99/0.065/0.977 give exactly those on
@@ -26,9 +52,15 @@ Choices of this file (the paper and its code leave them open or do otherwise):
   A value >= 1 is an absolute count, clamped to R.
 * The low-rank size is clamped to R - r where that is smaller (ViT-B qkv at --rank 256 keeps 8 directions):
   X Y cannot have a rank above R - r, so the extra columns would be redundant parameters. The summary says
-  where it clamps. The authors' code does not clamp (its 9.0 M count at rank 256 includes them).
-* Y = 0 and X Kaiming-uniform (as the authors' SAM-2 file; their SAM-1 file starts both at 0.01*randn), so
-  W~ = W at step 0 and the model is exactly stock SAM.
+  where it clamps. The authors' code does not clamp: on ViT-B at rank 256 its SALT parts count 8.97 M,
+  this file's 8.87 M.
+* Y = 0, so X Y = 0 and W~ = W at step 0: the model starts exactly as stock SAM (as the authors' SAM-2 file;
+  their SAM-1 file starts X and Y at 0.01*randn, so its model moves before any training). X is drawn by
+  torch's kaiming_uniform_ with a = sqrt(20) and its default leaky-ReLU gain sqrt(2/21): uniform in
+  +-sqrt(6 / (21 * rank)), the fan-in being the rank (X is (R-r) x rank). The authors' SAM-2 file also
+  passes a = sqrt(20), but its call uses the ReLU gain sqrt(2), with which a has no effect: a bound of
+  sqrt(6 / rank), sqrt(21) = 4.6 times ours. With Y = 0 the bound does not change the start; it sets the
+  size of Y's first gradients (X^T times the rest), so how fast the low-rank part moves at first.
 * The layer computes W~ = W + U (ReLU(Sigma') - diag(s)) Vt: mathematically U ReLU(Sigma') Vt, but the
   change is exactly zero at step 0 (whatever the rounding of the SVD, and under bf16), so the start is
   bit-exact stock SAM.
@@ -46,8 +78,8 @@ Choices of this file (the paper and its code leave them open or do otherwise):
   S-SAM layer; its regulariser is ours, ||a*s + b - s|| (S-SAM's code: ||1 - a|| + ||b||). We keep the rest
   of our recipe (norms + decoder train; S-SAM trains pos_embed instead of the decoder), so the comparison
   isolates the layer.
-* Not trained here, unlike the authors' code: pos_embed (0.79 M at their 512 input) and the CLIP text
-  branch (this repository is prompt-free).
+* Not trained here, unlike the authors' code: pos_embed (1 x 32 x 32 x 768 at their 512 input) and the
+  text branch (this repository is prompt-free).
 
 Run:  python salt.py --data drive --data-root path/to/DRIVE --split salt --rank 4
 """
@@ -113,7 +145,8 @@ class SALTMixin:
         if rank > 0:
             self.salt_X = nn.Parameter(torch.empty(R - top, rank, device=w.device))
             self.salt_Y = nn.Parameter(torch.zeros(rank, R - top, device=w.device))  # Y = 0: X Y = 0 at step 0
-            nn.init.kaiming_uniform_(self.salt_X, a=math.sqrt(20))  # the authors' SAM-2 initialisation
+            # a = sqrt(20) as the authors' SAM-2 file, with torch's leaky-ReLU gain (theirs: ReLU's, 4.6x wider)
+            nn.init.kaiming_uniform_(self.salt_X, a=math.sqrt(20))
         self.register_load_state_dict_post_hook(SALTMixin._refresh_cache)
 
     def salt_delta(self):

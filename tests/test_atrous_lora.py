@@ -255,3 +255,69 @@ def test_smoke_run_writes_metrics(tmp_path):
         assert (run / f).is_file()
     state = torch.load(run / "last.pt", weights_only=True)["state"]
     assert any(k.endswith("lora_B_q.weight") and v.abs().max() > 0 for k, v in state.items())  # B trained
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors run faster on one thread, and far faster on a shared, busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def aam_path_from_the_rates(aam, i, z, rates):
+    """Path i's AAM written out with the dilation rates given here (not read from the module): the 1x1
+    branch, a 3x3 branch per rate (padding = rate: same size), the grid's mean through a 1x1 conv, broadcast;
+    GELU, the 1x1 fuse to F, then z + sigmoid(gate(F)) * F. Weights sliced to path i's group. z (B', r, h, w)."""
+    own = slice(i * aam.rank, (i + 1) * aam.rank)
+
+    def conv(m, inp, rate=None):
+        return F.conv2d(inp, m.weight[own], m.bias[own], padding=rate or 0, dilation=rate or 1)
+    pooled = conv(aam.pool, z.mean((2, 3), keepdim=True)).expand_as(z)
+    branches = [conv(aam.point, z), *(conv(a, z, rate) for a, rate in zip(aam.atrous, rates)), pooled]
+    fused = conv(aam.fuse, F.gelu(torch.cat(branches, 1)))
+    return z + torch.sigmoid(conv(aam.gate, fused)) * fused
+
+
+@pytest.mark.parametrize("heads,side", [(None, None), (4, 5)])  # ViT (B', h, w, d); TinyViT (B', side^2, d)
+def test_layer_is_w_x_plus_b_aam_of_a_x_on_q_and_v(heads, side):
+    """The whole layer against the formula, every weight random: q = W_q x + b_q + B_q AAM_q(A_q x),
+    k = W_k x + b_k, v = W_v x + b_v + B_v AAM_v(A_v x), each path's AAM fed by its own A and built on the
+    rates 1, 2, 3; in SAM's [q | k | v] layout, or TinyViT's per head [q_h | k_h | v_h] on a side x side grid."""
+    torch.manual_seed(0)
+    rates, width = (1, 2, 3), 16
+    qkv = nn.Linear(16, 3 * width)
+    layer = atrous_lora.AtrousLoRAQKV(qkv, rank=3, rates=rates, heads=heads, side=side)
+    for name, p in layer.named_parameters():
+        if "lora_" in name:
+            nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 7, 9, 16) if side is None else torch.randn(2, side * side, 16)
+    grid = x if side is None else x.unflatten(1, (side, side))  # row-major windows
+    with torch.no_grad():
+        delta = layer(x) - qkv(x)
+        want = []
+        for i, (A, B) in enumerate(((layer.lora_A_q, layer.lora_B_q), (layer.lora_A_v, layer.lora_B_v))):
+            z = (grid @ A.weight.T).permute(0, 3, 1, 2)  # (B', r, h, w)
+            path = aam_path_from_the_rates(layer.lora_aam, i, z, rates).permute(0, 2, 3, 1) @ B.weight.T
+            want.append(path.reshape(*x.shape[:-1], width))
+    parts = (delta.unflatten(-1, (3, width)) if heads is None  # (..., 3, width): q, k, v
+             else delta.unflatten(-1, (heads, 3, -1)).transpose(-3, -2).flatten(-2))
+    torch.testing.assert_close(parts[..., 0, :], want[0], atol=1e-5, rtol=1e-5)
+    assert parts[..., 1, :].abs().max() == 0  # k untouched
+    torch.testing.assert_close(parts[..., 2, :], want[1], atol=1e-5, rtol=1e-5)
+
+
+def test_pooling_covers_the_grid_each_attention_sees(one_thread):
+    """The module docstring's account of the pooling branch, which averages the grid its qkv sees: at 1024,
+    ViT-B's windowed blocks see a 14x14 window and its 4 global blocks (2, 5, 8, 11) the whole 64x64 map;
+    every TinyViT attention sees a 7x7 or 14x14 window of a larger map (no global attention)."""
+    with torch.device("meta"):
+        vit = common.build_sam_parts("vit_b", 1024, 1)[0]
+    sides = atrous_lora.grid_sides(vit)
+    assert [sides[blk.attn] for blk in vit.blocks] == [14, 14, 64] * 4
+    tinyvit = common.build_sam_parts("mobile_sam", 1024, 1)[0]
+    sides = atrous_lora.grid_sides(tinyvit)
+    blocks = [blk for layer in tinyvit.layers[1:] for blk in layer.blocks]
+    assert len(blocks) == 10 and {sides[blk.attn] for blk in blocks} == {7, 14}
+    assert all(sides[blk.attn] == blk.window_size < min(blk.input_resolution) for blk in blocks)

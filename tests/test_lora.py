@@ -1,4 +1,5 @@
 """lora.py and the shared machinery it uses: no-op at init, q/v layout, trainable set, checkpoints, smoke run."""
+import copy
 import json
 
 import pytest
@@ -216,3 +217,50 @@ def test_drive_auto_zoom(drive_root):
     train, _ = load_data(args, torch.device("cpu"))
     assert args.zoom == 4  # 256/4 = 64-pixel masks need 4 tiles a side to reach 0.8 x 584
     assert train.images.shape[-1] == 1024 and train.input_size == 256
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors run faster on one thread, and far faster on a shared, busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("name,size", [("tiny", 128), ("mobile_sam", 256)])
+def test_encoder_equals_stock_with_b_a_added_to_the_q_and_v_rows(name, size, one_thread):
+    """LoRA as its definition, over a whole encoder: with every A and B random, the adapted encoder gives
+    what the stock encoder gives after W_q += B_q A_q and W_v += B_v A_v (scale 1, as SAMed) in every
+    attention, the key rows untouched. The rows are located here from each layout (ViT: [q | k | v];
+    TinyViT: per head [q_h | k_h | v_h]), not by lora.py. Random weights: tiny ViT (a windowed and a global
+    block) and MobileSAM's TinyViT (10 attentions in 3 stages)."""
+    args = lora.parse_args(["--model", name, "--checkpoint", "none", "--img-size", str(size), "--device", "cpu"])
+    common.setup(args, "lora", gpu_steps=10)
+    model = common.load_sam(args, torch.device("cpu")).eval()
+    stock = copy.deepcopy(model)
+    lora.inject(model, rank=3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, size, size, generator=g)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        before = stock.image_encoder(x)
+        wrapped = {n: m for n, m in model.image_encoder.named_modules() if isinstance(m, lora.LoRAQKV)}
+        assert set(wrapped) == {n for n, _ in stock.image_encoder.named_modules() if n.endswith("attn.qkv")}
+        for n, m in wrapped.items():
+            W = stock.image_encoder.get_submodule(n).weight  # (3 * width, d), changed in place
+            dq = m.lora_B_q.weight @ m.lora_A_q.weight  # (width, d)
+            dv = m.lora_B_v.weight @ m.lora_A_v.weight
+            if name == "tiny":  # ViT: rows [q | k | v]
+                q, k, v = W.chunk(3)
+            else:  # TinyViT: rows per head [q_h | k_h | v_h] (its attn_ratio is 1: three equal parts)
+                heads = stock.image_encoder.get_submodule(n.removesuffix(".qkv")).num_heads
+                q, k, v = W.unflatten(0, (heads, 3, -1)).unbind(1)  # (heads, width / heads, d) each
+                dq, dv = dq.unflatten(0, (heads, -1)), dv.unflatten(0, (heads, -1))
+            q += dq
+            v += dv
+        got, want = model.image_encoder(x), stock.image_encoder(x)
+    assert (want - before).abs().max() > 1e-2  # the updates matter
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -219,12 +219,23 @@ def test_training_lowers_loss_and_checkpoint_reloads(tmp_path, images):
 
 
 @pytest.mark.parametrize("flags", [[], ["--s-sam"]])
-def test_main_smoke(tmp_path, flags):
+def test_main_smoke(tmp_path, flags, monkeypatch):
+    trained_with = []  # the regulariser weight of every training loss main computes
+
+    def recording_make_loss(reg_weight, make_loss=salt.make_loss):
+        loss_fn = make_loss(reg_weight)
+
+        def recorded(*batch):
+            trained_with.append(reg_weight)
+            return loss_fn(*batch)
+        return recorded
+    monkeypatch.setattr(salt, "make_loss", recording_make_loss)
     out = salt.main(["--model", "tiny", "--device", "cpu", "--steps", "4", "--log-every", "2", "--synthetic-train", "4",
                      "--synthetic-test", "2", "--out", str(tmp_path), *flags])
     name = "ssam_synthetic_tiny_s0" if flags else "salt_r4_synthetic_tiny_s0"
     metrics = json.loads((tmp_path / name / "metrics.json").read_text())
     assert 0 <= out["dice"] <= 1 and metrics["salt_params"] == out["salt_params"] > 0
+    assert len(trained_with) >= 4 and set(trained_with) == {0.01}  # main trains on make_loss(--reg-weight)
     assert (tmp_path / name / "best.pt").is_file() and (tmp_path / name / "last.pt").is_file()
 
 
@@ -237,3 +248,140 @@ def test_tinyvit_targets():
     assert [n for _, _, n in targets[:4]] == ["qkv", "proj", "fc1", "fc2"]
     neck = [getattr(p, n) for k, p, n in targets if k == "neck"]
     assert [c.kernel_size for c in neck] == [(1, 1), (3, 3)] and neck[0].in_channels == 320
+
+
+def known_spectrum_layer(D=12, K=10, seed=0):
+    """nn.Linear(K, D) whose weight is Q1 diag(s) Q2^T with s = 10, 9, ..., 1 (R = 10): singular values and
+    directions known without an SVD. Returns the layer, Q1 (D, R), s (R,), Q2 (K, R)."""
+    g = torch.Generator().manual_seed(seed)
+    R = min(D, K)
+    Q1 = torch.linalg.qr(torch.randn(D, R, generator=g, dtype=torch.float64))[0]
+    Q2 = torch.linalg.qr(torch.randn(K, R, generator=g, dtype=torch.float64))[0]
+    s = torch.arange(R, 0, -1, dtype=torch.float64)
+    layer = torch.nn.Linear(K, D)
+    with torch.no_grad():
+        layer.weight.copy_((Q1 * s) @ Q2.T)
+    return layer, Q1, s, Q2
+
+
+@pytest.mark.parametrize("relu", ["sigma", "top"])
+def test_scale_and_shift_act_on_the_largest_singular_values(relu):
+    """The paper's a and b belong to the top r singular values. On a weight of known spectrum
+    (10, 9, ..., 1), scale 2 and 0.5 and a shift of 0.25 on the first three give 20, 4.5 and 8.25 on the
+    directions of 10, 9 and 8, and nothing else moves; an SVD kept in ascending order, or the last r values
+    picked, would move 1, 2 and 3 instead. Then every SALT layer of the tiny model: its s are the weight's
+    singular values, largest first, and a change of a[0] alone moves W by a rank-1 matrix of norm s_max."""
+    layer, Q1, s, Q2 = known_spectrum_layer()
+    m = salt.SALTLinear(layer, top=3, rank=2, relu=relu)
+    with torch.no_grad():
+        m.salt_scale.copy_(torch.tensor([2.0, 0.5, 1.0]))
+        m.salt_shift.copy_(torch.tensor([0.0, 0.0, 0.25]))
+    new_top = torch.tensor([20.0, 4.5, 8.25], dtype=torch.float64)
+    want = (Q1[:, :3] * new_top) @ Q2[:, :3].T + (Q1[:, 3:] * s[3:]) @ Q2[:, 3:].T
+    torch.testing.assert_close(m.adapted_weight().detach().double(), want, atol=1e-5, rtol=0)
+
+    args, model = build("--relu", relu)
+    salt.inject(model, args)
+    for m in salt.salt_layers(model):
+        W = m.weight.detach().reshape(m.weight.shape[0], -1).double()
+        torch.testing.assert_close(m.salt_S.double(), torch.linalg.svdvals(W), atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            m.salt_scale[0] = 2.0  # a * s_max + b - s_max = s_max
+        change = torch.linalg.svdvals((m.adapted_weight().detach() - m.weight).reshape_as(W).double())
+        torch.testing.assert_close(change[0], torch.linalg.svdvals(W)[0], atol=1e-4, rtol=1e-4)
+        assert change[1] < 1e-4 * change[0]  # rank 1: one singular direction moved
+
+
+@pytest.mark.parametrize("relu", ["sigma", "top"])
+def test_low_rank_update_lives_in_the_other_singular_directions(relu):
+    """X Y acts in the (R-r) x (R-r) block of Sigma, the directions of the R - r smallest singular values:
+    with a = 1 and b = 0 the change of W is orthogonal to the top r directions on both sides, and in the
+    basis of the other directions it is X Y (--relu top) or ReLU(diag(s_rest) + X Y) - diag(s_rest) (sigma).
+    Compared in absolute value, since the SVD may flip the sign of a pair of singular vectors."""
+    layer, Q1, s, Q2 = known_spectrum_layer()
+    m = salt.SALTLinear(layer, top=3, rank=2, relu=relu)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        m.salt_X.copy_(torch.randn(m.salt_X.shape, generator=g))
+        m.salt_Y.copy_(2 * torch.randn(m.salt_Y.shape, generator=g))  # large enough that ReLU cuts entries
+    change = (m.adapted_weight() - m.weight).detach().double()
+    assert change.abs().max() > 0.5
+    torch.testing.assert_close(Q1[:, :3].T @ change, torch.zeros(3, 10, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(change @ Q2[:, :3], torch.zeros(12, 3, dtype=torch.float64), atol=1e-5, rtol=0)
+    XY = (m.salt_X @ m.salt_Y).detach().double()
+    block = XY if relu == "top" else F.relu(torch.diag(s[3:]) + XY) - torch.diag(s[3:])
+    if relu == "sigma":
+        assert (torch.diag(s[3:]) + XY < 0).any()  # the ReLU did cut something
+    torch.testing.assert_close((Q1[:, 3:].T @ change @ Q2[:, 3:]).abs(), block.abs(), atol=1e-5, rtol=0)
+
+
+def test_low_rank_part_starts_at_zero_from_the_stated_x_bound():
+    """Y = 0 (X Y = 0 at step 0) and X uniform in +-sqrt(6 / (21 rank)), as the module docstring says."""
+    torch.manual_seed(0)
+    rank = 4
+    m = salt.SALTLinear(torch.nn.Linear(300, 300), top=10, rank=rank)
+    assert torch.equal(m.salt_Y, torch.zeros_like(m.salt_Y))
+    bound = (6 / (21 * rank)) ** 0.5
+    assert 0.97 * bound < m.salt_X.abs().max().item() <= bound
+
+
+def test_s_sam_layer_is_u_relu_of_a_s_plus_b_vt():
+    """--s-sam: every singular value scaled and shifted, no low-rank part, W~ = U diag(ReLU(a*s + b)) Vt,
+    against an SVD of the layer's own weight computed here, with a and b moved far enough that some a*s + b
+    are negative; its regulariser is ||a*s + b - s|| summed over layers."""
+    args, model = build("--s-sam")
+    salt.inject(model, args)
+    perturb(model, scale=1.0)
+    negative, reg = 0, 0.0
+    with torch.no_grad():
+        for m in salt.salt_layers(model):
+            W = m.weight.reshape(m.weight.shape[0], -1).double()
+            U, s, Vt = torch.linalg.svd(W, full_matrices=False)
+            assert m.top == s.numel() and m.rank == 0 and not hasattr(m, "salt_X")
+            a, b = m.salt_scale.double(), m.salt_shift.double()
+            want = U @ torch.diag(F.relu(a * s + b)) @ Vt
+            torch.testing.assert_close(m.adapted_weight().reshape_as(W).double(), want, atol=1e-5, rtol=0)
+            negative += int((a * s + b < 0).sum())
+            reg += torch.linalg.vector_norm(a * s + b - s).item()
+    assert negative > 0  # the ReLU was exercised
+    assert salt.salt_regulariser(model).item() == pytest.approx(reg, rel=1e-5)
+
+
+def test_regulariser_is_part_of_the_training_loss(images):
+    """make_loss gives the segmentation loss plus reg_weight x (sum over layers of ||a*s_top + b - s_top||
+    + ||X Y||_F), the singular values taken from the layers' own weights here; the gradient of the
+    regulariser reaches a, b, X and Y; --reg-weight defaults to the paper's 0.01."""
+    assert salt.parse_args([]).reg_weight == 0.01
+    args, model = build("--reg-weight", "0.5")
+    salt.inject(model, args)
+    perturb(model)
+    masks = (images[:, 0] > 0.5).to(torch.uint8)
+    reg = 0
+    for m in salt.salt_layers(model):
+        s = torch.linalg.svdvals(m.weight.detach().reshape(m.weight.shape[0], -1).double())[:m.top].float()
+        reg = reg + torch.linalg.vector_norm(m.salt_scale * s + m.salt_shift - s)
+        reg = reg + torch.linalg.matrix_norm(m.salt_X @ m.salt_Y)
+    model.train()
+    seg = common.segmentation_loss(model(images), masks)
+    loss = salt.make_loss(args.reg_weight)(model, images, masks)
+    assert reg.item() > 0.1
+    torch.testing.assert_close(loss - seg, 0.5 * reg, atol=1e-4, rtol=1e-4)
+    m = salt.salt_layers(model)[2]  # the first MLP layer: top values and a low-rank part
+    grads = torch.autograd.grad(loss - seg, [m.salt_scale, m.salt_shift, m.salt_X, m.salt_Y])
+    assert all(g.abs().max() > 0 for g in grads)
+
+
+def test_vit_b_counts_in_the_docstring():
+    """The module docstring's ViT-B counts at rank 256 (the authors' setting): 8.97 M SALT parameters
+    without the clamp of the low-rank size to R - r (the authors' code), 8.87 M with it (this file). Shapes
+    only: the model is built on the meta device, where the SVD costs nothing."""
+    import re
+    with torch.device("meta"):
+        parts = common.build_sam_parts("vit_b", 512, 1)
+        model = common.PromptFreeSam(*parts, "vit_b", 512, 1)
+    args = salt.parse_args(["--rank", "256"])
+    salt.inject(model, args)
+    unclamped = sum(2 * m.top + 2 * (m.salt_S.numel() - m.top) * 256 for m in salt.salt_layers(model))
+    stated = re.search(r"its\s+SALT\s+parts\s+count\s+([\d.]+)\s+M,\s+this\s+file's\s+([\d.]+)\s+M", salt.__doc__)
+    assert (float(stated[1]), float(stated[2])) == (round(unclamped / 1e6, 2),
+                                                    round(salt.salt_parameter_count(model) / 1e6, 2))
