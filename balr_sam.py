@@ -23,44 +23,80 @@ What is ours (changes relative to lora.py, which this file follows):
      needs no running statistics (nothing to save beside the weights) and does not depend on the batch.
   2. In every encoder block: q/v LoRA on the attention qkv exactly as lora.py (SAMed), plus LoRA on both MLP
      linears (lin1/lin2 in SAM's ViT, fc1/fc2 in MobileSAM's TinyViT): W x + B A x, rank --rank, B = 0.
-  3. In the mask decoder, each of the 7 attentions of the two-way transformer (self_attn, both cross
-     attentions of both blocks, final_attn_token_to_image) has its q/k/v projections W (out x in) replaced
-     by a factorised U V (U: out x r, V: r x in), initialised by the truncated SVD of the pretrained W
-     (U = U_r sqrt(S_r), V = sqrt(S_r) V_r^T; bias kept), r = --decoder-rank. At full rank this is the
-     pretrained decoder up to rounding. The factors train with the rest of the decoder (as SAMed trains it).
-     At r < full rank the model does NOT start as stock SAM: it starts from the best rank-r approximation
-     (at full rank the two factors hold more weights than W; that setting exists for the tests).
-Honest note on "75% less memory": a rank-32 factorisation of a 256x256 projection has exactly 75% fewer
-parameters (2*256*32 = 256^2 / 4), but only weights shrink: the attention matrices and the activations
-(tokens x channels) are the same size, and the extra (tokens x r) intermediate even adds a little activation
-memory. With one foreground class the decoder has 3.78 M parameters (15 MB in fp32); its 21 q/k/v projection
-weights hold 0.88 M of them, and at r = 32 their factors hold 0.28 M: 0.6 M parameters (2.4 MB) saved, 16% of
-the decoder. At 1024 input we expect peak decoder memory to be dominated by activations, which do not
-shrink, so a saving of a few MB, not 75%. The projections need fewer FLOPs (2.7x fewer for 256 -> 128), which
-may or may not be faster on a GPU, where two small matmuls replace one. `--measure-decoder` measures both.
-Trainable parameters (--rank 4, --decoder-rank 32, --cden-width 32; one foreground class). Our own counts;
-the paper's "1.8% = 11.7 M" implies SAM ViT-H and is not copied:
-  mobile_sam: 3,333,826 of 9,405,322 (35.4%): LoRA 103,936 + CDEN 54,048 + decoder 3,175,586 + no_mask_embed 256
-  vit_b:      3,745,986 of 93,422,862 (4.0%): LoRA 516,096, the rest as above
-  vit_h:      5,523,650 of 642,555,662 (0.86%): LoRA 2,293,760, the rest as above
-(The totals are below stock SAM's because the factorised projections replace 0.6 M dense weights.)
+  3. The mask decoder's two-way transformer runs its attentions between the T tokens and the N image tokens
+     in low-rank form (LowRankTwoWayTransformer; same modules, weights and state-dict keys as stock):
+       token -> image (both blocks and the final attention): keys and values come from the image tokens
+         averaged over an r x r grid of equal cells, r = --decoder-rank (a divisor of the grid side): the
+         N = 4,096 columns of the attention become r^2 = 1,024 at r = 32 (75% fewer), and the 4,096-row k and
+         v projections 1,024-row ones.
+         As a matrix over the tokens the pooling is Linformer's projection E (Wang et al., arXiv 2006.04768,
+         which names pooling as one choice of E), here separable over the grid's two axes, E = P_h (x) P_w,
+         a rank-(r, r) Tucker projection of the (h, w) modes: the "tensor" of the paper's name, as we read it.
+         It is fixed (no parameters), so it keeps nothing for the backward pass. Exact where the image
+         tokens are constant over each cell; at r >= the grid side it is the identity (stock SAM).
+       image -> token (both blocks): exact. The output, N x C, is P (N x H*T) times M (H*T x C), of rank at
+         most H*T = 40 (8 heads, 5 tokens), and is computed that way (image_to_token), without the stock
+         form's (N x C/2) queries, per-head outputs and their merge.
+     The whole decoder trains, as in lora.py (SAMed); the low-rank form adds no parameter.
+Where the decoder's memory is (prompt-free, 1024 input: N = 64 x 64 = 4,096 image tokens, T = 5 tokens
+(IoU + 4 mask tokens), C = 256, attention width C/2 = 128 in 8 heads, bf16 autocast): the attention
+matrices are small (B x 8 x 5 x 4,096), so Linformer's usual target, an N x N matrix, does not exist here.
+What is large is everything with N rows: one (B, 4096, 256) tensor is 16 MiB in bf16 and 32 MiB in fp32 at
+batch 8. Stock, each token -> image attention projects keys + pe and keys to k and v (N rows each, their
+bf16 inputs kept for the backward), each image -> token attention forms q, the per-head outputs and their
+merge (N rows each) before out_proj. Those are what the low-rank form removes. What it cannot touch: the
+image stream itself (keys + attention output and norm4, kept in fp32), the copies of the embedding that
+predict_masks makes, and the upscaling to (B, 64, 128, 128) and (B, 32, 256, 256) with LayerNorm2d's fp32
+intermediates, where the inference peak then lies. So the decoder's saving is well short of the paper's 75%;
+`--measure-decoder OUT.json` measures time and training and inference peak memory against the stock decoder.
+Measured on an H200 (MobileSAM at 1024, batch 8, bf16 autocast, eager; `python balr_sam.py --measure-decoder
+decoder.json`), against stock: the whole decoder -17% inference peak (186.4 -> 154.9 MiB), -27% training
+peak (571.8 -> 416.6 MiB), but slower, inference 5.24 -> 9.70 ms and training 21.4 -> 25.5 ms (more and
+smaller kernels); the transformer alone -26% and -33% peak (182.4 -> 135.1, 478.1 -> 322.4 MiB).
+(Factorising the attention's q/k/v weights, W ~ U V, another reading of "low-rank attention", shrinks only
+those weights, 0.9 M parameters of the decoder's 4 M: no activation shrinks.)
+Differences from the paper's recipe (the paper's from its abstract and summaries: "not stated" is what those
+do not give; the loop every method shares is common.py's):
+  what           BALR-SAM paper                                 this file
+  base model     SAM ViT-H, as "1.8% = 11.7 M" trainable        MobileSAM's TinyViT (--model; vit_b/l/h with
+                 parameters implies (about 650 M in all)        --checkpoint)
+  loss           not stated                                     0.2 CE + 0.8 foreground Dice on full-size labels
+                                                                (lora.py's)
+  optimiser      not stated                                     AdamW
+  learning rate  not stated                                     1e-3 (--lr)
+  weight decay   not stated                                     0.01 (--weight-decay)
+  warm-up        not stated                                     50 steps, linear (--warmup; at most a tenth of --steps)
+  schedule       not stated                                     poly 0.9, reaching 0 at the last step
+  batch          not stated                                     8 on a GPU, 2 on a CPU (--batch-size)
+  length         not stated                                     1000 steps on a GPU (--steps)
+  input size     not stated                                     1024 (--img-size); crops of 1/zoom of the image
+                                                                (--zoom; DRIVE: 2)
+  prompts        none                                           none (the no-mask embedding)
+  what trains    CDEN, the encoder's low-rank adapters, the     CDEN; q/v and MLP LoRA (--rank 4) in every encoder
+                 decoder's low-rank attention: 11.7 M           block; the whole mask decoder (spare tokens'
+                                                                hypernetworks frozen); the no-mask embedding
+  decoder        "low-rank tensor attention": 75% less memory,  pooled keys/values (--decoder-rank 32) and the
+  attention      faster inference (form not published)          exact low-rank image -> token form (above)
+  augmentation   not stated                                     flip, rotation +-10 deg, brightness (SALT's)
+  data           ISIC-2017, Synapse, polyp segmentation         DRIVE, synthetic vessels, or a folder
+The trainable parameters of a run, by part, are in its metrics.json (trainable_by_part); the test
+test_trainable_parameters_are_the_adapters_and_the_decoder checks them against a formula.
 
 Run:  python balr_sam.py --data drive --data-root path/to/DRIVE --split salt
-      python balr_sam.py --measure-decoder          # decoder memory / time, dense vs low-rank
+      python balr_sam.py --measure-decoder decoder.json     # CUDA: the decoder alone, stock vs low-rank
 """
 import copy
 import json
 import math
-import time
-from pathlib import Path
+import statistics
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from segment_anything.modeling.transformer import Attention
 
 import cli
 import common
+from data import UserError
 
 
 def parse_args(argv=None):
@@ -68,13 +104,16 @@ def parse_args(argv=None):
                            "prompt-free.")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank of the encoder's q/v and MLP updates")
     p.add_argument("--decoder-rank", type=int, default=32,
-                   help="rank r of the decoder's factorised q/k/v projections (clipped to each projection's full "
-                        "rank; 0 keeps the dense pretrained projections)")
+                   help="r: the decoder's token -> image attentions read the image tokens averaged over an r x r "
+                        "grid of equal cells (r divides S/16): r*r keys and values instead of (S/16)^2, 1,024 of "
+                        "4,096 at 1024 input; r >= S/16 pools nothing; 0 keeps SAM's decoder as it is")
     p.add_argument("--cden-width", type=int, default=32,
                    help="CDEN channels at 1/4 scale (2x at 1/8, 4x at 1/16); a multiple of 16")
-    p.add_argument("--measure-decoder", action="store_true",
-                   help="measure the mask decoder's time and peak memory with dense and with low-rank attention "
-                        "projections, write decoder_benchmark.json into the run folder, and stop")
+    p.add_argument("--measure-decoder", default=None, metavar="JSON",
+                   help="on a CUDA GPU: measure the mask decoder alone, stock against BALR-SAM's low-rank attention "
+                        "(--decoder-rank), at --batch-size (default 8) on random image embeddings of the model's "
+                        "shape: inference time, and training (forward + backward) and inference peak memory; print "
+                        "them, write them to JSON, and stop (the decoder is the same in mobile_sam and vit_*)")
     return p.parse_args(argv)
 
 
@@ -183,42 +222,93 @@ class LoRALinear(nn.Linear):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. Low-rank attention projections in the mask decoder
+# 3. Low-rank attention between the tokens and the image in the mask decoder
 # ----------------------------------------------------------------------------------------------------
 
-class LowRankLinear(nn.Module):
-    """y = U (V x) + b in place of a dense W x + b, with U V the rank-r truncated SVD of the pretrained W.
-    Keeps the module path (`...self_attn.q_proj`) and `bias`; the dense `weight` is gone (U and V replace it)."""
+def pool_tokens(x, size, rank):
+    """Image tokens (B, h*w, C) -> (B, r_h*r_w, C), r = min(rank, side) per axis (r divides the side): the
+    (h, w) grid of tokens averaged over equal cells. As one matrix over the tokens this is E = P_h (x) P_w
+    (P: r x side, row i the mean over cell i), of rank r_h*r_w. A mean keeps nothing for the backward pass."""
+    h, w = size
+    r_h, r_w = min(rank, h), min(rank, w)
+    if (r_h, r_w) == (h, w):
+        return x  # full rank: nothing pooled
+    cells = x.unflatten(1, (r_h, h // r_h, r_w, w // r_w))  # (B, r_h, cell rows, r_w, cell columns, C)
+    return cells.mean((2, 4)).flatten(1, 2)
 
-    def __init__(self, linear: nn.Linear, rank: int):
+
+def image_to_token(attn, q, k, v):
+    """SAM's image -> token attention, attn(q, k, v) with q (B, N, C) the N image tokens (+ pe) and k, v
+    (B, T, C) the T tokens (+ pe, and without), in its low-rank form. Per head h (d = C'/H wide), with the
+    tokens' keys k_ht and values v_ht:
+        logits[n, h, t] = (W_q,h q_n + b_q,h) . k_ht / sqrt(d) = q_n . g_ht + c_ht
+        out_n = W_o [sum_t P[n, h, t] v_ht]_h + b_o          = sum_(h,t) P[n, h, t] m_ht
+    with g_ht = W_q,h^T k_ht / sqrt(d), c_ht = b_q,h . k_ht / sqrt(d), P = softmax over each head's T tokens,
+    and m_ht = W_o,h v_ht + b_o / H (each head's P sums to 1 over t, so the H shares give b_o back). The
+    output is P (N x H*T) times M (H*T x C), of rank at most H*T; the (N x C') queries and per-head outputs of
+    the stock form never exist. The same numbers as stock up to rounding."""
+    H = attn.num_heads
+    d = attn.internal_dim // H
+    k = attn.k_proj(k).unflatten(-1, (H, d)) / math.sqrt(d)  # (B, T, H, d), with softmax's scale
+    v = attn.v_proj(v).unflatten(-1, (H, d))  # (B, T, H, d)
+    g = torch.einsum("bthd,hdc->bcht", k, attn.q_proj.weight.unflatten(0, (H, d))).flatten(2)  # (B, C, H*T)
+    c = torch.einsum("bthd,hd->bht", k, attn.q_proj.bias.unflatten(0, (H, d))).flatten(1)  # (B, H*T)
+    p = (q @ g + c[:, None]).unflatten(-1, (H, -1)).softmax(-1).flatten(2)  # (B, N, H*T): softmax per head
+    m = torch.einsum("bthd,chd->bhtc", v, attn.out_proj.weight.unflatten(1, (H, d))).flatten(1, 2)  # (B, H*T, C)
+    return p @ (m + attn.out_proj.bias / H)  # (B, N, C)
+
+
+def check_decoder_rank(rank, grid):
+    """The rank must cut the (h, w) grid of image tokens into equal cells (or be 0: no low-rank attention)."""
+    if rank < 0:
+        raise ValueError(f"--decoder-rank {rank} is negative; give a grid side such as 32, or 0 for SAM's decoder "
+                         f"attention.")
+    for side in grid:
+        if 0 < rank < side and side % rank:
+            divisor = max(r for r in range(1, rank) if side % r == 0)
+            raise ValueError(f"--decoder-rank {rank} does not cut the decoder's {side}-token side into equal cells; "
+                             f"use a divisor of {side} such as {divisor}, or {side} or more to pool nothing.")
+
+
+class LowRankTwoWayTransformer(nn.Module):
+    """SAM's TwoWayTransformer with its attentions between the tokens and the image in low-rank form. It holds
+    the stock transformer's own blocks, attentions and norms (the same weights, the same state-dict keys) and
+    runs them as stock TwoWayTransformer and TwoWayAttentionBlock do, except that each token -> image
+    attention reads the image tokens pooled to r x r (pool_tokens; the positional encoding is pooled once,
+    at batch 1, and added to the pooled tokens) and each image -> token attention runs as image_to_token."""
+
+    def __init__(self, transformer, rank):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        # SVD in float64 so that full rank reproduces W to ~1e-7 in fp32
-        u, s, vh = torch.linalg.svd(linear.weight.detach().double(), full_matrices=False)
-        self.rank = min(rank, len(s))
-        root = s[:self.rank].sqrt()  # split the singular values evenly between the factors
-        dtype = linear.weight.dtype
-        self.lowrank_U = nn.Parameter((u[:, :self.rank] * root).to(dtype))  # (out, r)
-        self.lowrank_V = nn.Parameter((root[:, None] * vh[:self.rank]).to(dtype))  # (r, in)
-        self.bias = linear.bias
+        self.layers = transformer.layers  # TwoWayAttentionBlocks: their modules run below, not their forward
+        self.final_attn_token_to_image = transformer.final_attn_token_to_image
+        self.norm_final_attn = transformer.norm_final_attn
+        self.rank = rank
 
-    def forward(self, x):  # (B, N, in) -> (B, N, r) -> (B, N, out)
-        return F.linear(F.linear(x, self.lowrank_V), self.lowrank_U, self.bias)
+    def token_to_image(self, attn, q, keys, pooled_pe, size):
+        x = pool_tokens(keys, size, self.rank)  # (B, r*r, C)
+        return attn(q=q, k=x + pooled_pe, v=x)  # SAM's attention, softmax(q k^T / sqrt(d)) v, over r*r keys
 
-    def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
-
-
-def decoder_attentions(mask_decoder):
-    """The 7 attentions of SAM's two-way transformer (depth 2): per block self_attn,
-    cross_attn_token_to_image, cross_attn_image_to_token; then final_attn_token_to_image."""
-    return [m for m in mask_decoder.transformer.modules() if isinstance(m, Attention)]
-
-
-def factorise_decoder(mask_decoder, rank):
-    for attn in decoder_attentions(mask_decoder):
-        for name in ("q_proj", "k_proj", "v_proj"):
-            setattr(attn, name, LowRankLinear(getattr(attn, name), rank))
+    def forward(self, image_embedding, image_pe, point_embedding):
+        size = image_embedding.shape[-2:]
+        keys = image_embedding.flatten(2).transpose(1, 2)  # (B, N, C): the N = h*w image tokens
+        key_pe = image_pe.flatten(2).transpose(1, 2)  # (1, N, C)
+        pooled_pe = pool_tokens(key_pe, size, self.rank)  # (1, r*r, C): pooled once, at batch 1
+        queries = query_pe = point_embedding  # (1, T, C): the T tokens (prompt-free: the IoU and mask tokens)
+        for blk in self.layers:
+            if blk.skip_first_layer_pe:
+                queries = blk.self_attn(q=queries, k=queries, v=queries)
+            else:
+                q = queries + query_pe
+                queries = queries + blk.self_attn(q=q, k=q, v=queries)
+            queries = blk.norm1(queries)
+            queries = blk.norm2(queries + self.token_to_image(blk.cross_attn_token_to_image, queries + query_pe,
+                                                              keys, pooled_pe, size))
+            queries = blk.norm3(queries + blk.mlp(queries))
+            keys = blk.norm4(keys + image_to_token(blk.cross_attn_image_to_token, q=keys + key_pe,
+                                                   k=queries + query_pe, v=queries))
+        queries = self.norm_final_attn(queries + self.token_to_image(self.final_attn_token_to_image,
+                                                                     queries + query_pe, keys, pooled_pe, size))
+        return queries, keys  # (B, T, C), (B, N, C)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,13 +337,12 @@ def encoder_mlps(image_encoder):
 
 
 def inject(sam, rank=4, decoder_rank=32, cden_width=32):
-    """LoRA in the encoder blocks, low-rank decoder attention, CDEN; train those and the mask decoder."""
+    """LoRA in the encoder blocks, CDEN, the decoder's low-rank attention; train those and the mask decoder."""
     import functools
     if cden_width < 16 or cden_width % 16:
         raise ValueError(f"--cden-width {cden_width} must be a positive multiple of 16 (GroupNorm uses 8 "
                          f"groups at half that width); use e.g. 32.")
-    if decoder_rank < 0:
-        raise ValueError(f"--decoder-rank {decoder_rank} is negative; give a rank, or 0 for dense projections.")
+    check_decoder_rank(decoder_rank, sam.prompt_encoder.image_embedding_size)
     for attn, heads in encoder_attentions(sam.image_encoder):
         limit = min(attn.qkv.in_features, attn.qkv.out_features // 3)
         if not 0 < rank <= limit:
@@ -263,7 +352,7 @@ def inject(sam, rank=4, decoder_rank=32, cden_width=32):
         for name in names:
             setattr(mlp, name, LoRALinear(getattr(mlp, name), rank))
     if decoder_rank > 0:
-        factorise_decoder(sam.mask_decoder, decoder_rank)
+        sam.mask_decoder.transformer = LowRankTwoWayTransformer(sam.mask_decoder.transformer, decoder_rank)
     sam.cden = CDEN(cden_width, sam.mask_decoder.transformer_dim).to(sam.mask_decoder.iou_token.weight.device)
     sam.image_encoder.register_forward_hook(functools.partial(add_detail_to_embedding, sam))
     sam.mask_decoder.output_upscaling.register_forward_hook(functools.partial(add_detail_to_mask_features, sam))
@@ -279,105 +368,146 @@ def inject(sam, rank=4, decoder_rank=32, cden_width=32):
 
 def trainable_by_part(model):
     """Trainable parameters of each component, for metrics.json."""
-    parts = dict(encoder_lora=0, cden=0, decoder=0, decoder_of_which_qkv_factors=0, prompt_encoder=0)
+    parts = dict(encoder_lora=0, cden=0, decoder=0, prompt_encoder=0)
     for name, p in model.named_parameters():
         if p.requires_grad:
             part = ("encoder_lora" if "lora_" in name else "cden" if name.startswith("cden.") else
                     "decoder" if name.startswith("mask_decoder.") else "prompt_encoder")
             parts[part] += p.numel()
-            parts["decoder_of_which_qkv_factors"] += p.numel() if "lowrank_" in name else 0
     return parts
 
 
 # ----------------------------------------------------------------------------------------------------
-# Measuring the decoder: dense vs low-rank attention projections
+# Measuring the decoder alone: stock against the low-rank attention (--measure-decoder)
 # ----------------------------------------------------------------------------------------------------
 
-def measure_decoder(model, rank, batch_size, device, repeats):
-    """Time and peak memory of MaskDecoder.predict_masks alone, on random image embeddings, for the model's
-    dense decoder and a copy with rank-`rank` projections: inference (no grad, eval) and a training step's
-    forward + backward (every decoder parameter trained). Peak memory is what the call allocates on top of
-    the weights and inputs (CUDA only; None on the CPU). Times are medians over `repeats` calls, each
-    synchronised. bf16 autocast on CUDA, fp32 on the CPU, eager (not compiled)."""
-    pe = model.prompt_encoder
-    dim, grid = model.mask_decoder.transformer_dim, model.img_size // 16
-    emb = torch.randn(batch_size, dim, grid, grid, device=device)
+def decoders_to_measure(model, rank):
+    """{label: mask decoder}: a copy of the model's stock decoder and one with the low-rank attention as inject
+    builds it, every parameter trainable (BALR-SAM trains the whole decoder). No CDEN: the decoder alone."""
+    stock = copy.deepcopy(model.mask_decoder).requires_grad_(True)
+    low = copy.deepcopy(stock)
+    low.transformer = LowRankTwoWayTransformer(low.transformer, rank)
+    return {"stock": stock, f"balr_sam r={rank}": low}
+
+
+def decoder_inputs(model, batch_size, device, seed=0):
+    """What the decoder reads prompt-free: image embeddings (B, C, S/16, S/16), random (time and memory do not
+    depend on their values), the dense positional encoding and the prompt encoder's no-prompt embeddings."""
+    grid = model.img_size // 16
+    g = torch.Generator(device=device).manual_seed(seed)
+    emb = torch.randn(batch_size, model.mask_decoder.transformer_dim, grid, grid, device=device, generator=g)
     with torch.no_grad():
-        sparse, dense = pe(points=None, boxes=None, masks=None)
-        image_pe = pe.get_dense_pe()
-    cuda = device.type == "cuda"
+        sparse, dense = model.prompt_encoder(points=None, boxes=None, masks=None)
+        return emb, model.prompt_encoder.get_dense_pe(), sparse, dense
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
 
-    def timed(fn):
-        fn(), fn()  # warm-up (cuBLAS handles, autotuning)
-        sync()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() if cuda else 0
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - t)
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
-        return sorted(times)[len(times) // 2] * 1000, peak  # median: robust to a busy machine
+def run_decoder(decoder, inputs, train, device, part="decoder"):
+    """One call under the device's autocast (bf16 on CUDA) of the whole decoder (part "decoder":
+    predict_masks) or of its two-way transformer alone ("transformer", on the inputs predict_masks gives it):
+    inference without gradients, or a training step's forward and backward of a stand-in loss (the outputs'
+    mean square). Returns the outputs."""
+    emb, image_pe, sparse, dense = inputs
+    with torch.set_grad_enabled(train), common.autocast(device):
+        if part == "decoder":
+            outputs = decoder.predict_masks(emb, image_pe, sparse, dense)[:1]  # masks (B, tokens - 1, S/4, S/4)
+        else:  # as predict_masks calls it prompt-free: tokens (1, T, C), image (B, C, h, w), pe (1, C, h, w)
+            tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight, sparse[0]])[None]
+            outputs = decoder.transformer(emb + dense, image_pe, tokens)  # (B, T, C), (B, h*w, C)
+    if train:
+        sum(out.float().square().mean() for out in outputs).backward()
+    return outputs
 
+
+def measure_decoder(model, rank, batch_size, repeats=20, warmup=3):
+    """On CUDA, each decoder of decoders_to_measure, eager, whole and its transformer alone: the milliseconds
+    of an inference call and of a training step (CUDA events around each call after `warmup` calls; the
+    median of `repeats`), and the peak memory one call allocates beyond what was allocated before it (the
+    weights and inputs; for training it includes the gradients the call allocates):
+    torch.cuda.max_memory_allocated after reset_peak_memory_stats."""
+    device = torch.device("cuda")
+    inputs = decoder_inputs(model, batch_size, device)
     results = {}
-    for label, r in (("dense", 0), (f"low-rank r={rank}", rank)):
-        dec = copy.deepcopy(model.mask_decoder).to(device)
-        if r > 0:
-            factorise_decoder(dec, r)
-        qkv = sum(p.numel() for a in decoder_attentions(dec) for n in ("q_proj", "k_proj", "v_proj")
-                  for p in getattr(a, n).parameters())
-        dec.requires_grad_(True)
+    for label, decoder in decoders_to_measure(model, rank).items():
+        decoder.to(device)
+        results[label] = dict(parameters=sum(p.numel() for p in decoder.parameters()))
+        for part in ("decoder", "transformer"):
+            row = results[label][part] = {}
+            for mode, train in (("inference", False), ("training", True)):
+                decoder.train(train)
 
-        def forward():
-            with common.autocast(device):
-                return dec.predict_masks(emb, image_pe, sparse, dense)[0]
+                def call():
+                    decoder.zero_grad(set_to_none=True)
+                    run_decoder(decoder, inputs, train, device, part)
+                for _ in range(warmup):  # cuBLAS handles and workspaces, the allocator's first blocks
+                    call()
+                decoder.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                call()
+                torch.cuda.synchronize()
+                row[f"{mode}_peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+                times = []
+                for _ in range(repeats):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    call()
+                    end.record()
+                    torch.cuda.synchronize()
+                    times.append(start.elapsed_time(end))
+                row[f"{mode}_ms"] = statistics.median(times)  # the median: robust to a busy machine
+        decoder.zero_grad(set_to_none=True)
+        decoder.cpu()
+        torch.cuda.empty_cache()
+    grid = model.img_size // 16
+    return dict(model=model.name, img_size=model.img_size, image_tokens=grid ** 2, batch_size=batch_size,
+                decoder_rank=rank, pooled_tokens=min(rank, grid) ** 2, autocast="bf16", eager=True, repeats=repeats,
+                warmup=warmup, versions=cli.versions(), results=results)
 
-        def infer():
-            with torch.no_grad():
-                forward()
 
-        def train_step():
-            forward().float().square().mean().backward()
-            dec.zero_grad(set_to_none=True)
-
-        dec.eval()
-        infer_ms, infer_mb = timed(infer)
-        dec.train()
-        train_ms, train_mb = timed(train_step)
-        results[label] = dict(decoder_params=sum(p.numel() for p in dec.parameters()), qkv_params=qkv,
-                              infer_ms=infer_ms, infer_peak_mib=infer_mb, train_ms=train_ms, train_peak_mib=train_mb)
-        del dec
-    return dict(model=model.name, img_size=model.img_size, batch_size=batch_size, device=str(device),
-                repeats=repeats, results=results)
+def measure_main(args):
+    """--measure-decoder: measure, print a table, write the JSON."""
+    if args.device == "cpu" or not torch.cuda.is_available():
+        raise UserError("--measure-decoder measures CUDA time and memory and needs a CUDA GPU, which PyTorch does "
+                        "not see here (or --device cpu was given).")
+    if args.decoder_rank <= 0:
+        raise UserError(f"--measure-decoder compares the stock decoder with the low-rank one: --decoder-rank "
+                        f"{args.decoder_rank} must be at least 1, e.g. 32.")
+    device = common.setup(args, "balr_sam", gpu_steps=1000)
+    try:
+        check_decoder_rank(args.decoder_rank, (args.img_size // 16,) * 2)
+    except ValueError as e:
+        raise UserError(str(e))
+    bench = measure_decoder(common.load_sam(args, device), args.decoder_rank, args.batch_size)
+    print(f"{args.model} at {args.img_size} ({bench['image_tokens']} image tokens, r = {args.decoder_rank}: "
+          f"{bench['pooled_tokens']} pooled), batch {args.batch_size}, bf16 autocast, eager, "
+          f"{bench['versions'].get('gpu', 'CUDA')}; in brackets the change against stock:")
+    columns = ("inference_ms", "training_ms", "inference_peak_mib", "training_peak_mib")
+    print(f"{'':32s}" + "".join(f"{c.replace('_', ' ').replace('mib', 'MiB'):>22s}" for c in columns))
+    for label, result in bench["results"].items():
+        for part in ("decoder", "transformer"):
+            stock = bench["results"]["stock"][part]
+            cells = [f"{result[part][c]:.2f}" + ("" if label == "stock" else
+                                                 f" ({100 * (result[part][c] / stock[c] - 1):+.0f}%)")
+                     for c in columns]
+            print(f"{label + ', ' + part:32s}" + "".join(f"{c:>22s}" for c in cells))
+    try:
+        common.atomic_write(args.measure_decoder, lambda f: f.write(json.dumps(bench, indent=1).encode()))
+    except OSError as e:
+        raise UserError(f"cannot write --measure-decoder {args.measure_decoder} ({e.strerror}); give a path you can "
+                        f"write to.")
+    print(f"wrote {args.measure_decoder}")
+    return bench
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.measure_decoder:
-        device = common.setup(args, "balr_sam", gpu_steps=1000)
-        model = common.load_sam(args, device)
-        bench = measure_decoder(model, args.decoder_rank or 32, args.batch_size, device,
-                                repeats=20 if device.type == "cuda" else 5)
-        for label, r in bench["results"].items():
-            mib = lambda v: "n/a (CPU)" if v is None else f"{v:.1f} MiB"
-            print(f"{label:16s} decoder {r['decoder_params']:,} params (q/k/v {r['qkv_params']:,})  "
-                  f"inference {r['infer_ms']:.2f} ms, peak {mib(r['infer_peak_mib'])}  "
-                  f"train fwd+bwd {r['train_ms']:.2f} ms, peak {mib(r['train_peak_mib'])}")
-        run_dir = Path(args.out) / args.run_name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "decoder_benchmark.json").write_text(json.dumps(bench, indent=1))
-        return bench
+        return measure_main(args)
     # CDEN runs at inference: no merged export
     return cli.main(args, "balr_sam", inject=lambda model: inject(model, args.rank, args.decoder_rank,
-                                                                     args.cden_width),
-                       describe=lambda model: dict(trainable_by_part=trainable_by_part(model)))
+                                                                    args.cden_width),
+                    describe=lambda model: dict(trainable_by_part=trainable_by_part(model)))
 
 
 if __name__ == "__main__":

@@ -50,9 +50,8 @@ def section(method):
 
 def namespace():
     """What the section may use: torch and segment_anything, under the names the method files give them.
-    `Attention` is segment_anything's mask-decoder attention (segment_anything.modeling.transformer), which
-    balr_sam.py imports at module level (from segment_anything.modeling.transformer import Attention) to find
-    the decoder's attentions; a copy of its section takes that import line along with it."""
+    `Attention` is segment_anything's mask-decoder attention (segment_anything.modeling.transformer), kept
+    in the namespace for a section that imports it at module level."""
     return dict(torch=torch, nn=nn, F=F, math=math, segment_anything=segment_anything, Attention=Attention)
 
 
@@ -110,7 +109,8 @@ def test_adapter_section_alone_adapts_a_plain_segment_anything_sam(method):
     x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(2))
 
     # (a) at step 0 the adapted SAM gives stock SAM's embedding and masks (bit for bit where the adapter's
-    # update is exactly zero; balr_sam's full-rank decoder factors reproduce the dense weights up to rounding)
+    # update is exactly zero; balr_sam at r >= the token grid pools nothing, and its exact image -> token
+    # form equals stock attention up to rounding)
     with torch.no_grad():
         want, got = prompt_free(stock, x), prompt_free(sam, x)
     for a, b in zip(got, want):
