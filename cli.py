@@ -7,12 +7,14 @@ or exports SAM's weights with the adapter folded in. A run writes one run folder
 adapter.safetensors + adapter.json, which `load_adapter` turns back into a model in another program.
 The model, the training loop and the checkpoints themselves are in common.py.
 """
+import errno
 import fcntl
 import importlib
 import json
 import platform
 import shutil
 import sys
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -22,20 +24,24 @@ import torch.nn.functional as F
 
 from common import (ADAPTER_FORMAT, Progress, adapter_state, atomic_save, atomic_write, base_parser, build_model,
                     compile_blocks, count_parameters, default_loss, evaluate, freeze_spare_mask_tokens,
-                    labelled_batches, labelled_subset, load_checkpoint, log_row, plain_args, predict_masks,
-                    read_adapter_config, setup, should_compile, train_loop)
-from data import UserError, load_data
+                    is_adapter_file, labelled_batches, labelled_subset, load_checkpoint, log_row, plain_args,
+                    predict_masks, read_adapter_config, read_checkpoint_file, setup, should_compile, train_loop)
+from data import UserError, intensity_range, load_data
 
 
 def configure_from_checkpoint(args, method):
     """Fill the arguments that build the model (base model, classes, input size, zoom, the method's own
     arguments) from the checkpoint or adapter given with --resume, where the user left them at their
-    defaults: `lora.py --resume adapter.json --predict DIR` needs nothing else."""
+    defaults: `lora.py --resume adapter.json --predict DIR` needs nothing else. Training continued from a
+    last.pt takes every argument so (data, steps, run folder ...): the `--resume` an interrupted run prints is
+    the whole command."""
     config = read_adapter_config(args.resume)
     if config["method"] != method:
         raise UserError(f"{args.resume} holds a {config['method']} adapter; run {config['method']}.py with it.")
     base = set(vars(base_parser("").parse_args([])))
-    keys = ["model", "num_classes", "img_size", "zoom", *(k for k in args.defaults if k not in base)]
+    keys = ["model", "num_classes", "img_size", "zoom", "window", *(k for k in args.defaults if k not in base)]
+    if not (is_adapter_file(args.resume) or args.predict or args.export_merged or args.eval_only or args.load_only):
+        keys = [k for k in args.defaults if k not in ("resume", "overwrite")]
     for key in keys:
         if key in config and getattr(args, key) == args.defaults.get(key):
             setattr(args, key, config[key])
@@ -74,10 +80,70 @@ def versions():
 _CLAIMS = []  # the open lock files of the run folders this process holds
 
 
+def last_checkpoint(run_dir):
+    """The checkpoint a run folder continues from: its last.pt, or that of a stage before training (SAMora's
+    stage1/last.pt); None where it has none."""
+    return next((p for p in (run_dir / "last.pt", *sorted(run_dir.glob("*/last.pt"))) if p.is_file()), None)
+
+
+def check_run_folder(args, run_dir):
+    """A folder that already holds a run is continued (--resume) or replaced (--overwrite), never silently
+    mixed: without either, one sentence. Returns what it holds."""
+    held = [run_dir / p for p in ("metrics.json", "last.pt", "best.pt") if (run_dir / p).exists()]
+    held += sorted(run_dir.glob("*/last.pt"))
+    if held and not args.resume and not args.overwrite:
+        resume = last_checkpoint(run_dir) or run_dir / "last.pt"
+        raise UserError(f"{run_dir} already holds a run ({held[0].relative_to(run_dir)}); continue it with --resume "
+                        f"{resume}, replace it with --overwrite, or pass another --run-name.")
+    return held
+
+
+def check_writable(flag, value, path=None, file=False):
+    """One sentence, before anything heavy, where `path` (default `value`: a folder to make, or with `file` a
+    file to write) cannot be: a folder where a file goes, a file where a folder goes, or a place this user
+    cannot write."""
+    path = Path(path or value)
+    if file and path.is_dir():
+        raise UserError(f"{flag} {value} is a folder; pass a file name, e.g. {path / 'merged.pth'}.")
+    start = path.parent if file else path
+    base = next(p for p in (start, *start.parents) if p.exists())  # the nearest part that exists
+    if not base.is_dir():
+        raise UserError(f"{flag} {value} cannot be written: {base} is a file, not a folder; pass another path.")
+    try:
+        tempfile.TemporaryFile(dir=base).close()
+    except OSError as e:
+        raise UserError(f"{flag} {value} cannot be written ({e.strerror} in {base}); pass a path you can write to.")
+
+
+def check_outputs(args):
+    """Everything this command will write, checked before the model is built."""
+    if args.predict:
+        check_writable("--predict-out", predict_out(args))
+    if args.export_merged:
+        check_writable("--export-merged", args.export_merged, file=True)
+    if not (args.predict or args.export_merged or args.load_only):
+        run_dir = Path(args.out) / args.run_name
+        check_writable("--out", args.out, run_dir)
+        check_run_folder(args, run_dir)
+
+
+def what_is_kept(args, then=""):
+    """For a command stopped by Ctrl-C or a full disk: what its files hold, and how to go on (`then` first)."""
+    if args.predict:
+        return f"the masks written so far are in {predict_out(args)}: {then}run the command again with --overwrite"
+    if args.export_merged or args.load_only or args.eval_only:
+        return f"nothing was written: {then}run the command again"
+    last = last_checkpoint(Path(args.out) / args.run_name) or args.resume
+    if last:
+        return f"{last} holds the last saved state: {then}continue with --resume {last}"
+    return f"nothing was saved: {then}run the command again"
+
+
 def claim_run_folder(args):
     """The run folder, for this run alone: an exclusive lock on its .lock file while the process lives (two
     runs with one --run-name would write one another's checkpoints), and a folder that already holds a run
-    is continued (--resume), replaced (--overwrite: its files go first) or refused, never silently mixed."""
+    is continued (--resume), replaced (--overwrite: its files go first) or refused, never silently mixed.
+    Temporary files that a killed run left (common.atomic_write's) are removed."""
     run_dir = Path(args.out) / args.run_name
     while _CLAIMS:  # one run at a time in a process: an earlier run of it gives its folder up
         _CLAIMS.pop().close()
@@ -91,14 +157,13 @@ def claim_run_folder(args):
     except OSError:
         raise UserError(f"{run_dir} is in use by another run; wait for it to finish, or pass another --run-name.")
     _CLAIMS.append(lock)
-    held = [p for p in ("metrics.json", "last.pt", "best.pt") if (run_dir / p).exists()]
-    if held and not args.resume:
-        if not args.overwrite:
-            raise UserError(f"{run_dir} already holds a run ({held[0]}); continue it with --resume "
-                            f"{run_dir / 'last.pt'}, replace it with --overwrite, or pass another --run-name.")
+    if check_run_folder(args, run_dir) and not args.resume:  # --overwrite
         for old in run_dir.iterdir():
             if old.name != ".lock":
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
+    for stale in run_dir.rglob("*.tmp"):  # no other run writes here now: these are a killed run's
+        if stale.is_file():
+            stale.unlink()
     return run_dir
 
 
@@ -114,15 +179,20 @@ def run(model, train_set, test_set, args, device, loss_fn=default_loss, pretrain
         print(f"--label-fraction {args.label_fraction}: training on the labels of {', '.join(labelled.names)}")
     else:
         labelled = train_set
-    resume = load_checkpoint(args.resume, model, args) if args.resume else None
+    # a last.pt of a stage before training (tagged: SAMora's stage1/last.pt) is `pretrain`'s to continue
+    pretraining = (args.resume and not is_adapter_file(args.resume)
+                   and bool(read_checkpoint_file(args.resume).get("tag")))
+    resume = load_checkpoint(args.resume, model, args) if args.resume and not pretraining else None
+    keep = dict(resume.get("keep") or {}) if resume else {}  # what the run had before training: it resumes with it
     if should_compile(args, device) and not args.eval_only:
         compile_blocks(model)
     if pretrain is not None and resume is None and not args.eval_only:
         record = pretrain(model, train_set, run_dir)  # all training images, their labels unread
         if record is None:
             return None
-        extra.update(record)
+        keep["pretrain"] = record
         freeze_spare_mask_tokens(model)
+    extra.update(keep.get("pretrain") or {})
     trainable, total = count_parameters(model)
     print(f"{args.method} on {args.model}: {trainable:,} trainable of {total:,} parameters "
           f"({100 * trainable / total:.2f}%)")
@@ -133,26 +203,32 @@ def run(model, train_set, test_set, args, device, loss_fn=default_loss, pretrain
     if not args.eval_only:
         if resume is None:
             (run_dir / "log.csv").unlink(missing_ok=True)  # a new run's log starts empty
-            untrained, _ = evaluate(model, test_set, args.batch_size)
+            untrained = keep["untrained"] = evaluate(model, test_set, args.batch_size)[0]
             print(f"before training: Dice {untrained['dice']:.4f}  HD95 {untrained['hd95']:.2f}")
             log_row(run_dir, step=0, dice=untrained["dice"], hd95=untrained["hd95"])
+        else:
+            untrained = keep.get("untrained")
 
         def eval_fn():
             last["result"] = evaluate(model, test_set, args.batch_size)
             return last["result"][0]
-        history = train_loop(model, labelled_batches(labelled, args.batch_size, args.generator), loss_fn, args,
-                             device, run_dir, args.steps, evaluate_fn=eval_fn, resume=resume)
+        batches = labelled_batches(labelled, args.batch_size, args.generator, start=resume["step"] if resume else 0)
+        history = train_loop(model, batches, loss_fn, args, device, run_dir, args.steps, evaluate_fn=eval_fn,
+                             resume=resume, keep=keep)
     else:
         history = dict(loss=[], eval=[], seconds=0.0, imgs_per_s=0.0, steps=0)
     if last and history["eval"][-1][0] == args.steps:
         result, preds = last["result"]  # the model has not changed since train_loop's final evaluation
     else:
         result, preds = evaluate(model, test_set, args.batch_size)
-    print(f"test ({len(test_set)} images): Dice {result['dice']:.4f}  HD95 {result['hd95']:.2f}"
+    what = f"{len(result['per_case'])} cases, {len(test_set)} slices" if test_set.volumes else f"{len(test_set)} images"
+    print(f"test ({what}): Dice {result['dice']:.4f}  HD95 {result['hd95']:.2f} "
+          f"{result['hd95_unit']}  per class: Dice {' '.join(f'{d:.3f}' for d in result['dice_per_class'])}"
           + (f"   (untrained: Dice {untrained['dice']:.4f})" if untrained else ""))
     metrics = dict(method=args.method, data=args.data, model=args.model, img_size=args.img_size, zoom=args.zoom,
                    seed=args.seed, labelled=list(labelled.names),
-                   dice=result["dice"], hd95=result["hd95"], per_image=result["per_image"],
+                   **{k: result[k] for k in ("dice", "hd95", "hd95_unit", "dice_per_class", "hd95_per_class",
+                                             "hd95_undefined", "per_case", "per_image")},
                    untrained_dice=untrained["dice"] if untrained else None,
                    best_dice_during_training=history.get("best_dice"),
                    note="dice/hd95 are of the final model; best.pt was selected on the test split and is not reported",
@@ -163,10 +239,11 @@ def run(model, train_set, test_set, args, device, loss_fn=default_loss, pretrain
                    batch_size=args.batch_size, device=str(device), loss_curve=history["loss"],
                    eval_curve=history["eval"], args=plain_args(args),
                    versions=versions(), **extra)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     save_adapter(run_dir, model, args)
     save_pictures(run_dir, test_set, preds, history, untrained)
-    save_masks(run_dir / "test_masks", test_set.names, preds)
+    save_masks(run_dir / "test_masks", test_set, preds)
+    # last: a folder with metrics.json holds a finished run (train.py does not run it again)
+    atomic_write(run_dir / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=1).encode()))
     print(f"wrote {run_dir}/metrics.json")
     return metrics
 
@@ -183,25 +260,39 @@ def main(args, method, inject, loss_fn=default_loss, merge=None, pretrain=None, 
     if args.resume:
         configure_from_checkpoint(args, method)
     device = setup(args, method, gpu_steps)
-    model = build_model(args, device, inject)
-    if args.predict or args.export_merged or args.load_only:
-        load_checkpoint(args.resume, model, args)
-        model.zoom = args.zoom = args.zoom or 1
-        if args.predict:
-            predict_folder(model, args)
-        if args.export_merged:
-            export_merged(model, args, merge)
-        return model.eval() if args.load_only else None
-    train_set, test_set = load_data(args, device)
-    return run(model, train_set, test_set, args, device, loss_fn=loss_fn, pretrain=pretrain,
-               extra_metrics=describe(model) if describe else None)
+    check_outputs(args)
+    try:
+        model = build_model(args, device, inject)
+        if args.predict or args.export_merged or args.load_only:
+            load_checkpoint(args.resume, model, args)
+            model.zoom = args.zoom = args.zoom or 1
+            model.window = args.window  # the intensity rule of training (data.intensity_range)
+            if args.predict:
+                predict_folder(model, args)
+            if args.export_merged:
+                export_merged(model, args, merge)
+            return model.eval() if args.load_only else None
+        train_set, test_set = load_data(args, device)
+        return run(model, train_set, test_set, args, device, loss_fn=loss_fn, pretrain=pretrain,
+                   extra_metrics=describe(model) if describe else None)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which stops at a step boundary itself)
+        raise KeyboardInterrupt(f"interrupted; {what_is_kept(args)}.") from None  # main_guard prints it
+    except OSError as e:  # files are written whole or not at all (common.atomic_write): say which one was not
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(f"the disk is full ({e.strerror}" + (f" writing {e.filename}" if e.filename else "")
+                        + f"); {what_is_kept(args, 'free some space, then ')}.") from None
 
 
-def save_masks(folder, names, preds):
-    """One PNG of class ids per test image at its original size: what train.py's prediction panel reads."""
+def save_masks(folder, split, preds):
+    """One PNG of class ids per test image at its original size (what train.py's prediction panel reads), or
+    one CASE.nii.gz per test volume."""
     from PIL import Image
+    if split.volumes:
+        import volumes
+        return volumes.save_masks(folder, split, preds)
     folder.mkdir(parents=True, exist_ok=True)
-    for name, pred in zip(names, preds):
+    for name, pred in zip(split.names, preds):
         Image.fromarray(pred.cpu().numpy()).save(folder / f"{name}.png")
 
 
@@ -244,20 +335,38 @@ def save_pictures(run_dir, split, preds, history, untrained=None, n=3):
         plt.close(fig)
 
 
+def predict_out(args):
+    """Where --predict writes: --predict-out, or DIR_masks beside the scans."""
+    return Path(args.predict_out or f"{str(args.predict).rstrip('/')}_masks")
+
+
+def display_rgb(image, window=None):
+    """(H, W, 3) uint8 for pictures: the image's intensities as the model sees them."""
+    value_range = intensity_range(image, window)
+    x = image.astype(np.float32) / 255 if value_range is None else \
+        (image.astype(np.float32) - value_range[0]) / (value_range[1] - value_range[0])
+    x = (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
+    return np.repeat(x[..., None], 3, -1) if x.ndim == 2 else x
+
+
 def predict_folder(model, args):
-    """--predict DIR: one PNG of class ids per image, at the image's size, and an overlay picture."""
+    """--predict DIR: for every image, one PNG of class ids at the image's size and an overlay picture; for
+    every volume (.nii, .nii.gz), one volume of class ids (volumes.predict_file)."""
     from PIL import Image
-    from data import IMAGE_SUFFIXES, read_image
+    from data import IMAGE_SUFFIXES, VOLUME_SUFFIXES, file_name, read_image
     src = Path(args.predict)
-    paths = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if src.is_dir() else []
+    suffixes = IMAGE_SUFFIXES + VOLUME_SUFFIXES
+    paths = sorted(p for p in src.iterdir() if p.name.lower().endswith(suffixes)) if src.is_dir() else []
     if not paths:
-        raise UserError(f"--predict {src} is not a folder of images ({', '.join(IMAGE_SUFFIXES)}); pass one.")
-    out = Path(args.predict_out or f"{str(src).rstrip('/')}_masks")
+        raise UserError(f"--predict {src} is not a folder of images or volumes ({', '.join(suffixes)}); pass one.")
+    out = predict_out(args)
     if out.resolve() == src.resolve():
         raise UserError(f"--predict-out {out} is the folder of the scans; the masks would replace them: pass another.")
     if out.exists() and not out.is_dir():
         raise UserError(f"--predict-out {out} is a file; pass a folder.")
-    taken = [out / f"{p.stem}{end}" for p in paths for end in (".png", "_overlay.jpg") if (out / f"{p.stem}{end}").exists()]
+    is_volume = {p: p.name.lower().endswith(VOLUME_SUFFIXES) for p in paths}
+    ends = {p: (".nii.gz",) if is_volume[p] else (".png", "_overlay.jpg") for p in paths}
+    taken = [out / f"{file_name(p)}{end}" for p in paths for end in ends[p] if (out / f"{file_name(p)}{end}").exists()]
     if taken and not args.overwrite:
         raise UserError(f"{taken[0]} exists; pass another --predict-out, or --overwrite to replace the masks there.")
     try:
@@ -265,16 +374,22 @@ def predict_folder(model, args):
     except OSError as e:
         raise UserError(f"cannot make --predict-out {out} ({e.strerror}); pass a folder you can write to.")
     palette = np.array([[0, 0, 0], [255, 60, 60], [60, 200, 60], [60, 120, 255], [255, 200, 0]])
-    progress = Progress("prediction", len(paths), unit="image")
+    progress = Progress("prediction", len(paths), unit="file")
     for done, p in enumerate(paths, 1):
-        rgb = read_image(p)  # (H, W, 3) uint8
-        mask = predict_masks(model, [rgb], args.batch_size)[0]  # (H, W) class ids
-        Image.fromarray(mask).save(out / f"{p.stem}.png")
-        blend = np.where(mask[..., None] > 0, rgb * 0.5 + palette[mask % len(palette)] * 0.5, rgb)
-        Image.fromarray(blend.astype(np.uint8)).save(out / f"{p.stem}_overlay.jpg")
+        name = file_name(p)
+        if is_volume[p]:
+            import volumes
+            volumes.predict_file(model, p, out / f"{name}.nii.gz", args.batch_size)
+        else:
+            image = read_image(p)  # at full depth: (H, W) or (H, W, 3)
+            mask = predict_masks(model, [image], args.batch_size)[0]  # (H, W) class ids
+            Image.fromarray(mask).save(out / f"{name}.png")
+            rgb = display_rgb(image, model.window)  # (H, W, 3) uint8, as the model saw it
+            blend = np.where(mask[..., None] > 0, rgb * 0.5 + palette[mask % len(palette)] * 0.5, rgb)
+            Image.fromarray(blend.astype(np.uint8)).save(out / f"{name}_overlay.jpg")
         progress.update(done, p.name)
     progress.close()
-    print(f"wrote {len(paths)} masks (PNG, class ids) and overlays to {out}")
+    print(f"wrote {len(paths)} masks (class ids: PNG for images, .nii.gz for volumes) and overlays to {out}")
 
 
 def export_merged(model, args, merge_fn):
@@ -307,9 +422,13 @@ def export_merged(model, args, merge_fn):
 
 
 def main_guard(main):
-    """Run main(); a UserError ends in its one sentence and exit status 2, never a traceback."""
+    """Run main(); a UserError ends in its one sentence and exit status 2, Ctrl-C in one line and status 130,
+    never a traceback."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        print(e.args[0] if e.args else "interrupted; nothing was saved.", file=sys.stderr)
+        sys.exit(130)

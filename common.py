@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import UserError, check_data_args
+from data import UserError, check_data_args, streamed_batches
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments shared by every method script
@@ -50,7 +50,8 @@ def base_parser(description):
     p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic", choices=["synthetic", "drive", "folder"],
-                   help="dataset: generated retina-like vessels (no download), DRIVE, or a folder with images/ and masks/")
+                   help="dataset: generated retina-like vessels (no download), DRIVE, or a folder with images/ and "
+                        "masks/ (2-D images, or .nii/.nii.gz volumes)")
     g.add_argument("--data-root", default=None,
                    help="dataset folder (for drive: the one holding training/; default data/DRIVE)")
     g.add_argument("--split", default="salt", choices=["salt", "official"],
@@ -62,7 +63,19 @@ def base_parser(description):
                         "(few-label experiments: 0.3 of DRIVE's 14 = 4 images; the same subset for every method)")
     g.add_argument("--synthetic-train", type=int, default=14, help="synthetic training images")
     g.add_argument("--synthetic-test", type=int, default=6, help="synthetic test images")
-    g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic images and of folder splits")
+    g.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the synthetic images, of folder splits and of the empty slices that train")
+    g.add_argument("--window", nargs="+", default=None, metavar="W",
+                   help="LOW HIGH: the intensities that become black and white, in the image's units (CT: "
+                        "Hounsfield); or a CT preset: abdomen, lung, bone, brain. Default: 8-bit images as they are; "
+                        "16-bit, signed and float images (and volumes) from their 0.5th to 99.5th percentile")
+    g.add_argument("--empty-slices", type=float, default=0.25,
+                   help="volumes: the fraction of slices without foreground that train, beside every slice with "
+                        "foreground (testing uses every slice)")
+    g.add_argument("--data-gib", type=float, default=4.0,
+                   help="data that fit in this many GiB (images and masks at the working size) are held on the GPU; "
+                        "larger data stay in CPU memory and stream to the GPU; the automatic zoom stays within it")
+    g.add_argument("--workers", type=int, default=4, help="DataLoader workers that gather the batches of streamed data")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="mobile_sam", choices=MODELS,
                    help="base SAM: mobile_sam ships its weights in a package; vit_* need --checkpoint; "
@@ -145,6 +158,7 @@ def finish_args(args, method, gpu_steps):
     small = not on_gpu and args.data == "synthetic" and args.model == "mobile_sam" and args.img_size is None
     if args.img_size is None:
         args.img_size = 128 if args.model == "tiny" else 256 if small else 1024
+    check_img_size(args.model, args.img_size)  # before the notices below: an error comes alone
     if args.zoom == 0 and (args.model == "tiny" or small):
         args.zoom = 1 if args.model == "tiny" else 2  # tiny: tests and demos, whole images, one pass each
     if args.steps is None:
@@ -215,13 +229,18 @@ def atomic_write(path, write):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private (0600); give it a new file's mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # a full disk's error names no file otherwise
         raise
 
 
@@ -318,15 +337,19 @@ def _fit_pretrained(model, state, name):
     model.load_state_dict(fitted, strict=False)
 
 
+def check_img_size(name, img_size):
+    if img_size % 16:
+        raise UserError(f"--img-size {img_size} is not a multiple of 16 (SAM's patch size); use e.g. 512 or 1024.")
+    if name == "mobile_sam" and img_size % 64:
+        raise UserError(f"--img-size {img_size}: MobileSAM's TinyViT halves its grid three times after a stride-4 "
+                        f"stem, so it takes multiples of 64; use e.g. 256, 512 or 1024.")
+
+
 def build_sam_parts(name, img_size, num_classes):
     """Image encoder, prompt encoder and mask decoder, randomly initialised, from the stock classes."""
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
-    if img_size % 16:
-        raise UserError(f"--img-size {img_size} is not a multiple of 16 (SAM's patch size); use e.g. 512 or 1024.")
+    check_img_size(name, img_size)
     if name == "mobile_sam":
-        if img_size % 64:
-            raise UserError(f"--img-size {img_size}: MobileSAM's TinyViT halves its grid three times after a stride-4 "
-                            f"stem, so it takes multiples of 64; use e.g. 256, 512 or 1024.")
         import warnings
         with warnings.catch_warnings():  # mobile_sam imports timm by paths that timm deprecates, and re-registers
             warnings.simplefilter("ignore", FutureWarning)  # timm's model names: nothing a user can act on
@@ -490,7 +513,17 @@ def fast_layer(args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Metrics: Dice and HD95 written out by hand (definitions of medpy.metric.binary.dc / hd95)
+# Metrics: Dice and HD95 written out by hand (definitions of medpy.metric.binary.dc / hd95), per class and
+# per case. Where medpy gives no number (its hd95 raises when either mask is empty; its dc divides 0 by 0
+# when both are) the rules are these, for each foreground class:
+#   ground truth  prediction  Dice   HD95
+#   present       present     medpy  medpy: pixels for 2-D images, mm (the voxel spacing) for volumes
+#   present       empty       0      undefined: None in metrics.json, left out of HD95 means, counted as missed
+#   empty         present     0      undefined: None, left out of HD95 means, counted as a false alarm
+#   empty         empty       1      0 (nothing to find, nothing found)
+# A number in place of the undefined HD95 (the image diagonal; or 0, as SAMed's test code, which also
+# scores a false alarm Dice 1) would decide the HD95 mean of a class that is often absent; here the Dice
+# carries the error and the counts report it.
 # ----------------------------------------------------------------------------------------------------
 
 def _as_bool(mask):
@@ -498,7 +531,7 @@ def _as_bool(mask):
 
 
 def dice(pred, target):
-    """2|A∩B| / (|A| + |B|) on 2-D boolean masks. Both empty: 1.0 (nothing to find, nothing found)."""
+    """2|A∩B| / (|A| + |B|) on boolean masks (2-D or 3-D). Both empty: 1.0 (nothing to find, nothing found)."""
     pred, target = _as_bool(pred), _as_bool(target)
     inter = (pred & target).sum()
     total = pred.sum() + target.sum()
@@ -506,44 +539,114 @@ def dice(pred, target):
 
 
 def _surface(mask):
-    """Pixels of the mask with a 4-neighbour outside it (mask XOR its erosion by a cross; outside the
-    image counts as background, as scipy's binary_erosion does)."""
-    p = F.pad(mask[None, None].float(), (1, 1, 1, 1))[0, 0] > 0
-    eroded = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    """Elements of a 2-D or 3-D mask with a face neighbour outside it: the mask minus its erosion by a cross
+    (4 neighbours in 2-D, 6 in 3-D: medpy's connectivity 1); outside the array counts as background, as in
+    scipy's binary_erosion."""
+    p = F.pad(mask.to(torch.uint8), (1, 1) * mask.dim()).bool()
+    inner = (slice(1, -1),) * mask.dim()
+    eroded = p[inner].clone()
+    for axis in range(mask.dim()):
+        for side in (slice(None, -2), slice(2, None)):
+            eroded &= p[inner[:axis] + (side,) + inner[axis + 1:]]
     return mask & ~eroded
 
 
-def _distances_to(points, target):
-    """Exact Euclidean distance from each (row, col) in `points` to the nearest True pixel of `target`.
-    Pass 1 (per column, two cumulative scans): vertical distance g to the nearest target pixel in that column.
-    Pass 2 (only at the query points): d² = min over columns c' of g(row, c')² + (col - c')²."""
-    H, W = target.shape
-    rows = torch.arange(H, device=target.device)[:, None].expand(H, W)
-    big = H + W
-    above = torch.where(target, rows, torch.full_like(rows, -big)).cummax(0).values
-    below = (H - 1 - torch.where(target, H - 1 - rows, torch.full_like(rows, -big)).flip(0).cummax(0).values.flip(0))
-    g = torch.minimum(rows - above, below - rows).float()  # (H, W); >= big where a column has no target pixel
-    cols = torch.arange(W, device=target.device, dtype=torch.float32)
+def _distances_to(points, target, spacing):
+    """Exact Euclidean distance, in units of `spacing` (one length per axis), from each point (a row of indices
+    in `points`) to the nearest True element of the 2-D or 3-D `target`: the separable passes of an exact
+    distance transform, on squared distances (inf along lines that hold no target element).
+    1. Along axis 0, two cumulative scans: the distance to the nearest target element in the same column.
+    2. (3-D) Along axis 1, every pair within a line: g²(i, j, k) = min over j' of g²(i, j', k) + ((j - j') s₁)².
+    3. Along the last axis, at the query points only: d² = min over c' of g²(..., c') + ((c - c') s_last)²."""
+    n = target.shape[0]
+    rows = torch.arange(n, device=target.device).view(-1, *[1] * (target.dim() - 1)).expand(target.shape)
+    above = torch.where(target, rows, torch.full_like(rows, -n)).cummax(0).values
+    below = n - 1 - torch.where(target, n - 1 - rows, torch.full_like(rows, -n)).flip(0).cummax(0).values.flip(0)
+    g = torch.minimum(rows - above, below - rows).float()  # >= n where the column holds no target element
+    g2 = torch.where(g >= n, torch.inf, (g * spacing[0]) ** 2)
+    if target.dim() == 3:
+        J, K = target.shape[1:]
+        j = torch.arange(J, device=target.device, dtype=torch.float32)
+        dj2 = ((j[:, None] - j[None, :]) * spacing[1]) ** 2  # (J, J')
+        step = max(1, 2 ** 24 // (J * J * K))  # (step, J, J', K) per chunk: at most 64 MB
+        g2 = torch.cat([(g2[i:i + step, None] + dj2[None, :, :, None]).amin(2) for i in range(0, n, step)])
+    last = torch.arange(target.shape[-1], device=target.device, dtype=torch.float32)
     out = []
-    for chunk in points.split(8192):  # (q, W) per chunk keeps memory at a few tens of MB
-        d2 = g[chunk[:, 0]] ** 2 + (chunk[:, 1:2].float() - cols) ** 2
+    for chunk in points.split(8192):  # (q, last) per chunk keeps memory at a few tens of MB
+        d2 = g2[tuple(chunk[:, :-1].T)] + ((chunk[:, -1:].float() - last) * spacing[-1]) ** 2
         out.append(d2.min(1).values.sqrt())
     return torch.cat(out)
 
 
-def hd95(pred, target):
-    """95th percentile of the pooled surface distances A→B and B→A, in pixels (medpy.metric.binary.hd95
-    with unit spacing). Both empty: 0. Exactly one empty: the image diagonal, the largest distance
-    possible, so that a missed structure is penalised and means stay finite (medpy raises instead)."""
+def hd95(pred, target, spacing=None):
+    """95th percentile of the pooled surface distances A→B and B→A (medpy.metric.binary.hd95) between 2-D or
+    3-D masks, in pixels, or in mm with `spacing` (the voxel size along each axis). Both empty: 0. Exactly
+    one empty: nan, undefined (medpy raises; see the rules above)."""
     pred, target = _as_bool(pred), _as_bool(target)
+    spacing = (1.0,) * pred.dim() if spacing is None else tuple(float(s) for s in spacing)
     has_p, has_t = bool(pred.any()), bool(target.any())
     if not has_p and not has_t:
         return 0.0
     if has_p != has_t:
-        return float(math.hypot(*pred.shape))
-    sp, st = _surface(pred), _surface(target)
-    d = torch.cat([_distances_to(sp.nonzero(), st), _distances_to(st.nonzero(), sp)])
+        return math.nan
+    # every surface element lies in the bounding box of the two masks: the distances are computed there
+    low, high = (pred | target).nonzero().aminmax(dim=0)
+    box = tuple(slice(lo, hi + 1) for lo, hi in zip(low.tolist(), high.tolist()))
+    sp, st = _surface(pred[box]), _surface(target[box])
+    d = torch.cat([_distances_to(sp.nonzero(), st, spacing), _distances_to(st.nonzero(), sp, spacing)])
     return float(torch.quantile(d, 0.95))  # linear interpolation, as numpy.percentile
+
+
+def _mean(values):
+    """The mean of the values that are not None; None where there are none."""
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def score(pred, target, num_classes, spacing=None, **key):
+    """One row of metrics.json: Dice and HD95 of each class 1..C between two label maps of class ids (a 2-D
+    image, or a 3-D volume with its spacing), their means over the classes (HD95: over the classes where
+    it is defined), and the classes whose HD95 is undefined: missed (present, not predicted) or false alarms."""
+    dices, hds, missed, false_alarms = [], [], [], []
+    for c in range(1, num_classes + 1):
+        p, t = pred == c, target == c
+        dices.append(dice(p, t))
+        h = hd95(p, t, spacing)
+        hds.append(None if math.isnan(h) else h)
+        if math.isnan(h):
+            (missed if bool(t.any()) else false_alarms).append(c)
+    return dict(key, dice=float(np.mean(dices)), hd95=_mean(hds), dice_per_class=dices, hd95_per_class=hds,
+                missed=missed, false_alarm=false_alarms)
+
+
+def by_case(image_rows):
+    """2-D images of one case (files CASE__*.png, see data.case_of) make one row: per class, the means over
+    its images. A case of one image is that image's row."""
+    cases = {}
+    for row in image_rows:
+        cases.setdefault(row["case"], []).append(row)
+    out = []
+    for case, rows in cases.items():
+        if len(rows) == 1:
+            out.append(dict(rows[0], case=case))
+            continue
+        d = [float(np.mean(v)) for v in zip(*(r["dice_per_class"] for r in rows))]
+        h = [_mean(v) for v in zip(*(r["hd95_per_class"] for r in rows))]
+        out.append(dict(case=case, images=len(rows), dice=float(np.mean(d)), hd95=_mean(h), dice_per_class=d,
+                        hd95_per_class=h, missed=[c for r in rows for c in r["missed"]],
+                        false_alarm=[c for r in rows for c in r["false_alarm"]]))
+    return out
+
+
+def summarise(case_rows):
+    """What metrics.json and the tables report: the mean over cases of each case's Dice and HD95 (nan where
+    no case has an HD95), the per-class means over cases, and how many HD95 were undefined."""
+    hd = _mean([r["hd95"] for r in case_rows])
+    return dict(dice=float(np.mean([r["dice"] for r in case_rows])), hd95=math.nan if hd is None else hd,
+                dice_per_class=[_mean(v) for v in zip(*(r["dice_per_class"] for r in case_rows))],
+                hd95_per_class=[_mean(v) for v in zip(*(r["hd95_per_class"] for r in case_rows))],
+                hd95_undefined=dict(missed=sum(len(r["missed"]) for r in case_rows),
+                                    false_alarm=sum(len(r["false_alarm"]) for r in case_rows)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -670,15 +773,15 @@ ADAPTER_FORMAT = "peft-sam-adapter-1"
 @torch.no_grad()
 def predict_masks(model, images, batch_size=4):
     """The Python API's prediction: for images given as file paths or arrays ((H, W, 3) RGB or (H, W) grey,
-    uint8), one (H, W) uint8 array of class ids each, at the image's own size."""
-    from data import image_tensor, read_image
+    8-bit, or 16-bit, signed or float with the intensity rule of training: data.intensity_range with the
+    model's --window), one (H, W) uint8 array of class ids each, at the image's own size."""
+    from data import image_tensor, intensity_range, read_image
     device = model.pixel_mean.device
     masks = []
     for image in images:
         image = read_image(image) if isinstance(image, (str, Path)) else np.asarray(image)
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, -1)
-        logits = predict(model, image_tensor(image, model.zoom * model.img_size, device), batch_size)
+        x = image_tensor(image, model.zoom * model.img_size, device, intensity_range(image, getattr(model, "window", None)))
+        logits = predict(model, x.expand(-1, 3, -1, -1), batch_size)
         mask = F.interpolate(logits, image.shape[:2], mode="bilinear").argmax(1)[0]
         masks.append(mask.to(torch.uint8).cpu().numpy())
     return masks
@@ -730,23 +833,37 @@ def predict(model, images, batch_size):
 
 @torch.no_grad()
 def evaluate(model, split, batch_size):
-    """Dice and HD95 per image at its original resolution inside its field of view, averaged over the
-    foreground classes, then over images. Returns the means, per-image rows and the predicted masks."""
-    logits = predict(model, split.images, batch_size)
-    rows, preds = [], []
+    """Dice and HD95 of every foreground class, per case, on masks at their original resolution (inside the
+    field of view where the data have one): a 2-D image is scored alone (images of one case are averaged,
+    by_case); the slices of a volume are stacked back into it and scored in 3-D with its voxel spacing (mm).
+    The images come to the device `batch_size` at a time, and the predicted masks go to CPU memory as they
+    are made. Returns summarise's means with the per-image (2-D) and per-case rows, and the masks."""
+    device, C = model.pixel_mean.device, model.num_classes
+    image_rows, case_rows, preds, stack = [], [], [], []
     progress = Progress("evaluation", len(split), unit="image", log=False)  # its result is one line
-    for i, name in enumerate(split.names):
-        progress.update(i + 1)
-        gt, fov = split.orig_masks[i], split.fovs[i]
-        up = F.interpolate(logits[i:i + 1], gt.shape, mode="bilinear", align_corners=False)
-        pred = up.argmax(1)[0].to(torch.uint8) * fov
-        preds.append(pred)
-        d = [dice((pred == c) & fov, (gt == c) & fov) for c in range(1, model.num_classes + 1)]
-        h = [hd95((pred == c) & fov, (gt == c) & fov) for c in range(1, model.num_classes + 1)]
-        rows.append(dict(name=name, dice=float(np.mean(d)), hd95=float(np.mean(h))))
+    for start in range(0, len(split), batch_size):
+        logits = predict(model, split.images[start:start + batch_size].to(device), batch_size)  # (b, C+1, W/4, W/4)
+        for i, lg in enumerate(logits, start):
+            progress.update(i + 1)
+            gt, fov = split.orig_masks[i].to(device), split.fovs[i]
+            pred = F.interpolate(lg[None], gt.shape, mode="bilinear", align_corners=False).argmax(1)[0].to(torch.uint8)
+            if fov is not None:
+                fov = fov.to(device)
+                pred, gt = pred * fov, gt * fov
+            preds.append(pred.cpu())
+            case = split.cases[i]
+            if not split.volumes:
+                image_rows.append(score(pred, gt, C, name=split.names[i], case=case))
+                continue
+            stack.append((pred, gt))  # a slice: scored with the rest of its volume
+            if i + 1 == len(split) or split.cases[i + 1] != case:
+                pred_volume, gt_volume = (torch.stack(s, -1) for s in zip(*stack))  # (H, W, slices)
+                case_rows.append(score(pred_volume, gt_volume, C, split.volumes[case]["spacing"], case=case))
+                stack = []
     progress.close()
-    return dict(dice=float(np.mean([r["dice"] for r in rows])), hd95=float(np.mean([r["hd95"] for r in rows])),
-                per_image=rows), preds
+    case_rows = case_rows or by_case(image_rows)
+    return dict(summarise(case_rows), hd95_unit="mm" if split.volumes else "px", per_image=image_rows,
+                per_case=case_rows), preds
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -832,9 +949,14 @@ def make_schedule(optimizer, warmup, steps):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def labelled_batches(split, batch_size, generator):
-    """Random augmented batches drawn on the device: no CPU work and no host-device copy per step."""
+def labelled_batches(split, batch_size, generator, start=0):
+    """Random augmented batches. A split held on the device is drawn there: no CPU work and no host-device copy
+    per step. A split held in CPU memory (over --data-gib) streams through a DataLoader (data.streamed_batches)
+    and skips the `start` batches a resumed run has trained on; the augmentation is the same."""
     size = split.input_size or split.images.shape[-1]
+    if split.streamed:
+        batches = streamed_batches(split, batch_size, generator.device, generator.initial_seed(), start)
+        return lambda: augment(*next(batches), generator, size)
 
     def next_batch():
         idx = torch.randint(0, len(split), (batch_size,), device=split.images.device, generator=generator)
@@ -868,36 +990,48 @@ class TrainStep:
         return loss.detach()
 
 
-def train_loop(model, next_batch, loss_fn, args, device, run_dir, steps, evaluate_fn=None, tag="", resume=None):
+def train_loop(model, next_batch, loss_fn, args, device, run_dir, steps, evaluate_fn=None, tag="", resume=None,
+               keep=None, lr=None, weight_decay=None, warmup=None):
     """AdamW (fused on CUDA) over the parameters that require grad, warm-up + poly decay, bf16 autocast on
     CUDA. `next_batch()` returns the arguments of `loss_fn(model, *batch)`. Writes run_dir/last.pt (resumable)
     at every evaluation and, at the next step boundary, on Ctrl-C or SIGTERM (Interrupts), and run_dir/best.pt
-    when `evaluate_fn` finds a better Dice.
-    Returns the history: losses and evaluations by step, seconds, images per second."""
+    when `evaluate_fn` finds a better Dice. `resume`: a last.pt of this loop (same `tag`), continued so that
+    the run ends as the uninterrupted one. `keep`: what the caller had before the loop (cli.run: the untrained
+    model's evaluation), held by every last.pt and given back in resume["keep"]. `lr`, `weight_decay`,
+    `warmup`: a stage's own (SAMora's stage 1); by default the arguments'.
+    Returns the history: losses and evaluations by step, seconds, images per second, over all segments."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
-    schedule = make_schedule(optimizer, args.warmup, steps)
-    history = dict(loss=[], eval=[], best_dice=-1.0)
-    start = 0
+    optimizer = torch.optim.AdamW(params, lr=args.lr if lr is None else lr, fused=device.type == "cuda",
+                                  weight_decay=args.weight_decay if weight_decay is None else weight_decay)
+    schedule = make_schedule(optimizer, args.warmup if warmup is None else warmup, steps)
+    history = dict(loss=[], eval=[], best_dice=-1.0, seconds=0.0, images_seen=0)
+    start, running = 0, 0.0
     if resume is not None and resume.get("optimizer") is not None and resume.get("tag", "") == tag:
         optimizer.load_state_dict(resume["optimizer"])
         schedule.load_state_dict(resume["schedule"])
         for group in optimizer.param_groups:  # a capturable optimiser's checkpoint holds lr as a tensor
             group["lr"], group["initial_lr"] = float(group["lr"]), float(group["initial_lr"])
-        history = resume["history"]
+        history = dict(dict(seconds=0.0, images_seen=0), **resume["history"])
         start = resume["step"]
+        # the loss summed since the last progress line: the interval the run resumes in is averaged whole
+        running = resume.get("running", 0.0)
         args.generator.set_state(resume["generator"].to(args.generator.get_state().device))
+        if "rng" in resume:  # torch's global generator: a later stage may build modules (SAMora's stage-1 heads)
+            torch.set_rng_state(resume["rng"])
         print(f"resumed {tag or 'training'} at step {start} of {steps}")
     fast = fast_layer(args)
     step_fn = (fast.training_step if fast else TrainStep)(model, loss_fn, optimizer, device)
 
     def checkpoint(name, step):
+        history.update(seconds=seconds_before + time.time() - t0, images_seen=seen_before + seen)  # all segments
         save_checkpoint(run_dir / name, model, args, step=step, tag=tag, optimizer=optimizer.state_dict(),
-                        schedule=schedule.state_dict(), history=history, generator=args.generator.get_state())
+                        schedule=schedule.state_dict(), history=history, generator=args.generator.get_state(),
+                        rng=torch.get_rng_state(), running=float(running), keep=keep or {})
 
     model.train()
-    running = torch.zeros((), device=device)
+    running = torch.tensor(running, dtype=torch.float32, device=device)
     t0, seen = time.time(), 0
+    seconds_before, seen_before = history["seconds"], history["images_seen"]
     done = step = start  # steps completed: what a resumed run skips
     # a progress line every log_every steps, but at least 20 over a short run (so its curve has points)
     log_every = max(1, min(args.log_every, steps // 20))
@@ -948,8 +1082,9 @@ def train_loop(model, next_batch, loss_fn, args, device, run_dir, steps, evaluat
                         f"{run_dir / 'last.pt'} keeps the last good state; lower --lr or check the data.")
     if device.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.time() - t0
-    history.update(seconds=seconds, imgs_per_s=seen / max(seconds, 1e-9), steps=steps)
+    seconds = seconds_before + time.time() - t0
+    history.update(seconds=seconds, images_seen=seen_before + seen, steps=steps,
+                   imgs_per_s=(seen_before + seen) / max(seconds, 1e-9))
     checkpoint("last.pt", steps)
     progress.close()
     return history

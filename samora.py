@@ -1,8 +1,8 @@
 """SAMora: three self-supervised LoRA experts (image, patch and pixel level), fused by HL-Attn.
 
 Paper: Chen et al., "SAMora: Enhancing SAM through Hierarchical Self-Supervised Pre-Training for Medical
-Images", ICCV 2025, arXiv 2511.08626; code github.com/ShChen233/SAMora (as released it cannot run: its teachers are built at random and never
-loaded). LoRA experts as in lora.py (SAMed).
+Images", ICCV 2025, arXiv 2511.08626; code github.com/ShChen233/SAMora (as released it does not import: modules
+it imports are missing; and its teachers are built at random and never loaded). LoRA experts as in lora.py (SAMed).
 
 What changes relative to lora.py, in the order of this file:
 1. Every image-encoder attention's frozen `qkv` gets three rank-r q/v LoRA experts instead of one:
@@ -21,6 +21,39 @@ What changes relative to lora.py, in the order of this file:
    The experts are saved to <run>/experts.pt.
 3. Stage 2 (labels, the SAMed recipe of lora.py): encoder and experts frozen. In every attention, HL-Attn
    fuses the three experts into one q/v update, and only HL-Attn and the mask decoder train.
+
+Differences from the released recipe (its configs/stage1_*.yaml and stage2_samora.yaml; the paper's data
+are in the first stage's "data" row; the loop every method shares is common.py's):
+  stage 1        released, per expert                           this file, per expert
+  loss           image: MSE to a ResNet-50 teacher's            image: SimCLR's NT-Xent between two views;
+                 projection; patch: MSE to an MAE teacher's     patch: MSE to the masked patches' normalised
+                 visible tokens (both teachers random);         pixels; pixel: MSE of the denoised image
+                 pixel: 0.9 soft Dice + 0.1 MSE                 (teachers: --image-teacher, --patch-teacher)
+  optimiser      AdamW                                          the same
+  learning rate  1e-3                                           the same (--stage1-lr)
+  weight decay   0.1                                            the same
+  warm-up        25 steps                                       25 steps (at most a tenth of --stage1-steps)
+  schedule       poly 0.9                                       poly 0.9, reaching 0 at the last step
+  batch          16                                             8 on a GPU, 2 on a CPU (--batch-size)
+  length         30 epochs                                      300 steps on a GPU (--stage1-steps)
+  data           AMOS22, LiTS and KiTS slices (the paper:       the training images without their labels, plus
+                 about 10 k to 100 k medical images)            --unlabeled
+  input size     224                                            the model's (MobileSAM: 1024)
+  what trains    the expert's q/v LoRA and its head             the same
+  stage 2        released                                       this file
+  loss           0.2 CE + 0.8 Dice on the 4x smaller logits     0.2 CE + 0.8 foreground Dice on full-size labels
+  optimiser      AdamW                                          the same
+  learning rate  5e-3                                           1e-3 (--lr)
+  weight decay   0.1                                            0.01 (--weight-decay)
+  warm-up        25 steps                                       30 steps (--warmup 50, at most a tenth of --steps)
+  schedule       poly 0.9                                       poly 0.9, reaching 0 at the last step
+  batch          32                                             8 on a GPU, 2 on a CPU (--batch-size)
+  length         20 epochs (Synapse)                            300 steps on a GPU (--steps)
+  input size     224                                            MobileSAM's TinyViT at 1024; crops of 1/zoom (DRIVE: 2)
+  prompts        none                                           none (the no-mask embedding)
+  what trains    all of HL-Attn (its gates included), the mask  HL-Attn, the mask decoder (spare tokens'
+                 decoder (the prompt encoder optionally);       hypernetworks frozen), the no-mask embedding;
+                 experts and expert scales frozen               experts frozen (no gates or scales: see below)
 
 Choices that are ours (the paper's teachers are not available, and the released code is flawed):
 * Teachers. The paper distils a SimCLRv2 ResNet-50 (image level) and an MAE ViT-L (patch level), both
@@ -44,17 +77,23 @@ Choices that are ours (the paper's teachers are not available, and the released 
 * HL-Attn size and start. The released HL-Attn works at width 768 (about 71 M parameters for ViT-B), and
   its LayerNorm-ed output perturbs SAM from the first step. Here one shared projection P maps every
   expert's update [B_q A_q x | B_v A_v x] to width --hl-width (32). Two cross-attentions run at that
-  width, and a zero-initialised projection back to q/v makes stage 2 start exactly at stock SAM. ViT-B: 1.30 M HL-Attn parameters; MobileSAM: 0.33 M. The released
-  learnable gates and expert scales start at 1 and are frozen in stage 2. They are identities here.
+  width, and a zero-initialised projection back to q/v makes stage 2 start exactly at stock SAM.
+  ViT-B: 1.30 M HL-Attn parameters; MobileSAM: 0.33 M.
+* Gates and scales. The released fuser weighs each cross-attention's contribution by a learnable gate
+  (start 1), low = patch + g_low (CAF(patch, pixel) - patch) and the same for high, and trains the gates
+  in stage 2 with the rest of the fuser. Here there are no gates: a contribution is already a trainable
+  linear map (`out`) of the attention output, and a scalar times a trainable linear map is again one, so
+  a gate adds a parameter but nothing the fuser could not do without it. The released expert scales (start
+  1, on each expert's update) are frozen in stage 2; here there are none: a fixed scale on B_e A_e x is
+  absorbed by B_e.
 * Budget. Stage 1 runs --stage1-steps per expert (300 on a GPU; the released config uses 30 epochs,
   lr 1e-3, wd 0.1). The paper's stage 2 needs about a tenth of SAMed's epochs (20 vs 200). A strict
   tenth of lora.py's 1000 steps would leave the decoder's mask tokens (re-purposed as background and
-  classes) under-trained, so stage 2 defaults to 300 steps (measured on DRIVE: Dice 0.8155 at seed 0).
+  classes) under-trained, so stage 2 defaults to 300 steps (DRIVE, three seeds: the README's table).
 
 Run:  python samora.py --data drive --data-root path/to/DRIVE --split salt --stage both
       (--label-fraction 0.3: stage 2 sees 4 of the 14 labels; stage 1 still uses all 14 images)
 """
-import argparse
 import json
 import math
 from pathlib import Path
@@ -322,8 +361,9 @@ def stage1_batches(model, images, expert, batch_size, generator, teacher=None):
 
     @torch.no_grad()
     def next_batch():
-        idx = torch.randint(0, len(images), (batch_size,), device=images.device, generator=generator)
-        x = images[idx].float()  # (B, 3, Z*S, Z*S) in [0, 1], Z the zoom (see data.py)
+        idx = torch.randint(0, len(images), (batch_size,), device=generator.device, generator=generator)
+        # (B, 3, Z*S, Z*S) in [0, 1], Z the zoom; images held in CPU memory (over --data-gib, see data.py) come over
+        x = images[idx.to(images.device)].to(generator.device).float()
         if expert == "image":
             view = random_views(x, generator, size)
             if teacher is None:
@@ -385,22 +425,25 @@ def load_teacher(path, device):
     return teacher.eval()
 
 
-def pretrain_expert(model, images, expert, args, device, run_dir, teacher=None):
-    """Stage 1 for one expert: attach its head, train expert + head on `images` (N, 3, Z*S, Z*S), drop the head."""
+def pretrain_expert(model, images, expert, args, device, run_dir, teacher=None, resume=None, keep=None):
+    """Stage 1 for one expert: attach its head, train expert + head on `images` (N, 3, Z*S, Z*S), drop the head.
+    `resume`: a stage-1 last.pt written in this expert's training, continued; `keep`: for train_loop."""
     out_dim = None
     if teacher is not None:
         with torch.no_grad():
             out_dim = teacher(images[:1, :, :model.img_size, :model.img_size].float()).shape[1]
     model.samora_head = stage1_head(expert, model.prompt_encoder.embed_dim, out_dim).to(device)
     set_stage(model, expert)
+    ckpt = common.load_checkpoint(resume, model, args) if resume else None  # this expert, its head, those before
     loss_fn = image_distill_loss if expert == "image" and teacher is not None else LOSSES[expert]
     steps = args.stage1_steps
-    a = argparse.Namespace(**vars(args))  # the released stage-1 optimiser: AdamW lr 1e-3, wd 0.1, 25 warm-up
-    a.lr, a.weight_decay, a.warmup = args.stage1_lr, 0.1, min(25, max(1, steps // 10))
     trainable = common.count_parameters(model)[0]
-    # train_loop leaves its state (expert + head) in <run>/stage1/last.pt; the result is <run>/experts.pt
+    # train_loop leaves its state (expert + head) in <run>/stage1/last.pt; the result is <run>/experts.pt.
+    # The released stage-1 optimiser: AdamW lr 1e-3, wd 0.1, 25 warm-up steps.
     history = common.train_loop(model, stage1_batches(model, images, expert, args.batch_size, args.generator, teacher),
-                                loss_fn, a, device, run_dir / "stage1", steps, tag=f"stage1-{expert} ")
+                                loss_fn, args, device, run_dir / "stage1", steps, tag=f"stage1-{expert} ",
+                                resume=ckpt, keep=keep, lr=args.stage1_lr, weight_decay=0.1,
+                                warmup=min(25, max(1, steps // 10)))
     del model.samora_head
     return dict(history, trainable_params=trainable, objective=loss_fn.__name__)
 
@@ -441,12 +484,20 @@ def stage_one(model, train_set, run_dir, args):
         args.stage1_steps = 300 if device.type == "cuda" else min(10, args.steps)
     images = train_set.images  # the labels are never read in stage 1
     if args.unlabeled:
-        images = torch.cat([images, load_unlabeled_folder(args.unlabeled, args.zoom * args.img_size, device)])
+        extra = load_unlabeled_folder(args.unlabeled, args.zoom * args.img_size, device, args.window)
+        images = torch.cat([images, extra.to(images.device)])
     teachers = dict(image=args.image_teacher and load_teacher(args.image_teacher, device),
                     patch=args.patch_teacher and load_teacher(args.patch_teacher, device))
-    stage1 = dict(images=len(images), steps_per_expert=args.stage1_steps,
-                  experts={e: pretrain_expert(model, images, e, args, device, run_dir, teachers.get(e))
-                           for e in EXPERTS})
+    # --resume of a stage-1 last.pt (cli.run leaves those to this stage): the experts finished before it come
+    # back with it (weights in its state, records in its keep), and the one it stopped in goes on from its step
+    resume = common.read_checkpoint_file(args.resume) if args.resume else None
+    done = dict(resume.get("keep", {}).get("experts", {})) if resume else {}
+    for e in EXPERTS:
+        if e not in done:
+            continued = args.resume if resume and resume.get("tag") == f"stage1-{e} " else None
+            done[e] = pretrain_expert(model, images, e, args, device, run_dir, teachers.get(e), resume=continued,
+                                      keep=dict(experts=done))
+    stage1 = dict(images=len(images), steps_per_expert=args.stage1_steps, experts=done)
     save_experts(run_dir / "experts.pt", model, args, stage1)
     print(f"stage 1 done: wrote {run_dir / 'experts.pt'}")
     set_stage(model, "fused")
@@ -461,10 +512,18 @@ def main(argv=None):
     if args.hl_heads < 1 or args.hl_width < 1 or args.rank < 1:
         raise UserError(f"--hl-width {args.hl_width}, --hl-heads {args.hl_heads} and --rank {args.rank} must all be at "
                         f"least 1; e.g. 32, 4 and 4.")
-    if args.resume and args.stage == "both":  # a stage-2 checkpoint holds the experts: continue it, or use it
-        args.stage = "2"
-    if (args.resume or args.eval_only) and args.stage != "2":
-        raise UserError("--resume and --eval-only continue stage 2: pass --stage 2 (the checkpoint holds the experts).")
+    # a stage-1 last.pt continues stage 1 (then stage 2 where the run had both); any other checkpoint holds
+    # the experts and continues (or evaluates, predicts with) stage 2
+    stage1 = (bool(args.resume) and not common.is_adapter_file(args.resume)
+              and common.read_checkpoint_file(args.resume).get("tag", "").startswith("stage1-"))
+    if stage1 and (args.predict or args.export_merged or args.eval_only or args.load_only or args.stage == "2"):
+        raise UserError(f"{args.resume} is a stage-1 checkpoint (experts in training, no segmentation yet); continue "
+                        f"it with --resume alone, or use the best.pt or last.pt of the run's stage 2.")
+    if ((args.resume and not stage1) or args.eval_only) and args.stage == "1":
+        raise UserError("--resume and --eval-only continue stage 2: leave --stage out (the checkpoint holds the experts).")
+    if args.eval_only and not args.resume and args.stage != "2":
+        raise UserError("--eval-only without --resume evaluates stage 2 before training: pass --stage 2 --experts "
+                        "<run>/experts.pt.")
     if args.stage == "2" and not (args.experts or args.resume):
         raise UserError("--stage 2 needs the stage-1 experts: pass --experts <run>/experts.pt, or use --stage both.")
     if args.experts and args.stage != "2":

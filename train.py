@@ -60,11 +60,12 @@ def planned_runs(args):
                 root = ["--data-root", args.data_root] if data != "synthetic" and args.data_root else []
                 cmd = [sys.executable, f"{script}.py", *shlex.split(spec)[1:], "--data", data, *root,
                        "--seed", str(seed), "--out", args.out, "--run-name", name, *extra]
-                last = Path(args.out) / name / "last.pt"
+                folder = Path(args.out) / name  # an interrupted run continues from its last.pt, or its first stage's
+                last = next((p for p in (folder / "last.pt", *sorted(folder.glob("*/last.pt"))) if p.is_file()), None)
                 if args.force:
                     cmd.append("--overwrite")
-                elif last.is_file() and not (last.parent / "metrics.json").is_file():
-                    cmd += ["--resume", str(last)]  # an interrupted run continues where it stopped
+                elif last and not (folder / "metrics.json").is_file():
+                    cmd += ["--resume", str(last)]  # where it stopped
                 yield spec, data, seed, name, cmd
 
 
@@ -127,6 +128,7 @@ def report(args):
         peak = f"{statistics.mean(m['peak_mem_gib'] for m in ms):.1f}" if m0["peak_mem_gib"] else "cpu"
         lines.append(f"| `{spec}` | {data} | {m0['model']} | {stat('dice', '.4f')} | {stat('hd95', '.2f')} | {paper_s} | "
                      f"{m0['trainable_params']:,} ({m0['trainable_percent']:.2f}%) | {peak} | {len(ms)} |")
+    lines += per_class_table(rows)
     commands = sorted({" ".join(shlex.quote(c) for c in cmd[1:]).replace(f"--seed {m['seed']}", "--seed S")
                        .replace(f"_s{m['seed']}", "_sS") for runs in rows.values() for m, cmd, _ in runs})
     gpu = next((m["versions"].get("gpu") for runs in rows.values() for m, *_ in runs if "gpu" in m["versions"]), "CPU")
@@ -139,12 +141,36 @@ def report(args):
     panel(rows, args, f"{args.results}_panel.png")
 
 
+def per_class_table(rows):
+    """Dice per class (metrics.json's dice_per_class: the mean over test cases), mean ± std over seeds, for
+    the rows with more than one class; HD95 of volumes is in mm (hd95_unit), of 2-D images in pixels."""
+    multi = {key: [m for m, *_ in runs] for key, runs in rows.items() if len(runs[0][0].get("dice_per_class") or []) > 1}
+    if not multi:
+        return []
+    n = max(len(ms[0]["dice_per_class"]) for ms in multi.values())
+    lines = ["", "Dice per class (mean over the test cases; mean ± std over seeds):", "",
+             "| method | data | " + " | ".join(f"class {c}" for c in range(1, n + 1)) + " | HD95 |", "|" + "---|" * (n + 3)]
+    for (spec, data), ms in multi.items():
+        def cell(values, fmt):
+            values = [v for v in values if v is not None]
+            if len(values) < 2:
+                return f"{values[0]:{fmt}}" if values else "–"
+            return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
+        dice = [cell([m["dice_per_class"][c] for m in ms if c < len(m["dice_per_class"])], ".3f") for c in range(n)]
+        hd95 = cell([m["hd95"] for m in ms], ".2f") + f" {ms[0].get('hd95_unit', 'px')}"
+        lines.append(f"| `{spec}` | {data} | " + " | ".join(dice) + f" | {hd95} |")
+    return lines
+
+
 def panel(rows, args, path, columns=4):
     """The first DRIVE test image, its ground truth, and each method's prediction from its first seed
     (read from the run's test_masks/), coloured TP white, FP red, FN blue, with that image's Dice."""
     drive = [(spec, runs[0]) for (spec, data), runs in rows.items() if data == "drive"]
+    # the masks are not committed: a method whose first run is not on this disk is left out, and named
+    missing = [spec for spec, (_, _, name) in drive if not (Path(args.out) / name / "test_masks").is_dir()]
+    drive = [(spec, run) for spec, run in drive if spec not in missing]
     folders = [Path(args.out) / name / "test_masks" for _, (_, _, name) in drive]
-    if not drive or not args.data_root or not all(f.is_dir() for f in folders):
+    if not drive or not args.data_root:
         return
     import matplotlib
     matplotlib.use("Agg")
@@ -173,7 +199,8 @@ def panel(rows, args, path, columns=4):
         ax.set_title(f"{spec} (seed {m['seed']}): Dice {image_dice:.3f}", fontsize=9)
     for ax in axes:
         ax.axis("off")
-    fig.suptitle("white: true positive, red: false positive, blue: missed vessel", fontsize=9)
+    fig.suptitle("white: true positive, red: false positive, blue: missed vessel"
+                 + (f"; not shown (test masks not at hand): {', '.join(missing)}" if missing else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -79,7 +79,9 @@ class GraphedStep(common.TrainStep):
         self.inputs = [b.clone() for b in batch]
         self.optimizer.zero_grad(set_to_none=True)  # the gradients then live in the graph's memory
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: a DataLoader's pin-memory thread allocating pinned memory while the step is captured
+        # (streamed data) would otherwise invalidate the capture
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             with common.autocast(self.device):
                 loss = self.loss_fn(self.model, *self.inputs)
             loss.backward()

@@ -1,10 +1,15 @@
 """Bad input ends in one sentence on stderr and exit status 2, never a traceback."""
+import errno
+import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,3 +122,135 @@ def test_samora_hl_heads_zero_is_one_sentence(tmp_path):
     from data import UserError
     with pytest.raises(UserError, match="--hl-heads 0"):
         samora.main(["--model", "tiny", "--device", "cpu", "--hl-heads", "0", "--out", str(tmp_path)])
+
+
+TINY = ["--model", "tiny", "--device", "cpu", "--img-size", "64", "--steps", "2", "--batch-size", "2",
+        "--synthetic-train", "2", "--synthetic-test", "1"]
+
+
+def folder_dataset(root, n=3):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(root / "images" / f"a{i}.png")
+        Image.fromarray(np.zeros((40, 40), np.uint8)).save(root / "masks" / f"a{i}.png")
+
+
+@pytest.mark.parametrize("listed,needle", [("a0\na1\na2\n", "nothing to train on"), ("\n", "nothing to test on")])
+def test_a_test_list_of_every_case_or_of_none(tmp_path, listed, needle):
+    import lora
+    from data import UserError
+    folder_dataset(tmp_path)
+    (tmp_path / "test.txt").write_text(listed)
+    with pytest.raises(UserError, match=needle):
+        lora.main([*TINY, "--data", "folder", "--data-root", str(tmp_path), "--out", str(tmp_path / "runs")])
+
+
+def test_two_files_of_one_name_are_named_and_nothing_comes_before_the_error(tmp_path):
+    folder_dataset(tmp_path)
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "images" / "a1.jpg")
+    # MobileSAM: mobile_sam and timm (whose imports warn) are imported, the model built, before the data is read
+    proc = run_lora("--model", "mobile_sam", "--steps", "1", "--data", "folder", "--data-root", str(tmp_path),
+                    "--out", str(tmp_path / "runs"))
+    images = tmp_path / "images"
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"error: {images / 'a1.jpg'} and {images / 'a1.png'} have the same name; remove one of them (which one to use "
+        f"is not clear)."]
+    assert "Warning" not in proc.stdout
+
+
+def interrupt():
+    os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, delivered to this process now
+
+
+@pytest.mark.parametrize("phase", ["build_model", "load_data", "evaluate", "save_pictures"])
+def test_ctrl_c_outside_the_training_loop_is_one_line_and_status_130(tmp_path, capsys, monkeypatch, phase):
+    """Model building, data loading, the first (untrained) evaluation, the pictures after training."""
+    import cli
+    import lora
+    original = getattr(cli, phase)
+
+    def interrupted(*a, **k):
+        interrupt()
+        return original(*a, **k)
+    monkeypatch.setattr(cli, phase, interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main_guard(lambda: lora.main([*TINY, "--out", str(tmp_path), "--run-name", "r"]))
+    assert stopped.value.code == 130
+    last = tmp_path / "r" / "last.pt"
+    assert capsys.readouterr().err.splitlines() == [
+        f"interrupted; {last} holds the last saved state: continue with --resume {last}." if phase == "save_pictures"
+        else "interrupted; nothing was saved: run the command again."]
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "pictures"])
+def test_a_full_disk_is_one_sentence_and_the_last_checkpoint_stays(tmp_path, monkeypatch, where):
+    import cli
+    import lora
+    from data import UserError
+    run, full = tmp_path / "r", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with monkeypatch.context() as patch:
+        if where == "checkpoint":  # the disk fills up while last.pt of step 4 is written
+            fsync, written = os.fsync, []
+
+            def fsync_or_full(fd):
+                if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith("last.pt."):
+                    written.append(fd)
+                    if len(written) == 2:
+                        raise full
+                return fsync(fd)
+            patch.setattr(os, "fsync", fsync_or_full)
+        else:
+            patch.setattr(cli, "save_pictures", lambda *a, **k: (_ for _ in ()).throw(full))
+        with pytest.raises(UserError) as error:
+            lora.main([*TINY, "--steps", "4", "--eval-every", "2", "--out", str(tmp_path), "--run-name", "r"])
+    last = run / "last.pt"
+    assert str(error.value).startswith("the disk is full (No space left on device" + (
+        f" writing {last})" if where == "checkpoint" else ")"))
+    assert str(error.value).endswith(
+        f"; {last} holds the last saved state: free some space, then continue with --resume {last}.")
+    assert torch.load(last, weights_only=True)["step"] == (2 if where == "checkpoint" else 4)
+    assert not list(run.rglob("*.tmp")) and not (run / "metrics.json").exists()
+    lora.main(["--resume", str(last)])  # with space again, the run finishes
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 4
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_model_is_built(tmp_path, monkeypatch):
+    import cli
+    import common
+    import lora
+    from data import UserError
+    args = lora.parse_args(TINY)
+    common.save_checkpoint(tmp_path / "c.pt", common.load_sam(args, common.setup(args, "lora", 1)), args)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.geteuid() == 0:  # root writes where a mode forbids it; /sys takes no new files
+        locked = Path("/sys")
+    monkeypatch.setattr(cli, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    export = ["--resume", str(tmp_path / "c.pt"), "--export-merged"]
+    for argv, needle in [
+            (["--out", str(afile)], f"--out {afile} cannot be written: {afile} is a file, not a folder"),
+            (["--out", str(afile / "runs")], f"--out {afile / 'runs'} cannot be written: {afile} is a file"),
+            (["--out", str(locked / "runs")], f"--out {locked / 'runs'} cannot be written ("),
+            ([*export, str(tmp_path)], f"--export-merged {tmp_path} is a folder; pass a file name"),
+            ([*export, str(afile / "m.pth")], f"--export-merged {afile / 'm.pth'} cannot be written: {afile} is a file"),
+            ([*export, str(locked / "m.pth")], f"--export-merged {locked / 'm.pth'} cannot be written (")]:
+        with pytest.raises(UserError) as error:
+            lora.main([*TINY, *argv])
+        assert needle in str(error.value)
+
+
+def test_temporary_files_of_a_killed_write_are_removed_by_the_next_run(tmp_path):
+    import lora
+    run = tmp_path / "r"
+    lora.main([*TINY, "--out", str(tmp_path), "--run-name", "r"])
+    kill = ("import os, signal, sys; sys.path.insert(0, sys.argv[1]); from common import atomic_write; "
+            "atomic_write(sys.argv[2], lambda f: (f.write(b'half a checkpoint'), f.flush(), "
+            "os.kill(os.getpid(), signal.SIGKILL)))")
+    assert subprocess.run([sys.executable, "-c", kill, str(ROOT), str(run / "last.pt")]).returncode == -signal.SIGKILL
+    assert len(list(run.glob("last.pt.*.tmp"))) == 1  # kill -9 inside the write: its temporary file stays
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 2  # beside the whole checkpoint
+    lora.main(["--resume", str(run / "last.pt")])
+    assert not list(run.rglob("*.tmp"))

@@ -1,10 +1,13 @@
 """samora.py on the tiny random SAM, on the CPU: no-op start, layouts, trainable sets, stage-1 objectives,
 experts saved and reloaded, and a smoke run of both stages."""
 import copy
+import math
+import re
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import common
 import samora
@@ -238,3 +241,107 @@ def test_smoke_both_stages_then_stage_2_alone(tmp_path):
     assert 0 <= metrics["dice"] <= 1 and metrics["stage1"]["steps_per_expert"] == 3
     with pytest.raises(UserError):
         samora.main(argv + ["--stage", "2"])
+
+
+def cross_attention_by_formula(ca, x, y):
+    """The fusion step written out: x + out(softmax(q k^T / sqrt(d)) v) over the tokens, per head, with
+    q = W_q LN(x) and [k | v] = W_kv LN(y). x, y (B', T, w)."""
+    def norm(t, ln):
+        return F.layer_norm(t, t.shape[-1:], ln.weight, ln.bias, ln.eps)
+
+    def heads(t):
+        return t.unflatten(-1, (ca.heads, -1)).transpose(1, 2)  # (B', heads, T, w / heads)
+    q = heads(F.linear(norm(x, ca.norm_x), ca.q.weight, ca.q.bias))
+    k, v = map(heads, F.linear(norm(y, ca.norm_y), ca.kv.weight, ca.kv.bias).chunk(2, -1))
+    weights = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1)  # (B', heads, T, T)
+    return x + ca.out((weights @ v).transpose(1, 2).flatten(2))
+
+
+def q_k_v(delta, heads, width):
+    """A qkv output's change split into (..., 3, width): q, k, v ([q | k | v], or per head [q_h k_h v_h])."""
+    if heads is None:
+        return delta.unflatten(-1, (3, width))
+    return delta.unflatten(-1, (heads, 3, -1)).transpose(-3, -2).flatten(-2)
+
+
+def fused_layer(heads, seed=0):
+    """A stage-2 SAMoraQKV (d 6, q width 8) with every expert and all of HL-Attn random."""
+    torch.manual_seed(seed)
+    qkv = samora.SAMoraQKV(nn.Linear(6, 24), rank=2, heads=heads, hl_width=8, hl_heads=2)
+    randomise(qkv, "samora_", scale=0.5, seed=seed + 1)
+    qkv.active = "fused"
+    return qkv
+
+
+@pytest.mark.parametrize("heads", [None, 2])
+def test_fused_update_is_patch_attending_to_pixel_then_image_attending_to_that(heads):
+    """Stage 2 against HL-Attn written out, each expert's update taken by its parameter names (not by
+    samora.EXPERTS' order): low = patch + attention(patch -> pixel), high = image + attention(image -> low),
+    update = proj_out(LN(high)) on q and v. Swapping two experts, or dropping one, fails here; and changing
+    any one expert's weights changes the fused update."""
+    qkv = fused_layer(heads)
+    hl = qkv.samora_hl
+    x = torch.randn(3, 2, 5, 6) if heads is None else torch.randn(3, 10, 6)  # ViT (B', h, w, d); TinyViT (B', T, d)
+    with torch.no_grad():
+        got = q_k_v(qkv(x) - F.linear(x, qkv.weight, qkv.bias), heads, 8)
+        u = {}
+        for e in ("image", "patch", "pixel"):
+            A_q, A_v, B_q, B_v = expert(qkv, e)
+            update = torch.cat([x @ A_q.T @ B_q.T, x @ A_v.T @ B_v.T], -1)  # [B_q A_q x | B_v A_v x]
+            u[e] = (update @ hl.proj_in.weight.T).flatten(1, -2)  # P, shared: (B', T, w)
+        low = cross_attention_by_formula(hl.patch_from_pixel, u["patch"], u["pixel"])
+        high = cross_attention_by_formula(hl.image_from_low, u["image"], low)
+        out = hl.proj_out(F.layer_norm(high, high.shape[-1:], hl.norm.weight, hl.norm.bias, hl.norm.eps))
+        dq, dv = out.reshape(*x.shape[:-1], -1).chunk(2, -1)
+        torch.testing.assert_close(got[..., 0, :], dq, atol=1e-5, rtol=1e-5)
+        assert got[..., 1, :].abs().max() == 0  # k untouched
+        torch.testing.assert_close(got[..., 2, :], dv, atol=1e-5, rtol=1e-5)
+        for e in ("image", "patch", "pixel"):
+            B_q = getattr(qkv, f"samora_{e}_B_q").weight
+            saved = B_q.clone()
+            B_q.add_(torch.randn(B_q.shape))
+            moved = (q_k_v(qkv(x) - F.linear(x, qkv.weight, qkv.bias), heads, 8) - got).abs().max()
+            B_q.copy_(saved)
+            assert moved > 1e-3, e
+
+
+def test_fusion_attends_within_each_window_only():
+    """HL-Attn fuses over the tokens one frozen attention sees: a token's fused update depends on the other
+    tokens of its window, never on another window or another image of the batch (the first dimension)."""
+    qkv = fused_layer(None)
+    x = torch.randn(4, 3, 3, 6)  # 4 windows of 3 x 3 tokens
+    with torch.no_grad():
+        ref = qkv(x)
+        other = x.clone()
+        other[1] += torch.randn(3, 3, 6)  # another window changes
+        changed = qkv(other)
+        torch.testing.assert_close(changed[[0, 2, 3]], ref[[0, 2, 3]], atol=1e-6, rtol=0)
+        same = x.clone()
+        same[0, 2, 2] += torch.randn(6)  # another token of window 0 changes
+        assert (qkv(same)[0, 0, 0] - ref[0, 0, 0]).abs().max() > 1e-4
+
+
+def test_hl_attn_sizes_in_the_docstring():
+    """The module docstring's sizes: this file's HL-Attn at --hl-width 32 on ViT-B and MobileSAM (counted
+    after inject), and the released HL-Attn at width 768 on ViT-B's 12 blocks (rebuilt from its description:
+    two cross-attention fusions, each LayerNorms on q, k and v, nn.MultiheadAttention(768, 8) and an extra
+    output Linear; a final LayerNorm; two scalar gates)."""
+    stated = re.search(r"ViT-B:\s+([\d.]+)\s+M\s+HL-Attn\s+parameters;\s+MobileSAM:\s+([\d.]+)\s+M", samora.__doc__)
+    counts = []
+    for name, size in (("vit_b", 1024), ("mobile_sam", 1024)):
+        with torch.device("meta" if name == "vit_b" else "cpu"):  # TinyViT's constructor reads values
+            model = common.PromptFreeSam(*common.build_sam_parts(name, size, 1), name, size, 1)
+        samora.inject(model, 4, 32, 4)
+        hl = sum(p.numel() for n, p in model.named_parameters() if ".samora_hl." in n)
+        assert hl == samora.hl_parameter_count(model, 32)
+        counts.append(round(hl / 1e6, 2))
+    assert counts == [float(stated[1]), float(stated[2])]
+
+    def fusion(dim=768):
+        return nn.ModuleList([nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim),
+                              nn.MultiheadAttention(dim, 8, batch_first=True), nn.Linear(dim, dim)])
+    with torch.device("meta"):
+        released = nn.ModuleList([fusion(), fusion(), nn.LayerNorm(768)])
+    per_block = sum(p.numel() for p in released.parameters()) + 2  # + the gates
+    stated = re.search(r"width\s+768\s+\(about\s+(\d+)\s+M\s+parameters\s+for\s+ViT-B\)", samora.__doc__)
+    assert round(12 * per_block / 1e6) == int(stated[1])

@@ -1,6 +1,7 @@
 """Using a trained adapter: resume after an interruption, predict on a folder, export merged weights."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -225,3 +226,134 @@ def test_predict_and_export_never_overwrite_what_they_read(tmp_path):
     last = tmp_path / "r" / "last.pt"
     with pytest.raises(common.UserError, match="is the checkpoint being read"):
         lora.main(["--device", "cpu", "--resume", str(last), "--export-merged", str(last)])
+
+
+def printed_resume(capsys):
+    """The `--resume PATH` that an interrupted run printed (train_loop on stdout, main_guard on stderr)."""
+    out = capsys.readouterr()
+    return ["--resume", re.findall(r"continue with --resume (.+?\.pt)", out.out + out.err)[-1]]
+
+
+TIMES = ("train_seconds", "imgs_per_s", "seconds")  # wall times: a resumed run's add up over its segments
+
+
+def assert_same_but_times(straight, resumed, where="metrics"):
+    """metrics.json of two runs, key by key: equal but for wall times (and NaN equals NaN)."""
+    if isinstance(straight, dict):
+        assert set(straight) == set(resumed), where
+        for k in straight:
+            if k not in TIMES:
+                assert_same_but_times(straight[k], resumed[k], f"{where}.{k}")
+    elif isinstance(straight, list):
+        assert len(straight) == len(resumed), where
+        for i, (a, b) in enumerate(zip(straight, resumed)):
+            assert_same_but_times(a, b, f"{where}[{i}]")
+    else:
+        assert straight == resumed or straight != straight and resumed != resumed, (where, straight, resumed)
+
+
+def assert_resumed_like_straight(straight_dir, resumed_dir, saved_seconds):
+    a, b = (torch.load(d / "last.pt", weights_only=True) for d in (straight_dir, resumed_dir))
+    assert a["state"].keys() == b["state"].keys()
+    for k, v in a["state"].items():
+        assert torch.equal(v, b["state"][k]), k
+    m, n = (json.loads((d / "metrics.json").read_text()) for d in (straight_dir, resumed_dir))
+    for key in ("resume", "out", "run_name"):
+        m["args"].pop(key), n["args"].pop(key)
+    assert_same_but_times(m, n)
+    assert n["train_seconds"] > saved_seconds > 0  # the interrupted segment's time is counted
+    assert (straight_dir / "log.csv").read_text() == (resumed_dir / "log.csv").read_text()
+
+
+# 40 steps: a progress line (and a loss point) every 2 steps, so a run can stop inside a logging interval
+LONG = ["--model", "tiny", "--device", "cpu", "--img-size", "32", "--steps", "40", "--batch-size", "1",
+        "--log-every", "2", "--eval-every", "20", "--synthetic-train", "2", "--synthetic-test", "1"]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is faster than two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def straight_long(tmp_path_factory):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("straight")
+    lora.main([*LONG, "--out", str(out), "--run-name", "straight"])
+    torch.set_num_threads(n)
+    return out / "straight"
+
+
+@pytest.mark.parametrize("where", ["optimiser", "pictures"])
+def test_a_resumed_run_writes_the_metrics_of_the_uninterrupted_one(tmp_path, capsys, straight_long, where,
+                                                                   one_thread):
+    """Ctrl-C inside step 3 (the logging interval 3-4 then resumes with step 3's loss in its mean), or while the
+    pictures are written (the final evaluation is done again); `--resume` as printed is the whole command."""
+    calls = []
+
+    def then_interrupt(original):
+        def wrapped(*a, **k):
+            calls.append(1)
+            if len(calls) == 3 or where == "pictures":
+                interrupt()
+            return original(*a, **k)
+        return wrapped
+    with pytest.MonkeyPatch.context() as patch:
+        if where == "optimiser":
+            patch.setattr(torch.optim.AdamW, "step", then_interrupt(torch.optim.AdamW.step))
+        else:
+            patch.setattr(cli, "save_pictures", then_interrupt(cli.save_pictures))
+        with pytest.raises(SystemExit) as stopped:
+            cli.main_guard(lambda: lora.main([*LONG, "--out", str(tmp_path), "--run-name", "cut"]))
+    assert stopped.value.code == 130
+    saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert saved["step"] == (3 if where == "optimiser" else 40)
+    if where == "optimiser":
+        assert saved["running"] > 0  # step 3's loss, for the mean of steps 3 and 4
+    command = printed_resume(capsys)
+    assert command == ["--resume", str(tmp_path / "cut" / "last.pt")]
+    lora.main(command)
+    assert_resumed_like_straight(straight_long, tmp_path / "cut", saved["history"]["seconds"])
+
+
+SAMORA = ["--model", "tiny", "--device", "cpu", "--img-size", "64", "--steps", "2", "--stage1-steps", "3",
+          "--batch-size", "2", "--synthetic-train", "3", "--synthetic-test", "1"]
+
+
+def test_samora_stage_one_resumes_with_the_command_it_prints_and_its_checkpoints_predict(tmp_path, capsys, one_thread):
+    import samora
+    samora.main([*SAMORA, "--out", str(tmp_path), "--run-name", "straight"])
+    calls, patch_loss = [], samora.LOSSES["patch"]
+
+    def interrupted(*a):  # Ctrl-C in the second step of the second expert
+        calls.append(1)
+        if len(calls) == 2:
+            interrupt()
+        return patch_loss(*a)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(samora.LOSSES, "patch", interrupted)
+        with pytest.raises(SystemExit) as stopped:
+            samora.main([*SAMORA, "--out", str(tmp_path), "--run-name", "cut"])
+    assert stopped.value.code == 130
+    stage1 = tmp_path / "cut" / "stage1" / "last.pt"
+    saved = torch.load(stage1, weights_only=True)
+    assert saved["tag"] == "stage1-patch " and saved["step"] == 2 and list(saved["keep"]["experts"]) == ["image"]
+    command = printed_resume(capsys)
+    assert command == ["--resume", str(stage1)]
+    samora.main(command)
+    assert_resumed_like_straight(tmp_path / "straight", tmp_path / "cut", saved["history"]["seconds"])
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(scans / "a.png")
+    for i, checkpoint in enumerate(("best.pt", "last.pt", "adapter.json")):  # no --stage needed
+        samora.main(["--device", "cpu", "--resume", str(tmp_path / "cut" / checkpoint), "--predict", str(scans),
+                     "--predict-out", str(tmp_path / f"masks{i}")])
+        assert (tmp_path / f"masks{i}" / "a.png").is_file()
+    with pytest.raises(common.UserError, match="is a stage-1 checkpoint .* continue it with --resume alone"):
+        samora.main(["--device", "cpu", "--resume", str(stage1), "--predict", str(scans)])
