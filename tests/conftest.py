@@ -2,6 +2,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -14,3 +15,12 @@ def drive_root():
     if not (DRIVE / "training" / "images").is_dir():
         pytest.skip(f"DRIVE is not at {DRIVE} (CI has it; locally put the official layout there)")
     return DRIVE
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors run faster on one thread, and two OpenMP threads on two busy cores stall for seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -257,14 +257,6 @@ def test_smoke_run_writes_metrics(tmp_path):
     assert any(k.endswith("lora_B_q.weight") and v.abs().max() > 0 for k, v in state.items())  # B trained
 
 
-@pytest.fixture
-def one_thread():
-    """Small tensors run faster on one thread, and far faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def aam_path_from_the_rates(aam, i, z, rates):
     """Path i's AAM written out with the dilation rates given here (not read from the module): the 1x1

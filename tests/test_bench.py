@@ -5,21 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench  # noqa: E402
 
 CONFIGS = ["stock", "fast", "fast_ckpt", "fast_compile"]  # on the CPU all fp32
 
-
-@pytest.fixture
-def one_thread():
-    """Two busy cores shared by two OpenMP threads stall for seconds; one thread keeps this test short."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_bench_smoke_on_tiny(tmp_path, one_thread):

@@ -219,14 +219,6 @@ def test_drive_auto_zoom(drive_root):
     assert train.images.shape[-1] == 1024 and train.input_size == 256
 
 
-@pytest.fixture
-def one_thread():
-    """Small tensors run faster on one thread, and far faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize("name,size", [("tiny", 128), ("mobile_sam", 256)])
 def test_encoder_equals_stock_with_b_a_added_to_the_q_and_v_rows(name, size, one_thread):

@@ -270,14 +270,6 @@ LONG = ["--model", "tiny", "--device", "cpu", "--img-size", "32", "--steps", "40
         "--log-every", "2", "--eval-every", "20", "--synthetic-train", "2", "--synthetic-test", "1"]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: one thread is faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def straight_long(tmp_path_factory):
