@@ -359,11 +359,9 @@ def predict_folder(model, args):
     paths = sorted(p for p in src.iterdir() if p.name.lower().endswith(suffixes)) if src.is_dir() else []
     if not paths:
         raise UserError(f"--predict {src} is not a folder of images or volumes ({', '.join(suffixes)}); pass one.")
-    out = predict_out(args)
+    out = predict_out(args)  # a file there was refused before the model was built (check_outputs)
     if out.resolve() == src.resolve():
         raise UserError(f"--predict-out {out} is the folder of the scans; the masks would replace them: pass another.")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--predict-out {out} is a file; pass a folder.")
     is_volume = {p: p.name.lower().endswith(VOLUME_SUFFIXES) for p in paths}
     ends = {p: (".nii.gz",) if is_volume[p] else (".png", "_overlay.jpg") for p in paths}
     taken = [out / f"{file_name(p)}{end}" for p in paths for end in ends[p] if (out / f"{file_name(p)}{end}").exists()]
@@ -400,7 +398,7 @@ def export_merged(model, args, merge_fn):
     path = Path(args.export_merged)
     if args.resume and path.resolve() == Path(args.resume).resolve():
         raise UserError(f"--export-merged {path} is the checkpoint being read; pass another file name.")
-    if path.is_dir() or (path.exists() and not args.overwrite):
+    if path.exists() and not args.overwrite:  # a folder there was refused before the model was built
         raise UserError(f"--export-merged {path} exists; pass another file name, or --overwrite to replace it.")
     if merge_fn is None:
         raise UserError(f"{args.method}'s adapter does not fold into SAM's weights (it adds modules that run at "

@@ -30,6 +30,7 @@ import itertools
 import math
 import os
 import signal
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -108,33 +109,35 @@ def _check_depth(im, path):
         raise UserError(f"{path} holds {im.n_frames} pages or frames; save each as its own file (volumes: .nii.gz).")
 
 
-def image_header(path):
-    """((H, W), channels: 1 grey or 3 colour) of an image file, read from its header only."""
+@contextmanager
+def _open_image(path):
+    """The image file, opened by PIL and checked (`_check_depth`); one clear error for a file PIL cannot
+    decode, raised where it fails (opening, or reading in the `with` body)."""
     try:
         with Image.open(path) as im:
             _check_depth(im, path)
-            return (im.height, im.width), 1 if im.mode in GREY_MODES else 3
+            yield im
     except UserError:
         raise
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError ...)
         raise UserError(f"cannot read image {path} ({e.__class__.__name__}: {e}); replace or remove the file.")
+
+
+def image_header(path):
+    """((H, W), channels: 1 grey or 3 colour) of an image file, read from its header only."""
+    with _open_image(path) as im:
+        return (im.height, im.width), 1 if im.mode in GREY_MODES else 3
 
 
 def read_image(path):
     """An image at full depth: (H, W) grey or (H, W, 3) RGB, as uint8, uint16, int32 or float32 as stored.
     One clear error for files PIL cannot decode, or can decode only in part (`_check_depth`)."""
-    try:
-        with Image.open(path) as im:
-            _check_depth(im, path)
-            if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-                arr = np.asarray(im)
-                arr = arr.astype(arr.dtype.newbyteorder("="))  # I;16B is big-endian
-            else:
-                arr = np.asarray(im.convert("L" if im.mode in GREY_MODES else "RGB"))
-    except UserError:
-        raise
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError ...)
-        raise UserError(f"cannot read image {path} ({e.__class__.__name__}: {e}); replace or remove the file.")
+    with _open_image(path) as im:
+        if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+            arr = np.asarray(im)
+            arr = arr.astype(arr.dtype.newbyteorder("="))  # I;16B is big-endian
+        else:
+            arr = np.asarray(im.convert("L" if im.mode in GREY_MODES else "RGB"))
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise UserError(f"image {path} holds NaN or infinite values; replace them (e.g. by the background value).")
     return arr
