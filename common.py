@@ -771,16 +771,18 @@ ADAPTER_FORMAT = "peft-sam-adapter-1"
 
 
 @torch.no_grad()
-def predict_masks(model, images, batch_size=4):
+def predict_masks(model, images, batch_size=4, value_range=None):
     """The Python API's prediction: for images given as file paths or arrays ((H, W, 3) RGB or (H, W) grey,
     8-bit, or 16-bit, signed or float with the intensity rule of training: data.intensity_range with the
-    model's --window), one (H, W) uint8 array of class ids each, at the image's own size."""
+    model's --window, or one `value_range` for all, as a volume's slices share), one (H, W) uint8 array of
+    class ids each, at the image's own size."""
     from data import image_tensor, intensity_range, read_image
     device = model.pixel_mean.device
     masks = []
     for image in images:
         image = read_image(image) if isinstance(image, (str, Path)) else np.asarray(image)
-        x = image_tensor(image, model.zoom * model.img_size, device, intensity_range(image, getattr(model, "window", None)))
+        x = image_tensor(image, model.zoom * model.img_size, device,
+                         value_range or intensity_range(image, getattr(model, "window", None)))
         logits = predict(model, x.expand(-1, 3, -1, -1), batch_size)
         mask = F.interpolate(logits, image.shape[:2], mode="bilinear").argmax(1)[0]
         masks.append(mask.to(torch.uint8).cpu().numpy())

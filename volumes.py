@@ -103,18 +103,10 @@ def save_masks(folder, split, preds):
 def predict_file(model, path, out, batch_size):
     """--predict for a volume: every slice predicted as in testing (the volume's intensity mapping, the
     model's zoom), the masks stacked into one volume of class ids with the reoriented volume's affine."""
-    import torch
-    import torch.nn.functional as F
-    from common import predict
-    from data import image_tensor
+    from common import predict_masks
     nib = nibabel()
     volume = read_volume(path)
     data = volume_data(volume, path)
-    value_range = intensity_range(data, model.window)
-    device, side = model.pixel_mean.device, model.zoom * model.img_size
-    masks = []
-    for k in range(data.shape[2]):
-        x = image_tensor(np.ascontiguousarray(data[:, :, k]), side, device, value_range).expand(-1, 3, -1, -1)
-        logits = predict(model, x, batch_size)  # (1, C+1, side/4, side/4)
-        masks.append(F.interpolate(logits, data.shape[:2], mode="bilinear").argmax(1)[0].to(torch.uint8).cpu().numpy())
+    slices = [data[:, :, k] for k in range(data.shape[2])]  # (H, W) each
+    masks = predict_masks(model, slices, batch_size, value_range=intensity_range(data, model.window))
     nib.save(nib.Nifti1Image(np.stack(masks, -1), volume.affine), out)
