@@ -49,6 +49,7 @@ def slug(spec):
 
 
 def planned_runs(args):
+    from cli import last_checkpoint
     extra = [a for a in args.extra if a != "--"]
     for spec in args.methods:
         script = shlex.split(spec)[0]
@@ -61,7 +62,7 @@ def planned_runs(args):
                 cmd = [sys.executable, f"{script}.py", *shlex.split(spec)[1:], "--data", data, *root,
                        "--seed", str(seed), "--out", args.out, "--run-name", name, *extra]
                 folder = Path(args.out) / name  # an interrupted run continues from its last.pt, or its first stage's
-                last = next((p for p in (folder / "last.pt", *sorted(folder.glob("*/last.pt"))) if p.is_file()), None)
+                last = last_checkpoint(folder)
                 if args.force:
                     cmd.append("--overwrite")
                 elif last and not (folder / "metrics.json").is_file():
