@@ -212,7 +212,8 @@ def run(model, train_set, test_set, args, device, loss_fn=default_loss, pretrain
         def eval_fn():
             last["result"] = evaluate(model, test_set, args.batch_size)
             return last["result"][0]
-        batches = labelled_batches(labelled, args.batch_size, args.generator, start=resume["step"] if resume else 0)
+        batches = labelled_batches(labelled, args.batch_size, args.generator, start=resume["step"] if resume else 0,
+                                   flip=args.flip == "on")
         history = train_loop(model, batches, loss_fn, args, device, run_dir, args.steps, evaluate_fn=eval_fn,
                              resume=resume, keep=keep)
     else:
@@ -248,12 +249,14 @@ def run(model, train_set, test_set, args, device, loss_fn=default_loss, pretrain
     return metrics
 
 
-def main(args, method, inject, loss_fn=default_loss, merge=None, pretrain=None, describe=None, gpu_steps=1000):
+def main(args, method, inject=None, loss_fn=default_loss, merge=None, pretrain=None, describe=None, gpu_steps=1000,
+         build=None):
     """The whole command line of a method: build the model with `inject`, then --predict / --export-merged
     (with --resume), --eval-only, or training and evaluation. `merge(model)`: SAM's state dict with the adapter
     folded in (None: the adapter does not fold). `pretrain(model, train_set, run_dir)`: a stage before the
     labelled one, returning entries for metrics.json (None ends the run there). `describe(model)`: more
-    entries for metrics.json."""
+    entries for metrics.json. `build(args, device)`: the whole model instead, for a baseline that is not SAM
+    with an adapter (the same attributes as common.PromptFreeSam: img_size, num_classes, pixel_mean, base_keys)."""
     if (args.predict or args.export_merged or args.load_only) and not args.resume:
         raise UserError("--predict and --export-merged need --resume CHECKPOINT (an adapter.json, best.pt or last.pt "
                         "of this method).")
@@ -262,7 +265,7 @@ def main(args, method, inject, loss_fn=default_loss, merge=None, pretrain=None, 
     device = setup(args, method, gpu_steps)
     check_outputs(args)
     try:
-        model = build_model(args, device, inject)
+        model = build(args, device) if build else build_model(args, device, inject)
         if args.predict or args.export_merged or args.load_only:
             load_checkpoint(args.resume, model, args)
             model.zoom = args.zoom = args.zoom or 1

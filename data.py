@@ -508,11 +508,13 @@ def choose_zoom(sizes, img_size):
     """SAM predicts masks at a quarter of its input size (256x256 at 1024). A whole 584x565 DRIVE image
     squeezed into one input comes back at 256x256, where a one-pixel vessel is half a pixel wide. With
     zoom Z the model sees crops of 1/Z of the image side (training) and overlapping tiles (evaluation),
-    so masks come back at Z*S/4 over the whole image. Auto: the smallest Z whose output has at least
-    0.8x the largest side of the data (DRIVE at 1024: Z = 2; 256-pixel synthetic images: Z = 1), at most 4
-    (plan lowers it where the data would take more than --data-gib)."""
+    so masks come back at Z*S/4 over the whole image. But a crop also hides what lies outside it: in a
+    quarter of a chest X-ray the left lung looks like the right one. Auto: the smallest Z whose output has
+    at least half the largest side of the data, at most 4 (DRIVE's 584 px at 1024: Z = 2; 512-px X-ray
+    and CT slices and 256-px synthetic images: Z = 1, whole images). plan lowers it where the data would
+    take more than --data-gib."""
     largest = max(max(h, w) for h, w in sizes)
-    return next((z for z in (1, 2, 3, 4) if z * img_size / 4 >= 0.8 * largest), 4)
+    return next((z for z in (1, 2, 3, 4) if z * img_size / 4 >= 0.5 * largest), 4)
 
 
 # ----------------------------------------------------------------------------------------------------

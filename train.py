@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("lora", "atrous_lora", "salt", "balr_sam", "samora")
+METHODS = ("lora", "atrous_lora", "salt", "balr_sam", "samora", "unet")
 # Numbers the papers report on DRIVE (SALT, arXiv 2503.16055, Table 1: 14/6 split, SAM ViT-B, 512 input).
 PAPER_DRIVE = {"lora": (0.62, None), "salt --rank 4": (0.72, 16.04), "salt --rank 256": (0.75, 13.20)}
 

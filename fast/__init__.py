@@ -21,7 +21,8 @@ from fast.step import (CHECKPOINT_POLICY, GraphedStep, compile_ahead, configure_
 def apply(model, args, device):
     """Make a built model (base weights loaded, adapter injected, on `device`) fast, in place."""
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # shapes are fixed within a run: time cuDNN's algorithms once
+        # shapes are fixed within a run: time cuDNN's algorithms once (not where runs must repeat bit for bit)
+        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
         if torch.cuda.get_device_capability(device) < TRITON_CAPABILITY:
             major, minor = torch.cuda.get_device_capability(device)
             print(f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}, older than the "

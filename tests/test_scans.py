@@ -252,3 +252,47 @@ def test_a_streamed_run_trains(tmp_path):
     metrics = lora.main(["--model", "tiny", "--device", "cpu", "--steps", "3", "--batch-size", "2", "--data-gib", "0",
                          "--out", str(tmp_path), "--run-name", "s"])
     assert metrics["steps"] == 3 and metrics["args"]["data_gib"] == 0
+
+
+def test_whole_images_where_a_crop_would_hide_their_context():
+    assert data.choose_zoom([(584, 565)], 1024) == 2  # DRIVE: crops of half the side, output at 512
+    assert data.choose_zoom([(512, 512)], 1024) == 1  # a chest X-ray: a quarter of it looks like the other lung
+    assert data.choose_zoom([(256, 256)], 1024) == 1
+    assert data.choose_zoom([(4000, 3000)], 1024) == 4  # at most 4
+
+
+@pytest.mark.parametrize("num_classes, expected", [(1, "on"), (5, "off")])
+def test_flips_are_off_by_default_where_left_and_right_are_classes(num_classes, expected):
+    for extra, wanted in (([], expected), (["--flip", "on"], "on")):
+        args = lora.parse_args(["--device", "cpu", "--model", "tiny", "--num-classes", str(num_classes), *extra])
+        common.setup(args, "lora", 1000)
+        assert args.flip == wanted
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_augment_mirrors_only_when_flips_are_on(flip):
+    # class 1 on the left half, class 2 on the right: a mirrored sample puts class 1 to the right of class 2
+    masks = torch.ones(64, 32, 32, dtype=torch.uint8)
+    masks[:, :, 16:] = 2
+    images = torch.rand(64, 3, 32, 32)
+    _, out = common.augment(images, masks, torch.Generator().manual_seed(0), flip=flip)
+    x = torch.arange(32.0)
+    left = ((out == 1) * x).sum((1, 2)) / (out == 1).sum((1, 2))
+    right = ((out == 2) * x).sum((1, 2)) / (out == 2).sum((1, 2))
+    mirrored = (left > right).sum().item()
+    assert (mirrored > 16) if flip else (mirrored == 0)
+
+
+def test_deterministic_turns_on_torch_deterministic_algorithms(one_thread):
+    args = lora.parse_args(["--device", "cpu", "--model", "tiny", "--deterministic"])
+    try:
+        common.setup(args, "lora", 1000)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_cross_entropy_term_is_torchs():
+    logits, masks = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 16, 16))
+    full = F.interpolate(logits, (16, 16), mode="bilinear", align_corners=False)
+    assert torch.allclose(common.segmentation_loss(logits, masks, dice_weight=0), F.cross_entropy(full, masks))
