@@ -38,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true", help="run again even where metrics.json exists")
     p.add_argument("--report-only", action="store_true", help="only rebuild results.md/png from the run folders")
     p.add_argument("--results", default="results", help="stem of the table and plot files")
+    p.add_argument("--class-names", nargs="+", default=None, metavar="NAME",
+                   help="names of classes 1..C for the per-class table (default: class 1, class 2, ...)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: arguments passed to every run")
     return p.parse_args(argv)
 
@@ -129,7 +131,7 @@ def report(args):
         peak = f"{statistics.mean(m['peak_mem_gib'] for m in ms):.1f}" if m0["peak_mem_gib"] else "cpu"
         lines.append(f"| `{spec}` | {data} | {m0['model']} | {stat('dice', '.4f')} | {stat('hd95', '.2f')} | {paper_s} | "
                      f"{m0['trainable_params']:,} ({m0['trainable_percent']:.2f}%) | {peak} | {len(ms)} |")
-    lines += per_class_table(rows)
+    lines += per_class_table(rows, args.class_names)
     commands = sorted({" ".join(shlex.quote(c) for c in cmd[1:]).replace(f"--seed {m['seed']}", "--seed S")
                        .replace(f"_s{m['seed']}", "_sS") for runs in rows.values() for m, cmd, _ in runs})
     gpu = next((m["versions"].get("gpu") for runs in rows.values() for m, *_ in runs if "gpu" in m["versions"]), "CPU")
@@ -142,15 +144,16 @@ def report(args):
     panel(rows, args, f"{args.results}_panel.png")
 
 
-def per_class_table(rows):
+def per_class_table(rows, names=None):
     """Dice per class (metrics.json's dice_per_class: the mean over test cases), mean ± std over seeds, for
     the rows with more than one class; HD95 of volumes is in mm (hd95_unit), of 2-D images in pixels."""
     multi = {key: [m for m, *_ in runs] for key, runs in rows.items() if len(runs[0][0].get("dice_per_class") or []) > 1}
     if not multi:
         return []
     n = max(len(ms[0]["dice_per_class"]) for ms in multi.values())
+    names = [names[c] if names and c < len(names) else f"class {c + 1}" for c in range(n)]
     lines = ["", "Dice per class (mean over the test cases; mean ± std over seeds):", "",
-             "| method | data | " + " | ".join(f"class {c}" for c in range(1, n + 1)) + " | HD95 |", "|" + "---|" * (n + 3)]
+             "| method | data | " + " | ".join(names) + " | HD95 |", "|" + "---|" * (n + 3)]
     for (spec, data), ms in multi.items():
         def cell(values, fmt):
             values = [v for v in values if v is not None]

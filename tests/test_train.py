@@ -101,3 +101,17 @@ def test_results_table_is_what_its_committed_runs_give(tmp_path):
                           text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tables / "drive.md").read_text() == (ROOT / "results" / "drive.md").read_text()
+
+
+def test_per_class_table_names_its_columns():
+    """--class-names heads the per-class columns; classes past the names, and rows with one class, as before."""
+    def run(seed, dice):
+        return ({"dice_per_class": dice, "hd95_per_class": [1.0] * len(dice), "hd95": 2.0, "hd95_unit": "px",
+                 "seed": seed}, [], None)
+    rows = {("unet", "folder"): [run(0, [0.9, 0.8, 0.7]), run(1, [0.7, 0.8, 0.9])],
+            ("lora", "drive"): [run(0, [0.8])]}
+    named = "\n".join(train.per_class_table(rows, ["lung", "heart"]))
+    assert "| method | data | lung | heart | class 3 | HD95 |" in named
+    row = next(line for line in named.splitlines() if line.startswith("| `unet`"))
+    assert "| 0.800 ± 0.141 | 0.800 ± 0.000 |" in row and "`lora`" not in named  # class 1: mean ± std over the two seeds
+    assert "| class 1 | class 2 | class 3 |" in "\n".join(train.per_class_table(rows))
