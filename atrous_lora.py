@@ -67,13 +67,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cli
-import common
 from data import UserError
 
 
 def parse_args(argv=None):
-    p = common.base_parser("AtrousLoRA (VesselSAM): LoRA with an atrous attention module in its bottleneck, "
-                           "on SAM's image encoder, prompt-free.")
+    p = cli.base_parser("AtrousLoRA (VesselSAM): LoRA with an atrous attention module in its bottleneck, "
+                        "on SAM's image encoder, prompt-free.")
     p.add_argument("--rank", type=int, default=4, help="rank r of the q and v low-rank paths (as SAMed: 4)")
     p.add_argument("--rates", default="1,2,3",
                    help="dilation rates of the 3x3 atrous branches, comma-separated; each must be smaller than "

@@ -100,8 +100,8 @@ from data import UserError
 
 
 def parse_args(argv=None):
-    p = common.base_parser("BALR-SAM: detail CNN (CDEN) + LoRA in the ViT blocks + low-rank decoder attention, "
-                           "prompt-free.")
+    p = cli.base_parser("BALR-SAM: detail CNN (CDEN) + LoRA in the ViT blocks + low-rank decoder attention, "
+                        "prompt-free.")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank of the encoder's q/v and MLP updates")
     p.add_argument("--decoder-rank", type=int, default=32,
                    help="r: the decoder's token -> image attentions read the image tokens averaged over an r x r "
@@ -473,7 +473,7 @@ def measure_main(args):
     if args.decoder_rank <= 0:
         raise UserError(f"--measure-decoder compares the stock decoder with the low-rank one: --decoder-rank "
                         f"{args.decoder_rank} must be at least 1, e.g. 32.")
-    device = common.setup(args, "balr_sam", gpu_steps=1000)
+    device = cli.setup(args, "balr_sam", gpu_steps=1000)
     try:
         check_decoder_rank(args.decoder_rank, (args.img_size // 16,) * 2)
     except ValueError as e:

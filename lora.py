@@ -44,11 +44,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cli
-import common
 
 
 def parse_args(argv=None):
-    p = common.base_parser("LoRA (SAMed) on SAM's image encoder, prompt-free.")
+    p = cli.base_parser("LoRA (SAMed) on SAM's image encoder, prompt-free.")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank r of the q and v updates (SAMed: 4)")
     return p.parse_args(argv)
 

@@ -94,8 +94,8 @@ import common
 
 
 def parse_args(argv=None):
-    p = common.base_parser("SALT (singular-value scale and shift + low-rank residual update) on SAM's image "
-                           "encoder, prompt-free; --s-sam gives the S-SAM baseline.")
+    p = cli.base_parser("SALT (singular-value scale and shift + low-rank residual update) on SAM's image "
+                        "encoder, prompt-free; --s-sam gives the S-SAM baseline.")
     g = p.add_argument_group("SALT")
     g.add_argument("--rank", type=int, default=4,
                    help="size of the low-rank update X Y of the residual singular block (paper: 4 and 256); "

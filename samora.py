@@ -114,7 +114,7 @@ PATCH = 16  # SAM's patch size: one embedding cell per 16x16 input patch
 
 
 def parse_args(argv=None):
-    p = common.base_parser("SAMora: self-supervised image/patch/pixel LoRA experts, fused by HL-Attn.")
+    p = cli.base_parser("SAMora: self-supervised image/patch/pixel LoRA experts, fused by HL-Attn.")
     g = p.add_argument_group("SAMora")
     g.add_argument("--stage", default="both", choices=["1", "2", "both"],
                    help="1: pre-train the three experts (writes <run>/experts.pt); 2: fuse and fine-tune "

@@ -31,12 +31,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cli
-import common
 from data import UserError
 
 
 def parse_args(argv=None):
-    p = common.base_parser("A plain 2-D U-Net from scratch: the baseline for the PEFT methods.")
+    p = cli.base_parser("A plain 2-D U-Net from scratch: the baseline for the PEFT methods.")
     p.add_argument("--width", type=int, default=32, help="channels of the first level (doubled at each of 4 levels)")
     # The U-Net's output has its input's resolution (SAM's a quarter of it): 512 covers DRIVE's 584 x 565 as
     # finely as SAM at 1024 with zoom 2 does, and JSRT's 512 x 512 whole. No pretrained weights, no SAM.

@@ -13,7 +13,7 @@ them: it is an optional dependency (pip install nibabel).
 * Slices without foreground: training keeps every slice with a labelled voxel and a seeded fraction
   (--empty-slices, 0.25) of the others, so that the model also learns to find nothing; testing uses every
   slice. Each slice keeps its case (Split.cases) and is named CASE:SSS.
-* Scores: the test slices of a case are stacked back into its volume and scored in 3-D (common.score),
+* Scores: the test slices of a case are stacked back into its volume and scored in 3-D (metrics.score),
   with the voxel spacing of the header (mm); predicted masks are written as CASE.nii.gz.
 """
 import numpy as np
@@ -103,7 +103,7 @@ def save_masks(folder, split, preds):
 def predict_file(model, path, out, batch_size):
     """--predict for a volume: every slice predicted as in testing (the volume's intensity mapping, the
     model's zoom), the masks stacked into one volume of class ids with the reoriented volume's affine."""
-    from common import predict_masks
+    from cli import predict_masks
     nib = nibabel()
     volume = read_volume(path)
     data = volume_data(volume, path)

@@ -313,7 +313,7 @@ def main(argv=None):
     out = Path(args.out)
     if args.merge:
         return merge(args.merge, out)
-    device = common.pick_device(args)
+    device = cli.pick_device(args)
     start = time.perf_counter()
     peak = matmul_peak(device, args.peak_size or (8192 if device.type == "cuda" else 512))
     print(f"matmul peak: {peak['flops_per_s'] / 1e12:.3g} TFLOP/s ({peak['dtype']}, {peak['size']}^3)")
@@ -335,7 +335,7 @@ def main(argv=None):
             mod = importlib.import_module(method)
             margs = mod.parse_args(["--model", model_name, "--checkpoint", args.checkpoint, "--device",
                                     device.type] + (["--img-size", str(args.img_size)] if args.img_size else []))
-            common.setup(margs, method, gpu_steps=1)
+            cli.setup(margs, method, gpu_steps=1)
             flops = {}
             if not args.no_flops:  # the model's FLOPs: stock, fp32, eager (the basis of MFU)
                 model = build(method, mod, margs, parse_config("stock"), device, quiet=False)

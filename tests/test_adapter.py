@@ -43,9 +43,9 @@ def test_a_run_writes_its_adapter_and_the_adapter_alone_configures_predict_and_e
     model = cli.load_adapter(run / "adapter.safetensors", device="cpu")
     trained = cli.load_adapter(run / "last.pt", device="cpu")  # the resumable checkpoint, the same weights
     image = (np.random.default_rng(0).random((50, 70, 3)) * 255).astype(np.uint8)
-    mask, = common.predict_masks(model, [image])
+    mask, = cli.predict_masks(model, [image])
     assert mask.shape == (50, 70) and mask.dtype == np.uint8
-    assert np.array_equal(mask, common.predict_masks(trained, [image])[0])
+    assert np.array_equal(mask, cli.predict_masks(trained, [image])[0])
 
     scans = tmp_path / "scans"
     scans.mkdir()
@@ -75,7 +75,7 @@ def test_the_readme_python_api_runs_as_written(tmp_path):
     runs/lora_drive_mobile_sam_s0/adapter.json (untrained: the test is of the API, not of training) and two
     scans of different sizes."""
     args = lora.parse_args(["--device", "cpu", "--out", str(tmp_path / "runs"), "--run-name", "lora_drive_mobile_sam_s0"])
-    device = common.setup(args, "lora", gpu_steps=1)
+    device = cli.setup(args, "lora", gpu_steps=1)
     model = common.build_model(args, device, lambda m: lora.inject(m, args.rank))
     args.zoom = 1
     (tmp_path / "runs" / "lora_drive_mobile_sam_s0").mkdir(parents=True)
@@ -131,13 +131,13 @@ def test_mobile_sam_at_another_input_size_is_stock_mobile_sam_at_1024():
     same pretrained weights give a (B, 256, 16, 16) embedding."""
     from mobile_sam.modeling import TinyViT
     args = lora.parse_args(["--device", "cpu", "--no-fast", "--img-size", "1024"])
-    device = common.setup(args, "lora", gpu_steps=1)
+    device = cli.setup(args, "lora", gpu_steps=1)
     model = common.load_sam(args, device).eval()  # eval: frozen BatchNorms keep their statistics
     x = torch.rand(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model.image_encoder(x), TinyViT.forward(model.image_encoder, x))
     small = lora.parse_args(["--device", "cpu", "--no-fast"])
-    common.setup(small, "lora", gpu_steps=1)
+    cli.setup(small, "lora", gpu_steps=1)
     assert small.img_size == 256 and small.zoom == 2 and small.steps == 80  # the CPU default on synthetic images
     small_model = common.load_sam(small, device).eval()
     with torch.no_grad():

@@ -8,13 +8,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import atrous_lora
+import cli
 import common
 from data import UserError
 
 
 def tiny_model(extra=()):
     args = atrous_lora.parse_args(["--model", "tiny", "--device", "cpu", *extra])
-    device = common.setup(args, "atrous_lora", gpu_steps=10)
+    device = cli.setup(args, "atrous_lora", gpu_steps=10)
     return args, device, common.load_sam(args, device)
 
 

@@ -22,7 +22,7 @@ D_VIT, BLOCKS, D_DEC, GRID = 64, 2, 32, 8
 
 def build(*extra):
     args = balr_sam.parse_args(["--model", "tiny", "--device", "cpu", *extra])
-    device = common.setup(args, "balr_sam", gpu_steps=10)
+    device = cli.setup(args, "balr_sam", gpu_steps=10)
     return args, device, common.load_sam(args, device)
 
 

@@ -221,7 +221,7 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_model_is_built(tm
     import lora
     from data import UserError
     args = lora.parse_args(TINY)
-    common.save_checkpoint(tmp_path / "c.pt", common.load_sam(args, common.setup(args, "lora", 1)), args)
+    common.save_checkpoint(tmp_path / "c.pt", common.load_sam(args, cli.setup(args, "lora", 1)), args)
     afile = tmp_path / "afile"
     afile.write_text("")
     locked = tmp_path / "locked"

@@ -29,7 +29,7 @@ TOL = 1e-5  # max |fast - stock| of one attention in fp32; measured ~1e-6 (exact
 def tiny_model(extra=()):
     """The tiny random SAM as load_sam gives it: stock segment_anything forwards, nothing of the fast layer."""
     args = lora.parse_args(["--model", "tiny", "--device", "cpu", *extra])
-    device = common.setup(args, "lora", gpu_steps=10)
+    device = cli.setup(args, "lora", gpu_steps=10)
     return args, common.load_sam(args, device)
 
 
@@ -49,7 +49,7 @@ def method_model(method, extra=()):
     the spare mask tokens frozen, the fast layer unless --no-fast in `extra`)."""
     mod = importlib.import_module(method)
     args = mod.parse_args(["--model", "tiny", "--device", "cpu", *extra])
-    device = common.setup(args, method, gpu_steps=10)
+    device = cli.setup(args, method, gpu_steps=10)
     return args, common.build_model(args, device, lambda model: INJECT[method](mod, model, args))
 
 
@@ -282,7 +282,7 @@ def test_mobile_sam_fast_forwards_match_stock():
     channels-last convolutions give stock's logits and stock's LoRA gradients. BatchNorm statistics are
     randomised (the pretrained ones would hide a fold that ignored them)."""
     args = lora.parse_args(["--model", "mobile_sam", "--device", "cpu", "--img-size", "1024"])
-    device = common.setup(args, "lora", gpu_steps=10)
+    device = cli.setup(args, "lora", gpu_steps=10)
     stock = common.load_sam(args, device)
     lora.inject(stock, rank=4)
     randomise(stock)
@@ -708,7 +708,7 @@ def _train_steps(method, graphed, batches, device, compiled=False):
     or (graphed) fast.step.GraphedStep; returns its trainable parameters and the losses."""
     mod = importlib.import_module(method)
     args = mod.parse_args(["--model", "tiny", "--device", device.type])
-    model = common.load_sam(args, common.setup(args, method, gpu_steps=10))
+    model = common.load_sam(args, cli.setup(args, method, gpu_steps=10))
     torch.manual_seed(0)
     INJECT[method](mod, model, args)
     use_fast_forwards(model)
@@ -838,7 +838,7 @@ def test_gpus_older_than_triton_supports_run_uncompiled_without_the_kernels(monk
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     monkeypatch.setattr(forwards, "_RELPOS", None)
     args = SimpleNamespace(device="auto", no_compile=False, model="vit_b")
-    device = common.pick_device(args)
+    device = cli.pick_device(args)
     assert device.type == "cuda"
     assert common.should_compile(args, device) == triton
     if not triton:

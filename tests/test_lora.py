@@ -7,15 +7,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 import common
 import lora
+import metrics
 from data import load_data
 from fast import forwards
 
 
 def tiny_model(extra=()):
     args = lora.parse_args(["--model", "tiny", "--device", "cpu", *extra])
-    device = common.setup(args, "lora", gpu_steps=10)
+    device = cli.setup(args, "lora", gpu_steps=10)
     return args, device, common.load_sam(args, device)
 
 
@@ -179,7 +181,7 @@ def test_tiled_prediction_equals_whole_image_for_a_local_model():
         def forward(self, x):  # (B, 3, 32, 32) -> (B, 2, 8, 8), like SAM's 4x smaller logits
             return F.avg_pool2d(x[:, :2], 4)
     images = torch.rand(3, 3, 64, 64)
-    tiled = common.predict(Local(), images, batch_size=4)
+    tiled = metrics.predict(Local(), images, batch_size=4)
     assert tiled.shape == (3, 2, 16, 16)
     assert torch.allclose(tiled, F.avg_pool2d(images[:, :2], 4), atol=1e-6)
 
@@ -228,7 +230,7 @@ def test_encoder_equals_stock_with_b_a_added_to_the_q_and_v_rows(name, size, one
     TinyViT: per head [q_h | k_h | v_h]), not by lora.py. Random weights: tiny ViT (a windowed and a global
     block) and MobileSAM's TinyViT (10 attentions in 3 stages)."""
     args = lora.parse_args(["--model", name, "--checkpoint", "none", "--img-size", str(size), "--device", "cpu"])
-    common.setup(args, "lora", gpu_steps=10)
+    cli.setup(args, "lora", gpu_steps=10)
     model = common.load_sam(args, torch.device("cpu")).eval()
     stock = copy.deepcopy(model)
     lora.inject(model, rank=3)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import metrics
 
 
 def brute_hd95(a, b):
@@ -29,26 +29,26 @@ def square(size, r0, c0, side):
 def test_dice_hand_built():
     a = square(10, 0, 0, 4)  # 16 pixels
     b = square(10, 2, 2, 4)  # 16 pixels, overlap 2x2 = 4
-    assert common.dice(a, b) == pytest.approx(2 * 4 / 32)
-    assert common.dice(a, a) == 1.0
-    assert common.dice(a, ~a & False) == 0.0
+    assert metrics.dice(a, b) == pytest.approx(2 * 4 / 32)
+    assert metrics.dice(a, a) == 1.0
+    assert metrics.dice(a, ~a & False) == 0.0
 
 
 def test_empty_masks():
     empty = np.zeros((20, 30), bool)
     one = square(30, 5, 5, 3)[:20]
-    assert common.dice(empty, empty) == 1.0
-    assert common.hd95(empty, empty) == 0.0
-    assert common.dice(one, empty) == 0.0
-    assert math.isnan(common.hd95(one, empty))  # undefined (medpy raises): left out of the means, counted
-    assert math.isnan(common.hd95(empty, one))
+    assert metrics.dice(empty, empty) == 1.0
+    assert metrics.hd95(empty, empty) == 0.0
+    assert metrics.dice(one, empty) == 0.0
+    assert math.isnan(metrics.hd95(one, empty))  # undefined (medpy raises): left out of the means, counted
+    assert math.isnan(metrics.hd95(empty, one))
 
 
 def test_hd95_identical_and_shifted():
     a = square(40, 10, 10, 8)
-    assert common.hd95(a, a) == 0.0
+    assert metrics.hd95(a, a) == 0.0
     b = square(40, 10, 15, 8)  # shifted right by 5: every surface distance is between 0 and 5
-    h = common.hd95(a, b)
+    h = metrics.hd95(a, b)
     assert 0 < h <= 5
     assert h == pytest.approx(brute_hd95(a, b), abs=1e-4)
 
@@ -58,8 +58,8 @@ def test_hd95_matches_brute_force_on_random_blobs(seed):
     rng = np.random.default_rng(seed)
     a = rng.random((48, 37)) < 0.15
     b = rng.random((48, 37)) < 0.1
-    assert common.hd95(a, b) == pytest.approx(brute_hd95(a, b), abs=1e-4)
-    assert common.hd95(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(brute_hd95(a, b), abs=1e-4)
+    assert metrics.hd95(a, b) == pytest.approx(brute_hd95(a, b), abs=1e-4)
+    assert metrics.hd95(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(brute_hd95(a, b), abs=1e-4)
 
 
 def test_hd95_touching_the_image_border():
@@ -67,7 +67,7 @@ def test_hd95_touching_the_image_border():
     a[:, :3] = True  # touches three borders: those pixels count as surface, as in scipy's erosion
     b = np.zeros((12, 12), bool)
     b[:, 6:9] = True
-    assert common.hd95(a, b) == pytest.approx(brute_hd95(a, b), abs=1e-4)
+    assert metrics.hd95(a, b) == pytest.approx(brute_hd95(a, b), abs=1e-4)
 
 
 def test_metrics_are_fast_enough_for_drive_sized_masks():
@@ -76,5 +76,5 @@ def test_metrics_are_fast_enough_for_drive_sized_masks():
     a = torch.from_numpy(rng.random((584, 565)) < 0.12)
     b = torch.from_numpy(rng.random((584, 565)) < 0.12)
     t = time.time()
-    common.hd95(a, b)
+    metrics.hd95(a, b)
     assert time.time() - t < 5  # noisy masks are far worse than vessels; DRIVE's 20 take ~1 s on 2 CPU cores

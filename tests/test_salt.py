@@ -8,13 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cli
 import common
 import salt
 
 
 def build(*argv):
     args = salt.parse_args(["--model", "tiny", "--device", "cpu", *argv])
-    device = common.setup(args, "salt", gpu_steps=10)
+    device = cli.setup(args, "salt", gpu_steps=10)
     return args, common.load_sam(args, device)
 
 

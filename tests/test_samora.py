@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 import common
 import samora
 from data import UserError, load_data
@@ -39,7 +40,7 @@ def stage1_images(expert, args, device):
 
 def tiny(*extra):
     args = samora.parse_args(BASE + list(extra))
-    device = common.setup(args, "samora", gpu_steps=300)
+    device = cli.setup(args, "samora", gpu_steps=300)
     return args, device, common.load_sam(args, device)
 
 

@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import cli
 import common
 import data
 import lora
+import metrics
 from data import UserError, load_data
 
 
@@ -83,14 +85,14 @@ def test_metric_rules_for_absent_classes():
     target[0, 2:6, 2:6] = 1
     pred = target.copy()
     pred[0, 7:9, 7:9] = 2  # class 2: absent, predicted -> a false alarm
-    row = common.score(torch.from_numpy(pred[0]), torch.from_numpy(target[0]), 3, name="a", case="a")
+    row = metrics.score(torch.from_numpy(pred[0]), torch.from_numpy(target[0]), 3, name="a", case="a")
     assert row["dice_per_class"] == [1.0, 0.0, 1.0]  # class 3: absent and not predicted: Dice 1
     assert row["hd95_per_class"] == [0.0, None, 0.0]  # the false alarm's HD95 is undefined
     assert row["false_alarm"] == [2] and row["missed"] == []
     assert row["hd95"] == 0.0  # the mean over the classes that have one
-    missed = common.score(torch.zeros(12, 12, dtype=torch.uint8), torch.from_numpy(target[0]), 1, case="b")
+    missed = metrics.score(torch.zeros(12, 12, dtype=torch.uint8), torch.from_numpy(target[0]), 1, case="b")
     assert missed["dice"] == 0.0 and missed["hd95"] is None and missed["missed"] == [1]
-    summary = common.summarise([row, missed])
+    summary = metrics.summarise([row, missed])
     assert summary["dice"] == pytest.approx((2 / 3 + 0) / 2)
     assert summary["hd95"] == 0.0  # the case without an HD95 is left out
     assert summary["hd95_undefined"] == dict(missed=1, false_alarm=1)
@@ -100,8 +102,8 @@ def test_metric_rules_for_absent_classes():
 def test_hd95_3d_with_spacing_matches_brute_force(seed):
     rng = np.random.default_rng(seed)
     a, b = rng.random((9, 11, 7)) < 0.2, rng.random((9, 11, 7)) < 0.1
-    assert common.hd95(a, b, SPACING) == pytest.approx(brute_hd95(a, b, SPACING), abs=1e-4)
-    assert common.dice(a, b) == pytest.approx(brute_dice(a, b))
+    assert metrics.hd95(a, b, SPACING) == pytest.approx(brute_hd95(a, b, SPACING), abs=1e-4)
+    assert metrics.dice(a, b) == pytest.approx(brute_dice(a, b))
 
 
 def test_per_case_3d_dice_and_hd95_of_volumes(tmp_path):
@@ -111,7 +113,7 @@ def test_per_case_3d_dice_and_hd95_of_volumes(tmp_path):
     train, test = load_data(args, torch.device("cpu"))
     assert set(train.cases) == {"c1"} and test.cases == ["c2"] * 8 + ["c3"] * 8  # split by case; test: every slice
     assert test.names[:2] == ["c2:000", "c2:001"] and test.volumes["c2"]["spacing"] == pytest.approx(SPACING)
-    result, preds = common.evaluate(Threshold(3, 64), test, batch_size=4)
+    result, preds = metrics.evaluate(Threshold(3, 64), test, batch_size=4)
     assert [r["case"] for r in result["per_case"]] == ["c2", "c3"] and result["hd95_unit"] == "mm"
     for k, row in enumerate(result["per_case"]):
         gt = np.asarray(nib.as_closest_canonical(nib.load(tmp_path / "masks" / f"{row['case']}.nii.gz")).dataobj)
@@ -265,7 +267,7 @@ def test_whole_images_where_a_crop_would_hide_their_context():
 def test_flips_are_off_by_default_where_left_and_right_are_classes(num_classes, expected):
     for extra, wanted in (([], expected), (["--flip", "on"], "on")):
         args = lora.parse_args(["--device", "cpu", "--model", "tiny", "--num-classes", str(num_classes), *extra])
-        common.setup(args, "lora", 1000)
+        cli.setup(args, "lora", 1000)
         assert args.flip == wanted
 
 
@@ -286,7 +288,7 @@ def test_augment_mirrors_only_when_flips_are_on(flip):
 def test_deterministic_turns_on_torch_deterministic_algorithms(one_thread):
     args = lora.parse_args(["--device", "cpu", "--model", "tiny", "--deterministic"])
     try:
-        common.setup(args, "lora", 1000)
+        cli.setup(args, "lora", 1000)
         assert torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(False)

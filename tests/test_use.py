@@ -15,6 +15,7 @@ from PIL import Image
 import cli
 import common
 import lora
+import metrics
 from data import load_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def setup_tiny(tmp_path, extra=()):
     args = lora.parse_args(["--model", "tiny", "--device", "cpu", "--steps", "10", "--batch-size", "2",
                             "--warmup", "3", "--log-every", "2", "--out", str(tmp_path), *extra])
-    device = common.setup(args, "lora", gpu_steps=10)
+    device = cli.setup(args, "lora", gpu_steps=10)
     model = common.load_sam(args, device)
     lora.inject(model, args.rank)
     return args, device, model
@@ -54,7 +55,7 @@ def train(tmp_path, name, resume=None, interrupt_in=None, at=6):
 
     def evaluate():
         phase("evaluation")
-        return common.evaluate(model, test_set, 2)[0]
+        return metrics.evaluate(model, test_set, 2)[0]
 
     step, schedule_step, save = torch.optim.AdamW.step, torch.optim.lr_scheduler.LambdaLR.step, common.save_checkpoint
     with pytest.MonkeyPatch.context() as patch:
@@ -148,7 +149,7 @@ def test_exported_weights_load_into_stock_mobile_sam_and_predict_the_same(tmp_pa
     import salt
     module = {"lora": lora, "salt": salt}[method]
     args = module.parse_args(["--device", "cpu", "--steps", "1", "--img-size", "1024"])  # stock SAM's input
-    device = common.setup(args, method, gpu_steps=1)
+    device = cli.setup(args, method, gpu_steps=1)
     model = common.load_sam(args, device)
     if method == "lora":
         lora.inject(model, 4)
@@ -175,7 +176,7 @@ def test_exported_weights_load_into_stock_mobile_sam_and_predict_the_same(tmp_pa
 def test_methods_that_do_not_fold_refuse_to_export(tmp_path):
     import balr_sam
     args = balr_sam.parse_args(["--model", "tiny", "--device", "cpu"])
-    device = common.setup(args, "balr_sam", gpu_steps=1)
+    device = cli.setup(args, "balr_sam", gpu_steps=1)
     model = common.load_sam(args, device)
     balr_sam.inject(model, args.rank, args.decoder_rank, args.cden_width)
     common.save_checkpoint(tmp_path / "b.pt", model, args)
