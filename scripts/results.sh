@@ -1,14 +1,22 @@
-# The README's results table and figures, by one command:  bash scripts/results.sh DRIVE_ROOT
+# The README's results tables and figures, by one command:  bash scripts/results.sh DRIVE_ROOT [JSRT_ROOT]
 # Runs whatever is missing under RUNS (default results/runs; train.py skips a run whose metrics.json exists):
-# six method configurations x three seeds on DRIVE with MobileSAM, about a minute of an H200 each. Then writes
-# results/drive.md (the table), results/drive.png (Dice against trainable parameters) and, where the runs'
-# test masks are there, results/drive_panel.png.
-# REPORT_ONLY=1 rebuilds the table and figures from RUNS alone (the committed metrics.json files).
+# the U-Net baseline and six method configurations x three seeds on DRIVE with MobileSAM, about a minute of an
+# H200 each, then writes results/drive.md (the table), results/drive.png (Dice against trainable parameters)
+# and, where the runs' test masks are there, results/drive_panel.png. With JSRT_ROOT (the JSRT chest X-rays:
+# images/, masks/ with classes 1-5, test.txt) the same for the U-Net and the five methods on its five classes,
+# under RUNS/jsrt, into results/jsrt.md and results/jsrt.png, with Dice per class.
+# REPORT_ONLY=1 rebuilds the tables and figures from RUNS alone (the committed metrics.json files).
 # RESULTS=DIR writes them into DIR instead of results/; PYTHON names the interpreter (default: python);
 # PARALLEL=N runs N at a time on one GPU (default 1).
 set -e
-DRIVE=${1:?usage: bash scripts/results.sh DRIVE_ROOT}
+DRIVE=${1:?usage: bash scripts/results.sh DRIVE_ROOT [JSRT_ROOT]}
 RUNS=${RUNS:-results/runs}
 "${PYTHON:-python}" train.py ${REPORT_ONLY:+--report-only} --out "$RUNS" --data drive --data-root "$DRIVE" --seeds 0 1 2 \
   --parallel "${PARALLEL:-1}" --results "${RESULTS:-results}/drive" \
-  --methods lora atrous_lora "salt --rank 4" "salt --rank 256" balr_sam "samora --stage both"
+  --methods unet lora atrous_lora "salt --rank 4" "salt --rank 256" balr_sam "samora --stage both"
+if [ -n "$2" ]; then
+  "${PYTHON:-python}" train.py ${REPORT_ONLY:+--report-only} --out "$RUNS/jsrt" --data folder --data-root "$2" \
+    --seeds 0 1 2 --parallel "${PARALLEL:-1}" --results "${RESULTS:-results}/jsrt" \
+    --class-names "right lung" "left lung" heart "right clavicle" "left clavicle" \
+    --methods unet lora atrous_lora "salt --rank 4" balr_sam "samora --stage both" -- --num-classes 5
+fi

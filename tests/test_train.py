@@ -91,16 +91,17 @@ def test_report_only_without_runs_is_one_sentence_and_exit_2(tmp_path):
 
 
 def test_results_table_is_what_its_committed_runs_give(tmp_path):
-    """results/drive.md, the table the README quotes, rebuilt from the per-run metrics.json files committed
-    under results/runs by the README's own command (REPORT_ONLY=1 scripts/results.sh): a table edited by hand,
-    or a run's file changed or removed, fails here. The DRIVE root is only text in the table's command lines
-    (no panel: the runs' masks are not committed), so DRIVE need not be here. PYTHON: this interpreter."""
+    """results/drive.md and results/jsrt.md, the tables the README quotes, rebuilt from the per-run metrics.json
+    files committed under results/runs by the README's own command (REPORT_ONLY=1 scripts/results.sh): a table edited by hand,
+    or a run's file changed or removed, fails here. The data roots are only text in the tables' command
+    lines (no panel: the runs' masks are not committed), so the data need not be here. PYTHON: this interpreter."""
     tables = tmp_path / "tables"  # not there yet: train.py makes the folder
     env = {**os.environ, "PYTHON": sys.executable, "REPORT_ONLY": "1", "RESULTS": str(tables)}
-    done = subprocess.run(["bash", "scripts/results.sh", "data/DRIVE"], cwd=ROOT, env=env, capture_output=True,
-                          text=True)
+    done = subprocess.run(["bash", "scripts/results.sh", "data/DRIVE", "data/JSRT_SCR"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (tables / "drive.md").read_text() == (ROOT / "results" / "drive.md").read_text()
+    for table in ("drive.md", "jsrt.md"):
+        assert (tables / table).read_text() == (ROOT / "results" / table).read_text()
 
 
 def test_per_class_table_names_its_columns():
