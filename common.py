@@ -308,7 +308,7 @@ def use_grad_checkpointing(image_encoder, policy=None):
 def should_compile(args, device):
     """Compile on CUDA unless --no-compile, on GPUs whose bf16 Triton code runs (compute capability 8.0 on);
     not MobileSAM: compiling its TinyViT stages, which come in several shapes, takes longer than the faster
-    steps save in a 1000-step run (H200, LoRA at batch 8: 64 s of compilation for 9% faster steps)."""
+    steps save in a 1000-step run (H200, a low-rank adapter at batch 8: 64 s of compilation for 9% faster steps)."""
     return (device.type == "cuda" and not args.no_compile and args.model in VIT_CONFIGS
             and torch.cuda.get_device_capability(device) >= (8, 0))
 
@@ -587,7 +587,7 @@ def train_loop(model, next_batch, loss_fn, args, device, run_dir, steps, evaluat
     when `evaluate_fn` finds a better Dice. `resume`: a last.pt of this loop (same `tag`), continued so that
     the run ends as the uninterrupted one. `keep`: what the caller had before the loop (cli.run: the untrained
     model's evaluation), held by every last.pt and given back in resume["keep"]. `lr`, `weight_decay`,
-    `warmup`: a stage's own (SAMora's stage 1); by default the arguments'.
+    `warmup`: a stage's own (a self-supervised stage before training); by default the arguments'.
     Returns the history: losses and evaluations by step, seconds, images per second, over all segments."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr if lr is None else lr, fused=device.type == "cuda",
@@ -605,7 +605,7 @@ def train_loop(model, next_batch, loss_fn, args, device, run_dir, steps, evaluat
         # the loss summed since the last progress line: the interval the run resumes in is averaged whole
         running = resume.get("running", 0.0)
         args.generator.set_state(resume["generator"].to(args.generator.get_state().device))
-        if "rng" in resume:  # torch's global generator: a later stage may build modules (SAMora's stage-1 heads)
+        if "rng" in resume:  # torch's global generator: a later stage may build modules (a pretraining stage's heads)
             torch.set_rng_state(resume["rng"])
         print(f"resumed {tag or 'training'} at step {start} of {steps}")
     fast = fast_layer(args)

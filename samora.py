@@ -98,7 +98,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -116,10 +116,14 @@ def parse_args(argv=None):
         target = torch._inductor.config
         for part in path:
             target = getattr(target, part, None)
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            target = None
         if target is None or not hasattr(target, name) or not value:
-            raise UserError(f"--inductor {item}: not a torch._inductor.config setting as KEY=VALUE; "
-                            f"e.g. triton.autotune_pointwise=False.")
-        setattr(target, name, ast.literal_eval(value))
+            raise UserError(f"--inductor {item}: not a torch._inductor.config setting as KEY=VALUE (VALUE a Python "
+                            f"literal); e.g. triton.autotune_pointwise=False.")
+        setattr(target, name, parsed)
     return args
 
 
