@@ -8,6 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DRIVE = ROOT.parent / "shared" / "data" / "DRIVE"
+JSRT = ROOT.parent / "shared" / "data" / "JSRT_SCR"
 
 
 @pytest.fixture
@@ -15,6 +16,13 @@ def drive_root():
     if not (DRIVE / "training" / "images").is_dir():
         pytest.skip(f"DRIVE is not at {DRIVE} (CI has it; locally put the official layout there)")
     return DRIVE
+
+
+@pytest.fixture
+def jsrt_root():
+    if not (JSRT / "images").is_dir():
+        pytest.skip(f"JSRT is not at {JSRT} (CI has it; locally put images/, masks/ and test.txt there)")
+    return JSRT
 
 
 @pytest.fixture

@@ -298,3 +298,18 @@ def test_cross_entropy_term_is_torchs():
     logits, masks = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 16, 16))
     full = F.interpolate(logits, (16, 16), mode="bilinear", align_corners=False)
     assert torch.allclose(common.segmentation_loss(logits, masks, dice_weight=0), F.cross_entropy(full, masks))
+
+
+def test_jsrt_loads_as_its_test_list_says_and_trains_with_five_classes(tmp_path, jsrt_root, one_thread):
+    """The multi-class X-ray set of the README's second table: 74 train / the 50 cases of test.txt, grey,
+    classes 1-5 (lungs, heart, clavicles); a short run reports Dice for each class."""
+    argv = ["--data", "folder", "--data-root", str(jsrt_root), "--num-classes", "5", "--model", "tiny", "--device", "cpu",
+            "--img-size", "128", "--zoom", "1"]
+    args = lora.parse_args(argv)
+    train, test = data.load_data(args, torch.device("cpu"))
+    assert len(train) == 74 and len(test) == 50
+    assert set(test.names) == set((jsrt_root / "test.txt").read_text().split())
+    assert train.images.shape[1] == 1 or (train.images[:, 0] == train.images[:, 1]).all()  # grey
+    assert set(train.masks.unique().tolist()) == {0, 1, 2, 3, 4, 5}
+    metrics = lora.main([*argv, "--steps", "2", "--batch-size", "2", "--out", str(tmp_path)])
+    assert len(metrics["dice_per_class"]) == 5 and len(metrics["labelled"]) == 74
