@@ -303,8 +303,8 @@ def test_cross_entropy_term_is_torchs():
 def test_jsrt_loads_as_its_test_list_says_and_trains_with_five_classes(tmp_path, jsrt_root, one_thread):
     """The multi-class X-ray set of the README's second table: 74 train / the 50 cases of test.txt, grey,
     classes 1-5 (lungs, heart, clavicles); a short run reports Dice for each class."""
-    argv = ["--data", "folder", "--data-root", str(jsrt_root), "--num-classes", "5", "--model", "tiny", "--device", "cpu",
-            "--img-size", "128", "--zoom", "1"]
+    argv = ["--data", "folder", "--data-root", str(jsrt_root), "--num-classes", "5", "--model", "tiny",
+            "--device", "cpu", "--img-size", "128", "--zoom", "1"]
     args = lora.parse_args(argv)
     train, test = data.load_data(args, torch.device("cpu"))
     assert len(train) == 74 and len(test) == 50

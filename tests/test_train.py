@@ -92,9 +92,10 @@ def test_report_only_without_runs_is_one_sentence_and_exit_2(tmp_path):
 
 def test_results_table_is_what_its_committed_runs_give(tmp_path):
     """results/drive.md and results/jsrt.md, the tables the README quotes, rebuilt from the per-run metrics.json
-    files committed under results/runs by the README's own command (REPORT_ONLY=1 scripts/results.sh): a table edited by hand,
-    or a run's file changed or removed, fails here. The data roots are only text in the tables' command
-    lines (no panel: the runs' masks are not committed), so the data need not be here. PYTHON: this interpreter."""
+    files committed under results/runs by the README's own command (REPORT_ONLY=1 scripts/results.sh): a table
+    edited by hand, or a run's file changed or removed, fails here. The data roots are only text in the tables'
+    command lines (no panel: the runs' masks are not committed), so the data need not be here. PYTHON: this
+    interpreter."""
     tables = tmp_path / "tables"  # not there yet: train.py makes the folder
     env = {**os.environ, "PYTHON": sys.executable, "REPORT_ONLY": "1", "RESULTS": str(tables)}
     done = subprocess.run(["bash", "scripts/results.sh", "data/DRIVE", "data/JSRT_SCR"], cwd=ROOT, env=env,
@@ -114,5 +115,6 @@ def test_per_class_table_names_its_columns():
     named = "\n".join(train.per_class_table(rows, ["lung", "heart"]))
     assert "| method | data | lung | heart | class 3 | HD95 |" in named
     row = next(line for line in named.splitlines() if line.startswith("| `unet`"))
-    assert "| 0.800 ± 0.141 | 0.800 ± 0.000 |" in row and "`lora`" not in named  # class 1: mean ± std over the two seeds
+    assert "| 0.800 ± 0.141 | 0.800 ± 0.000 |" in row  # class 1: mean ± std over the two seeds
+    assert "`lora`" not in named  # one class: no per-class row
     assert "| class 1 | class 2 | class 3 |" in "\n".join(train.per_class_table(rows))
