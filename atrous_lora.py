@@ -19,7 +19,7 @@ file uses lora.py's recipe (the loop every method shares is common.py's):
   what           the paper                                 this file
   loss           not available                             0.2 CE + 0.8 foreground Dice on full-size labels
   optimiser      not available                             AdamW, betas (0.9, 0.999)
-  learning rate  not available                             1e-3 (--lr)
+  learning rate  not available                             1e-3 (--lr; several classes: 3e-3)
   weight decay   not available                             0.01 (--weight-decay)
   warm-up        not available                             50 steps, linear (--warmup; at most a tenth of --steps)
   schedule       not available                             poly 0.9, reaching 0 at the last step

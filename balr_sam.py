@@ -63,7 +63,7 @@ do not give; the loop every method shares is common.py's):
   loss           not stated                                     0.2 CE + 0.8 foreground Dice on full-size labels
                                                                 (lora.py's)
   optimiser      not stated                                     AdamW
-  learning rate  not stated                                     1e-3 (--lr)
+  learning rate  not stated                                     1e-3 (--lr; several classes: 3e-3)
   weight decay   not stated                                     0.01 (--weight-decay)
   warm-up        not stated                                     50 steps, linear (--warmup; at most a tenth of --steps)
   schedule       not stated                                     poly 0.9, reaching 0 at the last step

@@ -19,7 +19,7 @@ every method shares is common.py's):
                  (128 x 128 at 512); Dice over background and   full size; Dice over the foreground classes only,
                  classes, squared denominators, smooth 1e-5     plain denominators, smooth 1
   optimiser      AdamW, betas (0.9, 0.999)                      the same
-  learning rate  5e-3                                           1e-3 (--lr)
+  learning rate  5e-3                                           1e-3 (--lr; several classes: 3e-3)
   weight decay   0.1                                            0.01 (--weight-decay)
   warm-up        250 steps, linear                              50 steps, linear (--warmup; at most a tenth of --steps)
   schedule       poly 0.9 over 200 epochs, stopped at epoch     poly 0.9, reaching 0 at the last step

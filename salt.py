@@ -26,7 +26,7 @@ method shares is common.py's):
                  + soft Dice on one sigmoid mask; regulariser   softmax over background + classes; + 0.01 x the
                  weight 0.01 in the paper, 0 in the config      regulariser (--reg-weight)
   optimiser      AdamW                                          the same
-  learning rate  1e-4                                           1e-3 (--lr)
+  learning rate  1e-4                                           1e-3 (--lr; several classes: 3e-3)
   weight decay   0.01                                           the same (--weight-decay)
   warm-up        none (configured, but its scheduler unused)    50 steps, linear (--warmup; at most a tenth of --steps)
   schedule       StepLR(200 epochs, 0.2): constant for the run  poly 0.9, reaching 0 at the last step

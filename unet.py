@@ -39,7 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=32, help="channels of the first level (doubled at each of 4 levels)")
     # The U-Net's output has its input's resolution (SAM's a quarter of it): 512 covers DRIVE's 584 x 565 as
     # finely as SAM at 1024 with zoom 2 does, and JSRT's 512 x 512 whole. No pretrained weights, no SAM.
-    p.set_defaults(model="unet", img_size=512, zoom=1, checkpoint="none")
+    # 1e-3 for any number of classes: JSRT at 3e-3 gave 0.932 against 0.942 (seed 0).
+    p.set_defaults(model="unet", img_size=512, zoom=1, checkpoint="none", lr=1e-3)
     return p.parse_args(argv)
 
 

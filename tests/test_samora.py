@@ -346,3 +346,13 @@ def test_hl_attn_sizes_in_the_docstring():
     per_block = sum(p.numel() for p in released.parameters()) + 2  # + the gates
     stated = re.search(r"width\s+768\s+\(about\s+(\d+)\s+M\s+parameters\s+for\s+ViT-B\)", samora.__doc__)
     assert round(12 * per_block / 1e6) == int(stated[1])
+
+
+def test_stage_two_runs_lora_py_steps_for_several_classes(monkeypatch):
+    """300 stage-2 steps on a GPU for one class (DRIVE's table), 1000 for several (JSRT: 300 left the new class
+    tokens under-trained)."""
+    budget = {}
+    monkeypatch.setattr(cli, "main", lambda args, method, **kw: budget.setdefault(args.num_classes, kw["gpu_steps"]))
+    for num_classes in (1, 5):
+        samora.main(["--model", "tiny", "--num-classes", str(num_classes)])
+    assert budget == {1: 300, 5: 1000}

@@ -14,6 +14,7 @@ import common
 import data
 import lora
 import metrics
+import unet
 from data import UserError, load_data
 
 
@@ -269,6 +270,17 @@ def test_flips_are_off_by_default_where_left_and_right_are_classes(num_classes, 
         args = lora.parse_args(["--device", "cpu", "--model", "tiny", "--num-classes", str(num_classes), *extra])
         cli.setup(args, "lora", 1000)
         assert args.flip == wanted
+
+
+@pytest.mark.parametrize("num_classes, expected", [(1, 1e-3), (5, 3e-3)])
+def test_learning_rate_is_3e3_by_default_for_several_classes_but_the_unets_stays(num_classes, expected):
+    for extra, wanted in (([], expected), (["--lr", "5e-4"], 5e-4)):
+        args = lora.parse_args(["--device", "cpu", "--model", "tiny", "--num-classes", str(num_classes), *extra])
+        cli.setup(args, "lora", 1000)
+        assert args.lr == wanted
+    args = unet.parse_args(["--device", "cpu", "--num-classes", str(num_classes)])
+    cli.setup(args, "unet", 1000)
+    assert args.lr == 1e-3  # the U-Net's best at any number of classes
 
 
 @pytest.mark.parametrize("flip", [True, False])
