@@ -3,8 +3,9 @@
 # the U-Net baseline and six method configurations x three seeds on DRIVE with MobileSAM, about a minute of an
 # H200 each, then writes results/drive.md (the table), results/drive.png (Dice against trainable parameters)
 # and, where the runs' test masks are there, results/drive_panel.png. With JSRT_ROOT (the JSRT chest X-rays:
-# images/, masks/ with classes 1-5, test.txt) the same for the U-Net and the five methods on its five classes,
-# under RUNS/jsrt, into results/jsrt.md and results/jsrt.png, with Dice per class.
+# images/, masks/ with classes 1-5, test.txt) the same for the U-Net and the five methods on its five classes
+# (LoRA, AtrousLoRA and SAMora also at rank 32), under RUNS/jsrt, into
+# results/jsrt.md and results/jsrt.png, with Dice per class.
 # REPORT_ONLY=1 rebuilds the tables and figures from RUNS alone (the committed metrics.json files).
 # RESULTS=DIR writes them into DIR instead of results/; PYTHON names the interpreter (default: python);
 # PARALLEL=N runs N at a time on one GPU (default 1).
@@ -18,5 +19,6 @@ if [ -n "$2" ]; then
   "${PYTHON:-python}" train.py ${REPORT_ONLY:+--report-only} --out "$RUNS/jsrt" --data folder --data-root "$2" \
     --seeds 0 1 2 --parallel "${PARALLEL:-1}" --results "${RESULTS:-results}/jsrt" \
     --class-names "right lung" "left lung" heart "right clavicle" "left clavicle" \
-    --methods unet lora atrous_lora "salt --rank 4" balr_sam "samora --stage both" -- --num-classes 5
+    --methods unet lora "lora --rank 32" atrous_lora "atrous_lora --rank 32" "salt --rank 4" balr_sam \
+    "samora --stage both" "samora --stage both --rank 32" -- --num-classes 5
 fi
