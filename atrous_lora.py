@@ -35,7 +35,7 @@ file uses lora.py's recipe (the loop every method shares is common.py's):
 
 The adapter's details are reconstructed, and these choices are ours:
 * Where: q and v of every encoder attention's qkv, rank 4, as SAMed / lora.py (a secondary summary of the
-  paper mentions rank 4). The mask decoder trains too, as in lora.py.
+  paper mentions rank 4); with several classes 32, as lora.py. The mask decoder trains too, as in lora.py.
 * The AAM (see `AtrousAttention`): branches {1x1 conv; 3x3 convs with dilations --rates; mean of the token
   grid -> 1x1 conv -> broadcast}, each followed by GELU, concatenated, fused by a 1x1 conv to F (r channels);
   attention weights alpha = sigmoid(1x1 conv(F)), one per channel and position; output z + alpha * F.
@@ -73,8 +73,8 @@ from data import UserError
 def parse_args(argv=None):
     p = cli.base_parser("AtrousLoRA (VesselSAM): LoRA with an atrous attention module in its bottleneck, "
                         "on SAM's image encoder, prompt-free.")
-    p.add_argument("--rank", type=int, default=4,
-                   help="rank r of the q and v low-rank paths (as SAMed: 4; with several classes 32 scores higher)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="rank r of the q and v low-rank paths (default: 4, as SAMed; with several classes 32)")
     p.add_argument("--rates", default="1,2,3",
                    help="dilation rates of the 3x3 atrous branches, comma-separated; each must be smaller than "
                         "the smallest token grid an attention sees (14x14 ViT windows, 7x7 TinyViT windows)")

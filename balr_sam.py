@@ -72,9 +72,10 @@ do not give; the loop every method shares is common.py's):
   input size     not stated                                     1024 (--img-size); crops of 1/zoom of the image
                                                                 (--zoom; DRIVE: 2)
   prompts        none                                           none (the no-mask embedding)
-  what trains    CDEN, the encoder's low-rank adapters, the     CDEN; q/v and MLP LoRA (--rank 4) in every encoder
-                 decoder's low-rank attention: 11.7 M           block; the whole mask decoder (spare tokens'
-                                                                hypernetworks frozen); the no-mask embedding
+  what trains    CDEN, the encoder's low-rank adapters, the     CDEN; q/v and MLP LoRA in every encoder block
+                 decoder's low-rank attention: 11.7 M           (--rank 4; several classes: 32); the whole mask
+                                                                decoder (spare tokens' hypernetworks frozen);
+                                                                the no-mask embedding
   decoder        "low-rank tensor attention": 75% less memory,  pooled keys/values (--decoder-rank 32) and the
   attention      faster inference (form not published)          exact low-rank image -> token form (above)
   augmentation   not stated                                     flip, rotation +-10 deg, brightness (SALT's)
@@ -102,7 +103,8 @@ from data import UserError
 def parse_args(argv=None):
     p = cli.base_parser("BALR-SAM: detail CNN (CDEN) + LoRA in the ViT blocks + low-rank decoder attention, "
                         "prompt-free.")
-    p.add_argument("--rank", type=int, default=4, help="LoRA rank of the encoder's q/v and MLP updates")
+    p.add_argument("--rank", type=int, default=None,
+                   help="LoRA rank of the encoder's q/v and MLP updates (default: 4; with several classes 32)")
     p.add_argument("--decoder-rank", type=int, default=32,
                    help="r: the decoder's token -> image attentions read the image tokens averaged over an r x r "
                         "grid of equal cells (r divides S/16): r*r keys and values instead of (S/16)^2, 1,024 of "

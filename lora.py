@@ -6,7 +6,7 @@ arXiv 2304.13785; code github.com/hitachinsk/SAMed. Low-rank adaptation itself: 
 What the method does, in the order of this file:
 1. Freeze SAM. In every image-encoder attention, the frozen `qkv` projection gets two low-rank paths,
    one added to the query and one to the value output (the key is left alone, as SAMed does):
-       q = W_q x + B_q A_q x,   v = W_v x + B_v A_v x,   A: d -> r,  B: r -> d,  r = --rank (4).
+       q = W_q x + B_q A_q x,   v = W_v x + B_v A_v x,   A: d -> r,  B: r -> d,  r = --rank (4; several classes: 32).
    A is Kaiming-initialised and B is zero, so at step 0 the model is exactly stock SAM.
 2. Train the mask decoder too (SAMed trains it, and its mask tokens are re-purposed as one per class:
    background + each foreground class, scored by a softmax).
@@ -31,10 +31,10 @@ every method shares is common.py's):
                  upsampled), in [0, 1] without mean/std         SAM's mean/std; crops of 1/zoom of the image
                                                                 (--zoom; DRIVE: 2)
   prompts        none (the no-mask embedding)                   the same
-  what trains    q/v LoRA (r 4, all blocks), mask decoder,      q/v LoRA (--rank 4, every encoder attention), mask
-                 prompt encoder (of which only the no-mask      decoder (spare tokens' hypernetworks frozen), the
-                 embedding gets a gradient); mask tokens,       no-mask embedding; all of the decoder pretrained,
-                 hypernetworks and IoU head re-initialised      none re-initialised
+  what trains    q/v LoRA (r 4, all blocks), mask decoder,      q/v LoRA in every encoder attention (--rank 4;
+                 prompt encoder (of which only the no-mask      several classes: 32), mask decoder (spare tokens'
+                 embedding gets a gradient); mask tokens,       hypernetworks frozen), the no-mask embedding; all
+                 hypernetworks and IoU head re-initialised      of the decoder pretrained, none re-initialised
   augmentation   rot90 + flip, or rotation +-20 deg             flip, rotation +-10 deg, brightness (SALT's)
 """
 import math
@@ -48,8 +48,8 @@ import cli
 
 def parse_args(argv=None):
     p = cli.base_parser("LoRA (SAMed) on SAM's image encoder, prompt-free.")
-    p.add_argument("--rank", type=int, default=4,
-                   help="LoRA rank r of the q and v updates (SAMed: 4; with several classes 32 scores higher)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="LoRA rank r of the q and v updates (default: 4, SAMed's; with several classes 32)")
     return p.parse_args(argv)
 
 

@@ -39,7 +39,7 @@ are in the first stage's "data" row; the loop every method shares is common.py's
   data           AMOS22, LiTS and KiTS slices (the paper:       the training images without their labels, plus
                  about 10 k to 100 k medical images)            --unlabeled
   input size     224                                            the model's (MobileSAM: 1024)
-  what trains    the expert's q/v LoRA and its head             the same
+  what trains    the expert's q/v LoRA (rank 4) and its head    the same (--rank 4; several classes: 32)
   stage 2        released                                       this file
   loss           0.2 CE + 0.8 Dice on the 4x smaller logits     0.2 CE + 0.8 foreground Dice on full-size labels
   optimiser      AdamW                                          the same
@@ -122,7 +122,8 @@ def parse_args(argv=None):
                         "with labels (needs --experts); both: 1 then 2 in one run")
     g.add_argument("--experts", default=None, help="experts.pt written by --stage 1 (for --stage 2)")
     g.add_argument("--unlabeled", default=None, help="folder of extra unlabelled images for stage 1")
-    g.add_argument("--rank", type=int, default=4, help="rank r of each expert's q and v updates (paper: 4)")
+    g.add_argument("--rank", type=int, default=None,
+                   help="rank r of each expert's q and v updates (default: 4, the paper's; with several classes 32)")
     g.add_argument("--stage1-steps", type=int, default=None,
                    help="stage-1 steps per expert (default 300 on a GPU; on a CPU min(10, --steps))")
     g.add_argument("--stage1-lr", type=float, default=1e-3, help="stage-1 peak learning rate (released: 1e-3)")
@@ -460,10 +461,15 @@ def save_experts(path, model, args, stage1):
     common.atomic_save(payload, path)
 
 
-def load_experts(path, model, args):
+def read_experts(path):
     ckpt = common.read_torch_file(path, "experts file", "run --stage 1 first (it writes <run>/experts.pt)")
     if not isinstance(ckpt, dict) or ckpt.get("format") != "samora-experts-1":
         raise UserError(f"{path} is not an experts.pt written by samora.py --stage 1.")
+    return ckpt
+
+
+def load_experts(path, model, args):
+    ckpt = read_experts(path)
     if ckpt["model"] != args.model or ckpt["rank"] != args.rank:
         raise UserError(f"{path} holds experts of --model {ckpt['model']} --rank {ckpt['rank']}; this run has "
                         f"--model {args.model} --rank {args.rank}: pass the same model and rank.")
@@ -510,9 +516,9 @@ def stage_one(model, train_set, run_dir, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.hl_heads < 1 or args.hl_width < 1 or args.rank < 1:
-        raise UserError(f"--hl-width {args.hl_width}, --hl-heads {args.hl_heads} and --rank {args.rank} must all be at "
-                        f"least 1; e.g. 32, 4 and 4.")
+    for flag, value in (("--hl-width", args.hl_width), ("--hl-heads", args.hl_heads), ("--rank", args.rank)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value} must be at least 1; e.g. --hl-width 32 --hl-heads 4 --rank 4.")
     # a stage-1 last.pt continues stage 1 (then stage 2 where the run had both); any other checkpoint holds
     # the experts and continues (or evaluates, predicts with) stage 2
     stage1 = (bool(args.resume) and not common.is_adapter_file(args.resume)
@@ -529,6 +535,8 @@ def main(argv=None):
         raise UserError("--stage 2 needs the stage-1 experts: pass --experts <run>/experts.pt, or use --stage both.")
     if args.experts and args.stage != "2":
         raise UserError("--experts is read by --stage 2 only; --stage 1 and both train the experts themselves.")
+    if args.rank is None and args.experts:  # stage 2 builds the experts at the rank they were trained with
+        args.rank = read_experts(args.experts)["rank"]
     # cli.main keeps the labels of a seeded --label-fraction of train_set for stage 2; stage 1 uses all images
     return cli.main(args, "samora", inject=lambda model: inject(model, args.rank, args.hl_width, args.hl_heads),
                        pretrain=lambda model, train_set, run_dir: stage_one(model, train_set, run_dir, args),

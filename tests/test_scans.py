@@ -283,6 +283,29 @@ def test_learning_rate_is_3e3_by_default_for_several_classes_but_the_unets_stays
     assert args.lr == 1e-3  # the U-Net's best at any number of classes
 
 
+@pytest.mark.parametrize("num_classes, expected", [(1, 4), (5, 32)])
+def test_rank_is_32_by_default_for_several_classes(num_classes, expected):
+    import atrous_lora, balr_sam, salt, samora
+    for module in (lora, atrous_lora, salt, balr_sam, samora):
+        for extra, wanted in (([], expected), (["--rank", "8"], 8)):
+            args = module.parse_args(["--device", "cpu", "--model", "tiny", "--num-classes", str(num_classes), *extra])
+            cli.setup(args, module.__name__, 1000)
+            assert args.rank == wanted, module.__name__
+    args = unet.parse_args(["--device", "cpu", "--num-classes", str(num_classes)])
+    cli.setup(args, "unet", 1000)
+    assert not hasattr(args, "rank")
+
+
+def test_samora_stage_2_takes_the_rank_of_its_experts(tmp_path, monkeypatch):
+    import samora
+    experts = tmp_path / "experts.pt"
+    common.atomic_save(dict(format="samora-experts-1", model="tiny", rank=2, state={}, stage1={}), experts)
+    monkeypatch.setattr(cli, "main", lambda args, *_, **__: args)  # stop before the model is built
+    argv = ["--device", "cpu", "--model", "tiny", "--num-classes", "5", "--stage", "2", "--experts", str(experts)]
+    assert samora.main(argv).rank == 2
+    assert samora.main([*argv, "--rank", "32"]).rank == 32  # given: load_experts then says they differ
+
+
 @pytest.mark.parametrize("flip", [True, False])
 def test_augment_mirrors_only_when_flips_are_on(flip):
     # class 1 on the left half, class 2 on the right: a mirrored sample puts class 1 to the right of class 2
