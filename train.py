@@ -141,7 +141,7 @@ def report(args):
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)  # e.g. RESULTS=DIR in scripts/results.sh
     Path(f"{args.results}.md").write_text(text)
     print(text)
-    plot(rows, f"{args.results}.png")
+    plot(rows, f"{args.results}.png", f"{gpu}; mean ± std over seeds; each run's command: {Path(args.results).name}.md")
     panel(rows, args, f"{args.results}_panel.png")
 
 
@@ -211,24 +211,30 @@ def panel(rows, args, path, columns=4):
     plt.close(fig)
 
 
-def plot(rows, path):
+def plot(rows, path, caption):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    colours, variants = {}, {}  # one colour per method script, one marker per configuration of it
     for (spec, data), runs in rows.items():
         ms = [m for m, *_ in runs]
         x = ms[0]["trainable_params"] / 1e6
         y = statistics.mean(m["dice"] for m in ms)
         err = statistics.stdev([m["dice"] for m in ms]) if len(ms) > 1 else 0
-        ax.errorbar([x], [y], yerr=[err], fmt="o", capsize=3, label=f"{spec} ({data})")
+        script = spec.split()[0]
+        colour = colours.setdefault(script, f"C{len(colours) % 10}")
+        variants[script] = variants.get(script, -1) + 1
+        marker = "osD^v<>"[variants[script] % 7]
+        ax.errorbar([x], [y], yerr=[err], fmt=marker, color=colour, capsize=3, label=f"{spec} ({data})")
     xs = [runs[0][0]["trainable_params"] for runs in rows.values()]
     if max(xs) > 10 * min(xs):  # a log axis only where the counts span orders of magnitude
         ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (millions)")
     ax.set_ylabel("test Dice")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.text(0.01, 0.01, caption, fontsize=7, color="0.4")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
